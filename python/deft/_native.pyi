@@ -1,0 +1,90 @@
+"""Typed interface of ``deft._native``, the Rust core of deft.
+
+Texts (``TextsLike``) may be a list/tuple/iterable of ``str`` (``None`` entries
+are allowed), a Polars ``Series`` of strings, a pyarrow ``Array`` or
+``ChunkedArray`` of ``string``/``large_string``/``string_view``, or any object
+exporting the Arrow PyCapsule interface (``__arrow_c_array__`` or
+``__arrow_c_stream__``). Arrow input is read in place, never copied into Python
+strings. Null entries are skipped by counting and encode to empty sequences.
+
+Tokenizers (``TokenizerLike``) may be a path (``str`` or ``os.PathLike``) to a
+``tokenizer.json`` file or to a folder holding one, the JSON text itself, or a
+loaded :class:`Tokenizer`.
+
+All work runs with the GIL released on a rayon thread pool: all cores by
+default, or ``num_threads`` threads. Token ids equal those of the Python
+``tokenizers`` library for the same ``tokenizer.json`` and options.
+"""
+
+import os
+from typing import Any, Iterable, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+TextsLike = Union[Sequence[Optional[str]], Iterable[Optional[str]], Any]
+TokenizerLike = Union[str, "os.PathLike[str]", "Tokenizer"]
+
+class Tokenizer:
+    """A Hugging Face ``tokenizer.json`` loaded once and reused across calls."""
+
+    def __init__(self, source: Union[str, "os.PathLike[str]"]) -> None:
+        """Load from a path (file or folder with ``tokenizer.json``) or from JSON text."""
+    @staticmethod
+    def from_file(path: Union[str, "os.PathLike[str]"]) -> "Tokenizer": ...
+    @staticmethod
+    def from_str(json: str) -> "Tokenizer": ...
+    @property
+    def vocab_size(self) -> int:
+        """Vocabulary size including added tokens: the length of ``count_tokens`` output."""
+    @property
+    def source(self) -> str:
+        """Where the tokenizer was loaded from (a path, or ``"<json text>"``)."""
+    def count_tokens(
+        self,
+        texts: TextsLike,
+        *,
+        add_special_tokens: bool = False,
+        num_threads: Optional[int] = None,
+    ) -> npt.NDArray[np.uint64]:
+        """Histogram of token ids over ``texts``; see :func:`count_tokens`."""
+    def encode(
+        self,
+        texts: TextsLike,
+        *,
+        add_special_tokens: bool = False,
+        max_length: Optional[int] = None,
+        truncation_side: str = "right",
+        num_threads: Optional[int] = None,
+    ) -> Tuple[npt.NDArray[np.uint32], npt.NDArray[np.int64]]:
+        """Encode all texts at once.
+
+        Returns ``(ids, offsets)``: ``ids`` holds every text's token ids
+        concatenated and ``offsets`` (length ``len(texts) + 1``) delimits them, so
+        text ``i`` is ``ids[offsets[i]:offsets[i + 1]]``. With ``max_length``, a
+        longer sequence is cut (after special tokens were added) on the
+        ``truncation_side`` (``"right"`` keeps the start, ``"left"`` the end).
+        """
+    def decode(self, ids: Union[Sequence[int], npt.NDArray[np.uint32]], *, skip_special_tokens: bool = False) -> str: ...
+    def id_to_token(self, id: int) -> Optional[str]: ...
+    def token_to_id(self, token: str) -> Optional[int]: ...
+
+def count_tokens(
+    texts: TextsLike,
+    tokenizer: TokenizerLike,
+    *,
+    add_special_tokens: bool = False,
+    num_threads: Optional[int] = None,
+) -> npt.NDArray[np.uint64]:
+    """Count how often every token id occurs in the encodings of ``texts``.
+
+    Returns a ``uint64`` array of length ``vocab_size`` (including added
+    tokens). Memory stays bounded whatever the corpus size: each thread keeps
+    one histogram and no token ids are kept after they are counted.
+
+    Raises ``TypeError`` for texts that are not strings, ``FileNotFoundError``
+    for a missing tokenizer file and ``ValueError`` for a tokenizer that cannot
+    be parsed or a text it cannot encode (naming the row).
+    """

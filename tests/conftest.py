@@ -1,0 +1,60 @@
+"""Shared test helpers: the location of the shared real data, and writers for
+small hand-made data files in every supported container."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any, Iterable, List, Mapping, Sequence, Union
+
+import polars as pl
+import pytest
+
+#: Containers the loaders support, as file-name suffixes.
+CONTAINERS = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
+
+
+def shared_dir() -> Path:
+    """``../shared`` relative to the repository root (where CI keeps the real
+    data and tokenizers)."""
+    return Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def shared_file(relative: str) -> Path:
+    """A file under :func:`shared_dir`; skips the test when it is absent."""
+    path = shared_dir() / relative
+    if not path.exists():
+        pytest.skip(f"shared data not available: {path} is missing (CI provides ../shared)")
+    return path
+
+
+def write_records(path: Path, records: Sequence[Mapping[str, Any]]) -> Path:
+    """Write ``records`` to ``path`` in the container its suffix names."""
+    name = path.name
+    if name.endswith(".parquet"):
+        pl.DataFrame(list(records)).write_parquet(path)
+    elif name.endswith((".json", ".json.gz")):
+        data = json.dumps(list(records)).encode()
+        path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    elif name.endswith((".jsonl", ".jsonl.gz")):
+        data = "".join(json.dumps(r) + "\n" for r in records).encode()
+        path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    else:
+        raise ValueError(f"no writer for {name}")
+    return path
+
+
+def write_lines(path: Path, lines: Iterable[Union[str, bytes, Mapping[str, Any]]]) -> Path:
+    """Write a JSONL file line by line: dicts are JSON-encoded, strings written
+    as they are, bytes written raw (for undecodable lines)."""
+    out: List[bytes] = []
+    for line in lines:
+        if isinstance(line, bytes):
+            out.append(line)
+        elif isinstance(line, str):
+            out.append(line.encode())
+        else:
+            out.append(json.dumps(line).encode())
+    path.write_bytes(b"\n".join(out) + b"\n")
+    return path
