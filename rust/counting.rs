@@ -4,8 +4,10 @@
 //! encoding as soon as its ids are added, so memory is O(threads x vocab) and
 //! does not grow with the corpus.
 
+use std::sync::Mutex;
+
 use rayon::prelude::*;
-use tokenizers::Tokenizer;
+use tokenizers::{Model, OffsetReferential, OffsetType, PreTokenizer, Tokenizer};
 
 use crate::texts::{Segment, Texts};
 
@@ -40,11 +42,70 @@ pub fn segment_size(rows: usize, threads: usize) -> usize {
     (rows / (threads.max(1) * 16)).clamp(16, 2048)
 }
 
-fn encode_one(tok: &Tokenizer, row: usize, text: &str, add_special: bool) -> Result<Vec<u32>, CountError> {
-    let enc = tok
-        .encode_fast(text, add_special)
-        .map_err(|e| CountError::Encode { row, message: e.to_string() })?;
-    Ok(enc.get_ids().to_vec())
+/// Whether `ids_into` may skip building an `Encoding`: without special tokens,
+/// truncation or padding, post-processing does not change ids, so they are the
+/// concatenation of the tokenized pre-tokenizer splits.
+pub fn lean_path_ok(tok: &Tokenizer, add_special: bool) -> bool {
+    !add_special && tok.get_truncation().is_none() && tok.get_padding().is_none()
+}
+
+/// Append the ids of `text` to `out`. With `lean`, run the tokenizer's own
+/// stages (added tokens + normalizer, pre-tokenizer, model) without building an
+/// `Encoding` (no token strings, offsets or masks are kept); otherwise call
+/// `encode_fast`. Both give the same ids (tested against the Python library).
+fn ids_into(tok: &Tokenizer, row: usize, text: &str, add_special: bool, lean: bool, out: &mut Vec<u32>) -> Result<(), CountError> {
+    let fail = |e: tokenizers::Error| CountError::Encode { row, message: e.to_string() };
+    if !lean {
+        let enc = tok.encode_fast(text, add_special).map_err(fail)?;
+        out.extend_from_slice(enc.get_ids());
+        return Ok(());
+    }
+    let mut pre = tok.get_added_vocabulary().extract_and_normalize(tok.get_normalizer(), text);
+    if let Some(pt) = tok.get_pre_tokenizer() {
+        pt.pre_tokenize(&mut pre).map_err(fail)?;
+    }
+    let model = tok.get_model();
+    pre.tokenize(|n| model.tokenize(n.get())).map_err(fail)?;
+    for (_, _, tokens) in pre.get_splits(OffsetReferential::Original, OffsetType::None) {
+        if let Some(tokens) = tokens {
+            out.extend(tokens.iter().map(|t| t.id));
+        }
+    }
+    Ok(())
+}
+
+/// One histogram per worker thread, reused across calls and batches and summed
+/// once at the end: memory is threads x vocab, whatever the corpus size.
+pub struct Histograms {
+    per_thread: Vec<Mutex<Vec<u64>>>,
+}
+
+impl Histograms {
+    /// Histograms for the current rayon pool (call inside `pool.install` when
+    /// using a custom pool).
+    pub fn new(vocab: usize) -> Self {
+        let n = rayon::current_num_threads().max(1);
+        Histograms { per_thread: (0..n).map(|_| Mutex::new(vec![0u64; vocab])).collect() }
+    }
+
+    pub fn vocab(&self) -> usize {
+        self.per_thread[0].lock().unwrap().len()
+    }
+
+    /// The histogram of the calling worker thread (uncontended lock).
+    fn mine(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
+        let i = rayon::current_thread_index().unwrap_or(0) % self.per_thread.len();
+        self.per_thread[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn sum(self) -> Vec<u64> {
+        let mut it = self.per_thread.into_iter().map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()));
+        let mut total = it.next().unwrap_or_default();
+        for h in it {
+            total.iter_mut().zip(h).for_each(|(x, y)| *x += y);
+        }
+        total
+    }
 }
 
 #[cfg(test)]
@@ -56,54 +117,43 @@ pub fn count_tokens(
     add_special: bool,
     vocab: usize,
 ) -> Result<Vec<u64>, CountError> {
-    let mut hist = vec![0u64; vocab];
-    count_tokens_into(tok, texts, add_special, 0, &mut hist)?;
-    Ok(hist)
+    let hists = Histograms::new(vocab);
+    count_tokens_into(tok, texts, add_special, 0, &hists)?;
+    Ok(hists.sum())
 }
 
-/// Add the token counts of `texts` to `hist` (whose length is the vocabulary).
+/// Add the token counts of `texts` to the per-thread histograms.
 /// `row_base` is added to row numbers in error messages (for batched input).
 pub fn count_tokens_into(
     tok: &Tokenizer,
     texts: &Texts,
     add_special: bool,
     row_base: usize,
-    hist: &mut [u64],
+    hists: &Histograms,
 ) -> Result<(), CountError> {
-    let vocab = hist.len();
+    let vocab = hists.vocab();
+    let lean = lean_path_ok(tok, add_special);
     let threads = rayon::current_num_threads();
     let segments: Vec<Segment> = texts.segments(segment_size(texts.len(), threads));
-    let part = segments
-        .par_iter()
-        .try_fold(
-            || vec![0u64; vocab],
-            |mut hist, seg| {
-                texts.visit(seg, |row, text| {
-                    let row = row_base + row;
-                    let Some(text) = text else { return Ok(()) };
-                    let enc = tok
-                        .encode_fast(text, add_special)
-                        .map_err(|e| CountError::Encode { row, message: e.to_string() })?;
-                    for &id in enc.get_ids() {
-                        match hist.get_mut(id as usize) {
-                            Some(slot) => *slot += 1,
-                            None => return Err(CountError::IdOutOfRange { row, id, vocab }),
-                        }
+    segments.par_iter().try_for_each_init(
+        || Vec::with_capacity(256),
+        |ids: &mut Vec<u32>, seg| {
+            let mut hist = hists.mine();
+            texts.visit(seg, |row, text| {
+                let row = row_base + row;
+                let Some(text) = text else { return Ok(()) };
+                ids.clear();
+                ids_into(tok, row, text, add_special, lean, ids)?;
+                for &id in ids.iter() {
+                    match hist.get_mut(id as usize) {
+                        Some(slot) => *slot += 1,
+                        None => return Err(CountError::IdOutOfRange { row, id, vocab }),
                     }
-                    Ok(())
-                })?;
-                Ok(hist)
-            },
-        )
-        .try_reduce(
-            || vec![0u64; vocab],
-            |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                Ok(a)
-            },
-        )?;
-    hist.iter_mut().zip(part).for_each(|(x, y)| *x += y);
-    Ok(())
+                }
+                Ok(())
+            })
+        },
+    )
 }
 
 /// Encode every row; return all ids flattened and `offsets` of length rows + 1
@@ -118,6 +168,7 @@ pub fn encode_batch(
     max_length: Option<usize>,
     side: Side,
 ) -> Result<(Vec<u32>, Vec<i64>), CountError> {
+    let lean = lean_path_ok(tok, add_special);
     let threads = rayon::current_num_threads();
     let segments = texts.segments(segment_size(texts.len(), threads));
     let parts: Vec<(Vec<u32>, Vec<usize>)> = segments
@@ -126,10 +177,10 @@ pub fn encode_batch(
             let mut ids = Vec::new();
             let mut lens = Vec::with_capacity(seg.rows.len());
             texts.visit(seg, |row, text| {
-                let mut one = match text {
-                    Some(t) => encode_one(tok, row_base + row, t, add_special)?,
-                    None => Vec::new(),
-                };
+                let mut one = Vec::new();
+                if let Some(t) = text {
+                    ids_into(tok, row_base + row, t, add_special, lean, &mut one)?;
+                }
                 if let Some(m) = max_length {
                     if one.len() > m {
                         match side {

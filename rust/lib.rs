@@ -17,7 +17,7 @@ use pyo3::types::PyString;
 use pyo3_arrow::input::AnyArray;
 use tokenizers::Tokenizer as HfTokenizer;
 
-use crate::counting::{histogram_len, CountError, Side};
+use crate::counting::{histogram_len, CountError, Histograms, Side};
 use crate::texts::Texts;
 
 /// A tokenizer loaded once from `tokenizer.json` and reused across calls.
@@ -201,14 +201,14 @@ fn count_impl<'py>(
 ) -> PyResult<Bound<'py, PyArray1<u64>>> {
     let pool = make_pool(num_threads)?;
     let input = extract_texts(texts)?;
-    let mut hist = vec![0u64; vocab];
+    let hists = run_parallel(py, pool.as_ref(), || Histograms::new(vocab));
     for_each_batch(input, |batch, first| {
         run_parallel(py, pool.as_ref(), || {
-            counting::count_tokens_into(&tok, batch, add_special_tokens, first, &mut hist)
+            counting::count_tokens_into(&tok, batch, add_special_tokens, first, &hists)
         })
         .map_err(count_error)
     })?;
-    Ok(PyArray1::from_vec(py, hist))
+    Ok(PyArray1::from_vec(py, hists.sum()))
 }
 
 #[pymethods]
