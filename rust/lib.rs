@@ -5,6 +5,7 @@
 //! encoding for training, and assigning responses to Q+/Q-.
 
 mod counting;
+mod polarity;
 mod texts;
 
 use std::path::{Path, PathBuf};
@@ -335,10 +336,150 @@ fn count_tokens<'py>(
     count_impl(py, texts, tok, vocab, add_special_tokens, num_threads)
 }
 
+
+fn arrow_chunks(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<arrow_array::ArrayRef>> {
+    let any: AnyArray = obj.extract().map_err(|e| {
+        PyTypeError::new_err(format!("{what} must be an Arrow array, a Polars Series or a pyarrow array ({e})"))
+    })?;
+    any.into_reader()?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| PyValueError::new_err(format!("cannot read Arrow data of {what}: {e}")))
+}
+
+/// Flatten an Arrow list<double> column (List or LargeList) into per-row slices.
+fn list_rows<O: arrow_array::OffsetSizeTrait>(
+    arr: &arrow_array::GenericListArray<O>,
+    first_row: usize,
+    mut f: impl FnMut(usize, Option<&[f64]>) -> PyResult<()>,
+) -> PyResult<()> {
+    use arrow_array::Array;
+    let values = arr
+        .values()
+        .as_any()
+        .downcast_ref::<arrow_array::Float64Array>()
+        .ok_or_else(|| {
+            PyTypeError::new_err(format!(
+                "scores must be a list of float64, got list of {}",
+                arr.values().data_type()
+            ))
+        })?;
+    if values.null_count() > 0 {
+        return Err(PyValueError::new_err("field 'scores': contains null entries inside a list"));
+    }
+    let vals = values.values();
+    let offs = arr.value_offsets();
+    for i in 0..arr.len() {
+        if arr.is_null(i) {
+            f(first_row + i, None)?;
+        } else {
+            f(first_row + i, Some(&vals[offs[i].as_usize()..offs[i + 1].as_usize()]))?;
+        }
+    }
+    Ok(())
+}
+
+/// Hand an Arrow array to Python as a `pyarrow.Array` (through the PyCapsule interface, no copy).
+fn to_pyarrow(py: Python<'_>, arr: arrow_array::ArrayRef) -> PyResult<Bound<'_, PyAny>> {
+    let obj = Bound::new(py, pyo3_arrow::PyArray::from_array_ref(arr))?;
+    py.import(pyo3::intern!(py, "pyarrow"))?.getattr(pyo3::intern!(py, "array"))?.call1((obj,))
+}
+
+fn large_list(values: arrow_array::ArrayRef, offsets: Vec<i64>) -> PyResult<arrow_array::ArrayRef> {
+    let field = Arc::new(arrow_schema::Field::new("item", values.data_type().clone(), false));
+    let arr = arrow_array::LargeListArray::try_new(
+        field,
+        arrow_buffer::OffsetBuffer::new(offsets.into()),
+        values,
+        None,
+    )
+    .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    Ok(Arc::new(arr))
+}
+
+/// DEFT's Q+/Q- assignment over a whole column. `scores`: Arrow list<double>
+/// (a Polars Series or pyarrow array), one list per sample; `levels`: Arrow
+/// uint8 codes, 0 = A, 1 = B, 2 = C. Returns three pyarrow large_list arrays,
+/// all best-first: `order` (uint32 original indices), `normalised` (float64)
+/// and `polarity` (int8: 1 = Q+, -1 = Q-, 0 = neither). See the `.pyi` stub.
+#[pyfunction]
+#[pyo3(signature = (scores, levels, *, a_pos=Some(0.8), a_neg=None, b_pos=Some(0.9), b_neg=Some(0.1), c_pos=None, c_neg=Some(0.2)))]
+#[allow(clippy::too_many_arguments)]
+fn assign_polarity<'py>(
+    py: Python<'py>,
+    scores: &Bound<'py, PyAny>,
+    levels: &Bound<'py, PyAny>,
+    a_pos: Option<f64>,
+    a_neg: Option<f64>,
+    b_pos: Option<f64>,
+    b_neg: Option<f64>,
+    c_pos: Option<f64>,
+    c_neg: Option<f64>,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    use arrow_array::{Array, Float64Array, Int8Array, UInt32Array, UInt8Array};
+    use polarity::{PolarityError, Rule};
+    let rules = [
+        Rule { pos: a_pos, neg: a_neg },
+        Rule { pos: b_pos, neg: b_neg },
+        Rule { pos: c_pos, neg: c_neg },
+    ];
+    let mut codes: Vec<u8> = Vec::new();
+    for chunk in arrow_chunks(levels, "levels")? {
+        let a = chunk.as_any().downcast_ref::<UInt8Array>().ok_or_else(|| {
+            PyTypeError::new_err(format!("levels must be uint8 codes (0=A, 1=B, 2=C), got {}", chunk.data_type()))
+        })?;
+        if a.null_count() > 0 {
+            return Err(PyValueError::new_err("field 'level': contains nulls"));
+        }
+        codes.extend_from_slice(a.values());
+    }
+    let chunks = arrow_chunks(scores, "scores")?;
+    let n_rows: usize = chunks.iter().map(|c| c.len()).sum();
+    if n_rows != codes.len() {
+        return Err(PyValueError::new_err(format!(
+            "scores has {n_rows} rows but levels has {}",
+            codes.len()
+        )));
+    }
+    let (mut order, mut norm, mut pol) = (Vec::new(), Vec::new(), Vec::new());
+    let mut offsets: Vec<i64> = Vec::with_capacity(n_rows + 1);
+    offsets.push(0);
+    let mut first = 0usize;
+    for chunk in &chunks {
+        let mut visit = |row: usize, s: Option<&[f64]>| -> PyResult<()> {
+            let s = s.ok_or(PolarityError::Null { row }).map_err(|e| PyValueError::new_err(e.to_string()))?;
+            let code = codes[row];
+            let rule = rules.get(code as usize).ok_or_else(|| {
+                PyValueError::new_err(PolarityError::BadLevel { row, code }.to_string())
+            })?;
+            polarity::assign(row, s, rule, &mut order, &mut norm, &mut pol)
+                .map_err(|e| PyValueError::new_err(e.to_string()))?;
+            offsets.push(order.len() as i64);
+            Ok(())
+        };
+        let any = chunk.as_any();
+        if let Some(a) = any.downcast_ref::<arrow_array::LargeListArray>() {
+            py.detach(|| list_rows(a, first, &mut visit))?;
+        } else if let Some(a) = any.downcast_ref::<arrow_array::ListArray>() {
+            py.detach(|| list_rows(a, first, &mut visit))?;
+        } else {
+            return Err(PyTypeError::new_err(format!(
+                "scores must be an Arrow list of float64, got {}",
+                chunk.data_type()
+            )));
+        }
+        first += chunk.len();
+    }
+    let order = large_list(Arc::new(UInt32Array::from(order)), offsets.clone())?;
+    let norm = large_list(Arc::new(Float64Array::from(norm)), offsets.clone())?;
+    let pol = large_list(Arc::new(Int8Array::from(pol)), offsets)?;
+    Ok((to_pyarrow(py, order)?, to_pyarrow(py, norm)?, to_pyarrow(py, pol)?))
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<PyTokenizer>()?;
     m.add_function(wrap_pyfunction!(count_tokens, m)?)?;
+    m.add_function(wrap_pyfunction!(assign_polarity, m)?)?;
     Ok(())
 }

@@ -88,3 +88,33 @@ def count_tokens(
     for a missing tokenizer file and ``ValueError`` for a tokenizer that cannot
     be parsed or a text it cannot encode (naming the row).
     """
+
+def assign_polarity(
+    scores: Any,
+    levels: Any,
+    *,
+    a_pos: Optional[float] = 0.8,
+    a_neg: Optional[float] = None,
+    b_pos: Optional[float] = 0.9,
+    b_neg: Optional[float] = 0.1,
+    c_pos: Optional[float] = None,
+    c_neg: Optional[float] = 0.2,
+) -> Tuple[Any, Any, Any]:
+    """DEFT's Q+/Q- assignment over a whole column, straight from Arrow memory.
+
+    ``scores``: an Arrow ``list<double>`` column (Polars Series, pyarrow array
+    or PyCapsule exporter), one list of >= 2 finite scores per sample.
+    ``levels``: Arrow ``uint8`` codes, 0 = A, 1 = B, 2 = C, one per sample.
+
+    Per sample, responses are sorted best-first by score (stable: ties keep
+    their original order) and scores min-max normalised, r = (s - min) / (max -
+    min). The best response gets +1 (Q+), the worst -1 (Q-); any other response
+    with r > ``<level>_pos`` gets +1, else with r < ``<level>_neg`` gets -1
+    (``None``: the level has no such rule), else 0. A sample whose scores are
+    all equal has r = 0.5 and polarity 0 everywhere.
+
+    Returns three pyarrow ``large_list`` arrays, all in best-first order:
+    ``order`` (uint32 original index of each response), ``normalised``
+    (float64) and ``polarity`` (int8). Raises ``ValueError`` naming the row
+    for a null, short or non-finite score list.
+    """

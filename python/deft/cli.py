@@ -25,8 +25,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err_console = Console(stderr=True)
-console = Console()
+# Piped or captured output gets a fixed, wide layout (tables are not cut at 80 columns).
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -113,6 +114,184 @@ def stats(
     for r in s["top_response_tokens"]:
         tt.add_row(str(r["id"]), repr(r["token"]), repr(r["text"]), f"{r['count']:,}", f"{r['share']:.2%}")
     console.print(tt)
+
+
+def _load_config(ctx: typer.Context, param: Any, value: Optional[Path]) -> Optional[Path]:
+    """Eager --config: a YAML mapping of this command's option names to values,
+    used as defaults; options given on the command line win."""
+    if value is None:
+        return value
+    import yaml
+
+    if not value.exists():
+        raise typer.BadParameter(f"config file not found: {value}")
+    try:
+        data = yaml.safe_load(value.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise typer.BadParameter(f"{value}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise typer.BadParameter(f"{value}: expected a mapping of option names to values")
+    valid = {p.name for p in ctx.command.params if p.name and p.name != "config"}
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise typer.BadParameter(f"{value}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+    ctx.default_map = {**(ctx.default_map or {}), **data}
+    return value
+
+
+ConfigOption = typer.Option(
+    None, "--config", help="YAML file of option values (keys = option names, e.g. reward_model: builtin); command-line options win.",
+    is_eager=True, callback=_load_config, exists=False,
+)
+
+
+def _threshold(v: Optional[float]) -> Optional[float]:
+    return None if v is None or v < 0 else v
+
+
+@app.command()
+@_friendly_errors
+def grade(
+    input: List[Path] = typer.Option(..., "--input", "-i", help="Preference file(s) in any supported format."),
+    output_dir: Path = typer.Option(Path("runs/grade"), "--output-dir", "-o", help="Folder for graded.parquet, manifest.json, scores/ and the plot."),
+    reward_model: str = typer.Option("builtin", "--reward-model", "-m", help="builtin (offline MiniLM-based stand-in), or a Hugging Face sequence-classification reward model: hub name or local path."),
+    template: str = typer.Option("auto", "--template", help="How (context, response) is shown to the reward model: auto, oasst, chat, plain."),
+    use_input_scores: bool = typer.Option(False, "--use-input-scores", help="Grade with the scores stored in the input (PRO reward, scores field) instead of running a model."),
+    a: float = typer.Option(3.73, "--a", help="Percent of samples (by best-response score) in level A."),
+    c: float = typer.Option(12.5, "--c", help="Percent of samples in level C."),
+    per_subset: Optional[bool] = typer.Option(None, "--per-subset/--no-per-subset", help="Grade each subset separately (default: yes when there are several)."),
+    a_pos: float = typer.Option(0.8, "--a-pos", help="Level A: normalised score above which a response joins Q+ (negative: no rule)."),
+    b_pos: float = typer.Option(0.9, "--b-pos", help="Level B: Q+ threshold."),
+    b_neg: float = typer.Option(0.1, "--b-neg", help="Level B: normalised score below which a response joins Q-."),
+    c_neg: float = typer.Option(0.2, "--c-neg", help="Level C: Q- threshold."),
+    max_length: int = typer.Option(1024, "--max-length", help="Reward-model input tokens (left-truncated: the response survives)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Pairs per batch (default: chosen from a token budget)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="K/N: score only shard K of N (also from RANK/WORLD_SIZE); the last shard to finish merges."),
+    plot: bool = typer.Option(False, "--plot", help="Write best_scores.png: histogram of best-response scores with the A/C cut-offs."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing graded.parquet (and stale score parts)."),
+    on_error: str = OnError,
+    rejects: Optional[Path] = typer.Option(None, "--rejects", help="Where skipped rows go with --on-error skip (default: OUTPUT_DIR/rejects.jsonl)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the reward model's own Python code (off by default)."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Score every response with a reward model, grade samples into levels A/B/C and assign Q+/Q- polarity."""
+    from deft.grade import Thresholds, grade_files, summary
+
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"--on-error must be 'raise' or 'skip', got {on_error!r}")
+    shard_kn = None
+    if shard is not None:
+        from deft.score import parse_shard
+
+        shard_kn = parse_shard(shard)
+    th = Thresholds(a_pos=_threshold(a_pos), a_neg=None, b_pos=_threshold(b_pos), b_neg=_threshold(b_neg), c_pos=None, c_neg=_threshold(c_neg))
+    run = grade_files(
+        input, output_dir, reward_model=reward_model, template=template, use_input_scores=use_input_scores, a=a, c=c,
+        per_subset=per_subset, thresholds=th, max_length=max_length, batch_size=batch_size, device=device, shard=shard_kn,
+        plot=plot, overwrite=overwrite, on_error=on_error,
+        rejects=(rejects or output_dir / "rejects.jsonl") if on_error == "skip" else None,
+        trust_remote_code=trust_remote_code,
+    )
+    if run.n_rejected:
+        err_console.print(f"[yellow]skipped {run.n_rejected} bad rows[/]; see {rejects or output_dir / 'rejects.jsonl'}", highlight=False)
+    if run.graded is None:
+        console.print(run.message)
+        return
+    t = Table(title=f"graded {run.graded.height:,} samples -> {run.graded_path}", title_justify="left")
+    cols = ["subset", "level", "samples", "q_pos", "q_neg", "best_min", "best_p50", "best_max"]
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("subset", "level") else "right")
+    for r in summary(run.graded).iter_rows(named=True):
+        t.add_row(*[f"{r[k]:.3f}" if isinstance(r[k], float) else (f"{r[k]:,}" if isinstance(r[k], int) else str(r[k])) for k in cols])
+    console.print(t)
+    console.print(f"manifest: {run.manifest_path}" + (f"; plot: {run.plot_path}" if run.plot_path else ""))
+
+
+distribution_app = typer.Typer(help="Build (default) or inspect the discrepancy distribution Q_diff.", no_args_is_help=False)
+app.add_typer(distribution_app, name="distribution")
+
+
+def _print_top(top: dict, title: str) -> None:
+    for name in ("positive", "negative"):
+        t = Table(title=f"{title}: most {name} tokens", title_justify="left")
+        for col in ("id", "token", "text", "q_diff", "Q+", "Q-"):
+            t.add_column(col, justify="right" if col in ("id", "q_diff", "Q+", "Q-") else "left")
+        for r in top[name]:
+            t.add_row(str(r["id"]), repr(r["token"]), repr(r["text"]), f"{r['q_diff']:+.2e}", f"{r['q_pos']:,}", f"{r['q_neg']:,}")
+        console.print(t)
+
+
+@distribution_app.callback(invoke_without_command=True)
+@_friendly_errors
+def distribution(
+    ctx: typer.Context,
+    graded: Optional[Path] = typer.Option(None, "--graded", "-g", help="graded.parquet from `deft grade`."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help="The policy's tokenizer: tokenizer.json, its folder, or a model folder / hub name."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write the .safetensors file."),
+    template: str = typer.Option("auto", "--template", help="The trainer's prompt template, which fixes how responses are tokenised: auto (chat if the tokenizer has a chat template), chat, plain."),
+    top: int = typer.Option(15, "--top", help="How many top tokens to print."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the top tokens to this PNG."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    num_threads: Optional[int] = typer.Option(None, "--threads", help="Tokeniser threads (default: all cores)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """deft distribution --graded graded.parquet --tokenizer PATH --output qdiff.safetensors"""
+    if ctx.invoked_subcommand is not None:
+        return
+    missing = [n for n, v in (("--graded", graded), ("--tokenizer", tokenizer), ("--output", output)) if v is None]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)} (usage: deft distribution --graded graded.parquet --tokenizer PATH --output qdiff.safetensors)")
+    import polars as pl
+
+    from deft.distribution import build_distribution, plot_top_tokens, resolve_tokenizer, save_distribution, top_tokens
+    from deft.io import refuse_existing
+
+    assert graded is not None and tokenizer is not None and output is not None
+    refuse_existing(output, overwrite)
+    if not graded.exists():
+        raise FileNotFoundError(2, "graded file not found", str(graded))
+    tok = resolve_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
+    dist = build_distribution(pl.read_parquet(graded), tok, template=template, num_threads=num_threads, graded_path=graded)
+    save_distribution(dist, output, overwrite=overwrite)
+    m = dist.metadata
+    console.print(
+        f"Q+: {int(m['pos_tokens']):,} tokens from {int(m['pos_responses']):,} responses; "
+        f"Q-: {int(m['neg_tokens']):,} tokens from {int(m['neg_responses']):,} responses; "
+        f"vocabulary {dist.vocab_size:,}; template {m['template']} -> {output}"
+    )
+    tt = top_tokens(dist, tok, top)
+    _print_top(tt, str(output))
+    if plot:
+        plot_top_tokens(tt, plot)
+        console.print(f"plot: {plot}")
+
+
+@distribution_app.command("show")
+@_friendly_errors
+def distribution_show(
+    file: Path = typer.Argument(..., help="A .safetensors file written by `deft distribution`."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help="Tokenizer to decode with (default: the one recorded in the file); its vocabulary must match."),
+    top: int = typer.Option(20, "--top"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the top tokens to this PNG."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Print the most positive and most negative tokens of a distribution file, decoded."""
+    from deft.distribution import load_distribution, plot_top_tokens, resolve_tokenizer, top_tokens
+
+    dist = load_distribution(file)
+    tok = resolve_tokenizer(tokenizer or dist.metadata["tokenizer_source"])
+    dist = load_distribution(file, tokenizer=tok)
+    tt = top_tokens(dist, tok, top)
+    if as_json:
+        sys.stdout.write(json.dumps({"metadata": dist.metadata, **tt}, ensure_ascii=False, indent=2) + "\n")
+    else:
+        console.print(", ".join(f"{k}={v}" for k, v in dist.metadata.items() if k in ("template", "pos_tokens", "neg_tokens", "vocab_size", "tokenizer_source")))
+        _print_top(tt, str(file))
+    if plot:
+        plot_top_tokens(tt, plot)
 
 
 @app.command()

@@ -89,7 +89,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +108,8 @@ from typing import (
 )
 
 import polars as pl
+
+from deft.io import atomic_path
 
 from deft.render import render_chat, render_hh, render_oasst
 
@@ -1155,16 +1156,8 @@ def validate_frame(df: pl.DataFrame, *, allow_empty_responses: bool = True) -> N
 
 def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Write ``path`` via a temporary file in the same directory + os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save(frame: pl.DataFrame, path: PathLike, *, validate: bool = True) -> Path:

@@ -1,0 +1,347 @@
+"""Grading (`deft grade`): levels A/B/C and DEFT's Q+/Q- polarity per response.
+
+Levels
+    Samples are ranked by their best response's score (ties broken by ``id``,
+    ascending, so the result is deterministic). Of ``n`` samples in a grading
+    group (one subset with ``per_subset``, else all), the top
+    ``n_A = floor(n * a / 100 + 0.5)`` are level A and the bottom
+    ``n_C = floor(n * c / 100 + 0.5)`` level C (round half up; ``n_A`` is at
+    least 1 when ``a > 0`` and ``n >= 1``; ``n_C`` is cut so that A and C never
+    overlap); the rest are B. With the paper's a = 3.73 and c = 12.5, 160,800
+    samples give 5,998 A and 20,100 C.
+Polarity
+    Per sample, responses are sorted best-first by score (stable) and scores
+    min-max normalised, ``r = (s - min) / (max - min)``. The best response goes
+    to Q+ (+1), the worst to Q- (-1), and, by level (thresholds strict):
+    A: r > 0.8 -> Q+;  B: r > 0.9 -> Q+, r < 0.1 -> Q-;  C: r < 0.2 -> Q-.
+    All-equal scores carry no preference: r = 0.5 and polarity 0 for every
+    response. The assignment runs in Rust (:func:`deft._native.assign_polarity`)
+    over the Arrow columns; :func:`polarity_reference` is the plain-Python
+    definition the tests compare it to.
+
+Output columns (``graded.parquet``): the canonical columns with ``responses``
+and ``scores`` re-ordered best-first by score, plus ``human_order`` (the
+original index of each response: the source's order), ``norm_scores``,
+``polarity`` (list[i8]), ``best_score``, ``level`` ("A"/"B"/"C") and
+``level_rank`` (1 = best sample of its grading group).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import polars as pl
+
+LEVELS = ("A", "B", "C")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Polarity thresholds per level (``None``: the level has no such rule)."""
+
+    a_pos: Optional[float] = 0.8
+    a_neg: Optional[float] = None
+    b_pos: Optional[float] = 0.9
+    b_neg: Optional[float] = 0.1
+    c_pos: Optional[float] = None
+    c_neg: Optional[float] = 0.2
+
+    def rule(self, level: str) -> Tuple[Optional[float], Optional[float]]:
+        lv = level.lower()
+        return getattr(self, f"{lv}_pos"), getattr(self, f"{lv}_neg")
+
+    def as_dict(self) -> Dict[str, Optional[float]]:
+        return asdict(self)
+
+    def check(self) -> None:
+        for k, v in self.as_dict().items():
+            if v is not None and not (0.0 <= v <= 1.0):
+                raise ValueError(f"threshold {k}={v} must be between 0 and 1 (normalised scores)")
+
+
+def check_percentages(a: float, c: float) -> None:
+    """Raise ValueError unless 0 < a < 100, 0 < c < 100 and a + c < 100."""
+    for name, v in (("a", a), ("c", c)):
+        if not (0.0 < v < 100.0) or math.isnan(v):
+            raise ValueError(f"--{name} must be a percentage strictly between 0 and 100, got {v}")
+    if a + c >= 100.0:
+        raise ValueError(f"--a + --c must be below 100 (levels A and C would cover everything), got {a} + {c} = {a + c}")
+
+
+def level_counts(n: int, a: float, c: float) -> Tuple[int, int]:
+    """(n_A, n_C) for a group of ``n`` samples; see the module docstring."""
+    if n <= 0:
+        return 0, 0
+    n_a = max(1, math.floor(n * a / 100.0 + 0.5))
+    n_c = min(math.floor(n * c / 100.0 + 0.5), n - n_a)
+    return n_a, max(n_c, 0)
+
+
+def _require_scores(frame: pl.DataFrame) -> None:
+    missing = frame.filter(pl.col("scores").is_null())
+    if missing.height:
+        r = missing.row(0, named=True)
+        raise ValueError(
+            f"{r['source_file']}:{r['source_line']}: field 'scores': missing; {missing.height} of {frame.height} "
+            "samples have no scores (score them with a reward model, or drop --use-input-scores)"
+        )
+    bad = frame.filter(pl.col("scores").list.len() != pl.col("responses").list.len())
+    if bad.height:
+        r = bad.row(0, named=True)
+        raise ValueError(f"{r['source_file']}:{r['source_line']}: field 'scores': {len(r['scores'])} scores for {len(r['responses'])} responses")
+
+
+def assign_levels(frame: pl.DataFrame, a: float, c: float, per_subset: bool) -> pl.DataFrame:
+    """Add ``best_score``, ``level`` and ``level_rank`` (keeps row order)."""
+    check_percentages(a, c)
+    group = pl.col("subset") if per_subset else pl.lit("all")
+    df = frame.with_row_index("_row").with_columns(
+        pl.col("scores").list.max().alias("best_score"), group.alias("_group")
+    )
+    ranked = df.sort(["_group", "best_score", "id"], descending=[False, True, False]).with_columns(
+        (pl.int_range(pl.len()).over("_group") + 1).alias("level_rank"),
+        pl.len().over("_group").alias("_n"),
+    )
+    counts = {g: level_counts(n, a, c) for g, n in ranked.group_by("_group").agg(pl.len()).iter_rows()}
+    n_a = pl.col("_group").replace_strict({g: v[0] for g, v in counts.items()}, return_dtype=pl.Int64)
+    n_c = pl.col("_group").replace_strict({g: v[1] for g, v in counts.items()}, return_dtype=pl.Int64)
+    ranked = ranked.with_columns(
+        pl.when(pl.col("level_rank") <= n_a)
+        .then(pl.lit("A"))
+        .when(pl.col("level_rank") > pl.col("_n") - n_c)
+        .then(pl.lit("C"))
+        .otherwise(pl.lit("B"))
+        .alias("level")
+    )
+    return ranked.sort("_row").drop("_row", "_group", "_n")
+
+
+def polarity_reference(scores: Sequence[float], level: str, thresholds: Thresholds = Thresholds()) -> Tuple[List[int], List[float], List[int]]:
+    """The plain-Python definition of one sample's assignment: (order, normalised, polarity), best-first."""
+    if len(scores) < 2:
+        raise ValueError(f"grading needs at least 2 scores, got {len(scores)}")
+    if not all(math.isfinite(s) for s in scores):
+        raise ValueError(f"scores must be finite, got {list(scores)}")
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])  # sorted() is stable
+    hi, lo = scores[order[0]], scores[order[-1]]
+    if hi == lo:
+        return order, [0.5] * len(scores), [0] * len(scores)
+    pos, neg = thresholds.rule(level)
+    norm, pol = [], []
+    for k, i in enumerate(order):
+        r = (scores[i] - lo) / (hi - lo)
+        if k == 0 or (pos is not None and r > pos):
+            p = 1
+        elif k == len(order) - 1 or (neg is not None and r < neg):
+            p = -1
+        else:
+            p = 0
+        norm.append(r)
+        pol.append(p)
+    return order, norm, pol
+
+
+def _polarity_native(frame: pl.DataFrame, th: Thresholds) -> pl.DataFrame:
+    from deft._native import assign_polarity
+
+    codes = frame.get_column("level").replace_strict({"A": 0, "B": 1, "C": 2}, return_dtype=pl.UInt8)
+    order, norm, pol = assign_polarity(frame.get_column("scores"), codes, **th.as_dict())
+    return pl.DataFrame(
+        {
+            "human_order": pl.from_arrow(order).cast(pl.List(pl.Int64)),
+            "norm_scores": pl.from_arrow(norm).cast(pl.List(pl.Float64)),
+            "polarity": pl.from_arrow(pol).cast(pl.List(pl.Int8)),
+        }
+    )
+
+
+def _polarity_python(frame: pl.DataFrame, th: Thresholds) -> pl.DataFrame:
+    out: Dict[str, List[Any]] = {"human_order": [], "norm_scores": [], "polarity": []}
+    for scores, level in zip(frame.get_column("scores").to_list(), frame.get_column("level").to_list()):
+        o, n, p = polarity_reference(scores, level, th)
+        out["human_order"].append(o)
+        out["norm_scores"].append(n)
+        out["polarity"].append(p)
+    return pl.DataFrame(
+        out, schema={"human_order": pl.List(pl.Int64), "norm_scores": pl.List(pl.Float64), "polarity": pl.List(pl.Int8)}
+    )
+
+
+def grade(
+    frame: pl.DataFrame,
+    *,
+    a: float = 3.73,
+    c: float = 12.5,
+    per_subset: Optional[bool] = None,
+    thresholds: Thresholds = Thresholds(),
+    native: bool = True,
+) -> pl.DataFrame:
+    """Grade a scored canonical frame; see the module docstring for the rules
+    and the output columns. ``per_subset=None`` grades each subset separately
+    when there are several (as the paper graded each HH subset)."""
+    thresholds.check()
+    check_percentages(a, c)
+    if frame.height == 0:
+        raise ValueError("nothing to grade: the input has no rows")
+    _require_scores(frame)
+    if per_subset is None:
+        per_subset = frame.get_column("subset").n_unique() > 1
+    leveled = assign_levels(frame, a, c, per_subset)
+    pol = (_polarity_native if native else _polarity_python)(leveled, thresholds)
+    out = pl.concat([leveled, pol], how="horizontal").with_columns(
+        pl.col("responses").list.gather(pl.col("human_order")),
+        pl.col("scores").list.gather(pl.col("human_order")),
+    )
+    return out
+
+
+def summary(graded: pl.DataFrame) -> pl.DataFrame:
+    """Per subset and level: samples, Q+/Q- responses, best-score quantiles."""
+    return (
+        graded.group_by("subset", "level")
+        .agg(
+            pl.len().alias("samples"),
+            (pl.col("polarity").list.eval(pl.element() == 1).list.sum()).sum().alias("q_pos"),
+            (pl.col("polarity").list.eval(pl.element() == -1).list.sum()).sum().alias("q_neg"),
+            pl.col("best_score").min().alias("best_min"),
+            pl.col("best_score").median().alias("best_p50"),
+            pl.col("best_score").max().alias("best_max"),
+        )
+        .sort("subset", "level")
+    )
+
+
+def plot_best_scores(graded: pl.DataFrame, path: Any) -> None:
+    """PNG histogram of best-response scores per subset with the A and C cut-offs marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from deft.io import atomic_path
+
+    subsets = sorted(graded.get_column("subset").unique().to_list())
+    fig, axes = plt.subplots(len(subsets), 1, figsize=(8, 2.6 * len(subsets)), squeeze=False)
+    for ax, s in zip(axes[:, 0], subsets):
+        g = graded.filter(pl.col("subset") == s)
+        ax.hist(g.get_column("best_score").to_numpy(), bins=60, color="#7a8ca3")
+        a_cut = g.filter(pl.col("level") == "A").get_column("best_score").min()
+        c_cut = g.filter(pl.col("level") == "C").get_column("best_score").max()
+        if a_cut is not None:
+            ax.axvline(a_cut, color="#2a9d4b", lw=2, label=f"A from {a_cut:.3g}")
+        if c_cut is not None:
+            ax.axvline(c_cut, color="#c0392b", lw=2, label=f"C up to {c_cut:.3g}")
+        ax.set_title(f"{s}: best-response score ({g.height:,} samples)")
+        ax.legend(loc="upper left")
+    axes[-1, 0].set_xlabel("reward-model score of the best response")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+# The stage: load -> score -> grade -> write (what `deft grade` runs)
+
+
+@dataclass
+class GradeRun:
+    """What :func:`grade_files` produced. ``graded`` is None when this process
+    scored one shard and other shards are still missing."""
+
+    output_dir: Any
+    graded: Optional[pl.DataFrame] = None
+    graded_path: Any = None
+    manifest_path: Any = None
+    plot_path: Any = None
+    n_rejected: int = 0
+    message: str = ""
+
+
+def grade_files(
+    inputs: Sequence[Any],
+    output_dir: Any,
+    *,
+    reward_model: str = "builtin",
+    template: str = "auto",
+    use_input_scores: bool = False,
+    a: float = 3.73,
+    c: float = 12.5,
+    per_subset: Optional[bool] = None,
+    thresholds: Thresholds = Thresholds(),
+    max_length: int = 1024,
+    batch_size: Optional[int] = None,
+    device: Optional[str] = None,
+    shard: Optional[Tuple[int, int]] = None,
+    plot: bool = False,
+    overwrite: bool = False,
+    on_error: str = "raise",
+    rejects: Any = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> GradeRun:
+    """Load ``inputs``, score them (or use their scores), grade, and write
+    ``graded.parquet``, ``manifest.json`` (and ``best_scores.png``) into
+    ``output_dir``. Scoring is resumable: rerunning after an interruption
+    continues from the part files in ``output_dir/scores``."""
+    from pathlib import Path
+
+    from deft.data import load_many
+    from deft.io import atomic_path, input_record, refuse_existing, sha256_file, write_manifest
+
+    thresholds.check()
+    check_percentages(a, c)
+    out = Path(output_dir)
+    graded_path = out / "graded.parquet"
+    refuse_existing(graded_path, overwrite)
+    loaded = load_many([Path(p) for p in inputs], on_error=on_error, rejects_path=rejects)
+    frame = loaded.frame
+    run = GradeRun(output_dir=out, n_rejected=len(loaded.rejects))
+    model_info: Dict[str, Any]
+    if use_input_scores:
+        _require_scores(frame)
+        model_info = {"reward_model": "input scores", "template": None}
+    else:
+        from deft.score import load_reward_model, score_frame
+
+        model = load_reward_model(
+            reward_model, template=template, max_length=max_length, device=device, trust_remote_code=trust_remote_code
+        )
+        model_info = {"reward_model": model.name, "template": model.template, "max_length": model.max_length}
+        scored = score_frame(
+            frame, model, work_dir=out / "scores", shard=shard, batch_size=batch_size, progress=progress,
+            metrics=out / "metrics.jsonl", overwrite=overwrite,
+        )
+        if scored is None:
+            run.message = f"scored this shard into {out / 'scores'}; rerun when every shard is done to merge and grade"
+            return run
+        frame = scored
+    graded = grade(frame, a=a, c=c, per_subset=per_subset, thresholds=thresholds)
+    with atomic_path(graded_path) as tmp:
+        graded.write_parquet(tmp)
+    counts = {
+        f"{r['subset']}/{r['level']}": {k: r[k] for k in ("samples", "q_pos", "q_neg")}
+        for r in summary(graded).iter_rows(named=True)
+    }
+    per = per_subset if per_subset is not None else graded.get_column("subset").n_unique() > 1
+    run.graded, run.graded_path = graded, graded_path
+    if plot:
+        run.plot_path = out / "best_scores.png"
+        plot_best_scores(graded, run.plot_path)
+    run.manifest_path = write_manifest(
+        out / "manifest.json",
+        stage="grade",
+        inputs=[input_record(p) for p in inputs],
+        parameters={
+            **model_info, "a": a, "c": c, "per_subset": per, "thresholds": thresholds.as_dict(),
+            "level_rounding": "n_A = max(1, floor(n*a/100 + 0.5)); n_C = min(floor(n*c/100 + 0.5), n - n_A); ties by id",
+            "on_error": on_error,
+        },
+        outputs={"graded": {"path": str(graded_path), "sha256": sha256_file(graded_path), "rows": graded.height},
+                 "plot": str(run.plot_path) if run.plot_path else None},
+        counts=counts,
+        rejected=len(loaded.rejects),
+    )
+    return run
