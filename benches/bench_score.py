@@ -27,7 +27,6 @@ Run:  python benches/bench_score.py                         (CPU, 1 thread, smal
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +34,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
 SHARED = ROOT.parent / "shared"
 HH = SHARED / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 TOK = SHARED / "tokenizers" / "gpt2"

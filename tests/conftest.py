@@ -58,3 +58,41 @@ def write_lines(path: Path, lines: Iterable[Union[str, bytes, Mapping[str, Any]]
             out.append(json.dumps(line).encode())
     path.write_bytes(b"\n".join(out) + b"\n")
     return path
+
+
+# --- a tiny reward model for scoring tests (no network) ---------------------
+
+VOCAB = 50304  # GPT-2's 50257 ids plus room for added special tokens
+
+
+def gpt2_hf_tokenizer(**kwargs):
+    """The real GPT-2 tokenizer from ../shared as a transformers tokenizer."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(shared_file("tokenizers/gpt2")), **kwargs)
+
+
+def tiny_config(**kwargs):
+    """A tiny GPT-2 sequence-classification config (num_labels=1)."""
+    from transformers import GPT2Config
+
+    base = dict(vocab_size=VOCAB, n_positions=1024, n_embd=32, n_layer=2, n_head=2, num_labels=1,
+                pad_token_id=50256, eos_token_id=50256, bos_token_id=50256)
+    base.update(kwargs)
+    return GPT2Config(**base)
+
+
+def save_tiny_reward_model(folder: Path, tokenizer=None, *, seed: int = 0, **config) -> Path:
+    """Save a randomly initialised tiny GPT-2 reward model (safetensors) with the GPT-2 tokenizer; no network."""
+    import torch
+    from transformers import GPT2ForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = GPT2ForSequenceClassification(tiny_config(**config))
+    with torch.no_grad():  # O(1) scores, so a 1e-5 tolerance means something
+        model.score.weight.mul_(50.0)
+    model.save_pretrained(folder)
+    (tokenizer or gpt2_hf_tokenizer()).save_pretrained(folder)
+    return folder
+
+

@@ -256,3 +256,58 @@ def test_cli_distribution_build_and_show(tmp_path):
     assert r.exit_code == 2 and "different vocabulary" in r.stderr
     r = runner.invoke(app, ["distribution", "--graded", str(out / "graded.parquet")])
     assert r.exit_code == 2 and "missing --tokenizer, --output" in r.stderr
+
+
+# --- grading with a reward model ------------------------------------------------
+
+
+def test_cli_grade_with_a_local_reward_model_on_raw_hh(tmp_path):
+    """`deft grade --reward-model PATH` on real HH transcripts, scored by a tiny local RM."""
+    from conftest import save_tiny_reward_model
+
+    from deft.score import HFRewardModel
+
+    rm = save_tiny_reward_model(tmp_path / "rm")
+    lines = shared_file("data/hh-rlhf/harmless-base-test.jsonl.gz")
+    import gzip
+
+    with gzip.open(lines, "rt", encoding="utf-8") as f:
+        head = [next(f) for _ in range(40)]
+    small = tmp_path / "hh40.jsonl"
+    small.write_text("".join(head), encoding="utf-8")
+    out = tmp_path / "g"
+    r = runner.invoke(app, ["grade", "-i", str(small), "--reward-model", str(rm), "--template", "plain", "--max-length", "256",
+                            "--a", "10", "--c", "20", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    g = pl.read_parquet(out / "graded.parquet")
+    assert g.height == 40 and dict(g.group_by("level").len().iter_rows()) == {"A": 4, "B": 28, "C": 8}
+    model = HFRewardModel.load(str(rm), template="plain", max_length=256, device="cpu")
+    frame = load(small).frame
+    want = model.score_batch(model.encode(frame["context"].to_list()[:3], [x[0] for x in frame["responses"].to_list()[:3]]))
+    got = {row["id"]: dict(zip(row["human_order"], row["scores"])) for row in g.head(3).iter_rows(named=True)}
+    for i, rid in enumerate(frame["id"].to_list()[:3]):
+        assert got[rid][0] == pytest.approx(want[i], rel=1e-4, abs=1e-5)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["parameters"]["reward_model"] == model.name and m["parameters"]["template"] == "plain"
+    assert (out / "scores").is_dir()
+    # refusing a causal LM as a reward model, with the reason
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    lm = tmp_path / "lm"
+    GPT2LMHeadModel(GPT2Config(vocab_size=50304, n_embd=16, n_layer=1, n_head=2)).save_pretrained(lm)
+    r = runner.invoke(app, ["grade", "-i", str(small), "--reward-model", str(lm), "-o", str(tmp_path / "g2")])
+    assert r.exit_code == 2 and "sequence" in r.stderr.lower()
+
+
+def test_shipped_grade_configs_are_valid(tmp_path):
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    out = tmp_path / "g"
+    r = runner.invoke(app, ["grade", "-i", str(shared_file(PRO[0])), "--config", str(root / "configs" / "grade.yaml"),
+                            "--use-input-scores", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "manifest.json").read_text())["parameters"]["a"] == 3.73
+    import yaml
+
+    for cfg in (root / "configs").glob("grade*.yaml"):
+        keys = set(yaml.safe_load(cfg.read_text()))
+        assert keys <= {p.name for p in __import__("typer").main.get_command(app).commands["grade"].params}, cfg

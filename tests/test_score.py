@@ -37,36 +37,11 @@ from deft.score import (  # noqa: E402
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
-VOCAB = 50304  # GPT-2's 50257 ids plus room for added special tokens
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def _tokenizer(**kwargs):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(shared_file("tokenizers/gpt2")), **kwargs)
-
-
-def _tiny_config(**kwargs):
-    from transformers import GPT2Config
-
-    base = dict(vocab_size=VOCAB, n_positions=1024, n_embd=32, n_layer=2, n_head=2, num_labels=1,
-                pad_token_id=50256, eos_token_id=50256, bos_token_id=50256)
-    base.update(kwargs)
-    return GPT2Config(**base)
-
-
-def _save_tiny(folder: Path, tokenizer=None, *, seed: int = 0, **config) -> Path:
-    from transformers import GPT2ForSequenceClassification
-
-    torch.manual_seed(seed)
-    model = GPT2ForSequenceClassification(_tiny_config(**config))
-    with torch.no_grad():  # O(1) scores, so a 1e-5 tolerance means something
-        model.score.weight.mul_(50.0)
-    model.save_pretrained(folder)
-    (tokenizer or _tokenizer()).save_pretrained(folder)
-    return folder
+from conftest import tiny_config as _tiny_config, save_tiny_reward_model as _save_tiny, gpt2_hf_tokenizer as _tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
