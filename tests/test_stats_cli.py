@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pytest
 from conftest import shared_file, write_lines
 from tokenizers import Tokenizer as PyTokenizer
