@@ -10,7 +10,7 @@ command -v cargo >/dev/null || { echo "error: cargo not found; install Rust (htt
 rm -rf dist
 "$PY" -m maturin build --release --out dist
 wheel="$(ls dist/deft-*.whl | head -n1)"
-"$PY" -m pip install --quiet --disable-pip-version-check "${wheel}[test]"
+"$PY" -m pip install --quiet --disable-pip-version-check "${wheel}[train,test]"
 # same version number as an earlier build: make sure this build is the one installed
 "$PY" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$wheel"
 echo "installed $wheel"

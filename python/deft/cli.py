@@ -303,6 +303,33 @@ def version() -> None:
     typer.echo(f"deft {deft.__version__} (native core {_native.__version__})")
 
 
+@app.command()
+@_friendly_errors
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Training YAML, e.g. configs/deft-dpo.yaml (keys: python/deft/config.py)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config key, KEY=VALUE with VALUE parsed as YAML, e.g. --set train.lr=1e-6 --set deft.enabled=false; repeatable."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in train.output_dir from its newest checkpoint (same data order and RNG state)."),
+    local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True, help="Set by the deepspeed launcher."),
+) -> None:
+    """Fine-tune a causal LM on level-A samples with L = L_m - omega * R_dis (DEFT) or the plain baseline."""
+    import os
+
+    from deft.config import ConfigError  # noqa: F401 - a ValueError: one-line error, exit 2
+    from deft.train import run
+
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    res = run(str(config) if config is not None else None, set_, resume=resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        m = res.last_metrics
+        console.print(
+            f"trained {res.global_step}/{res.total_steps} steps"
+            + (f" (resumed from step {res.resumed_from})" if res.resumed_from else "")
+            + (f"; last loss {m['loss']:.4f}" if "loss" in m else "")
+            + f" -> {res.model_dir}; metrics {res.output_dir / 'metrics.jsonl'}"
+        )
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,258 @@
+"""Training configuration: a YAML file plus ``--set a.b=c`` overrides.
+
+The schema (:data:`SCHEMA`) fixes every key, its type and its default. A
+config file only names what it changes; unknown keys are errors that name the
+key and the valid ones. ``--set`` values are parsed with ``yaml.safe_load``
+(``--set train.lr=1e-6``, ``--set deft.enabled=false``,
+``--set data.levels=[A,B,C]``, ``--set train.deepspeed=null``) and checked
+against the key's type. Numbers written like ``5e-7`` (which YAML 1.1 reads as
+a string) are accepted for float keys.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import yaml
+
+__all__ = ["SCHEMA", "METHODS", "ConfigError", "load_config", "apply_override", "defaults", "validate"]
+
+METHODS = ("sft", "dpo", "ipo", "pro", "rrhf")
+
+
+class ConfigError(ValueError):
+    """A bad config key or value (one line, names the key)."""
+
+
+@dataclass(frozen=True)
+class Field:
+    default: Any
+    type: str  # str | int | float | bool | list | dict
+    nullable: bool = False
+    choices: Optional[Tuple[Any, ...]] = None
+    help: str = ""
+
+
+# The schema: section -> key -> Field. Top-level plain fields live in "" (the root).
+SCHEMA: Dict[str, Any] = {
+    "model": Field(None, "str", nullable=True, help="policy: local folder or hub id (required)"),
+    "gguf_file": Field(None, "str", nullable=True, help="GGUF file inside `model` (transformers dequantises it; needs `gguf`)"),
+    "tokenizer": Field(None, "str", nullable=True, help="tokenizer (default: the model's)"),
+    "trust_remote_code": Field(False, "bool"),
+    "data": {
+        "graded": Field(None, "str", nullable=True, help="graded.parquet from `deft grade` (required)"),
+        "levels": Field(["A"], "list", help="levels trained on; [A, B, C] is the paper's -D^A ablation"),
+        "template": Field("auto", "str", choices=("auto", "chat", "plain"), help="prompt template; must match the distribution's"),
+        "max_length": Field(512, "int", help="prompt + response + EOS tokens"),
+        "max_prompt_length": Field(384, "int", help="prompt tokens (left-truncated)"),
+        "max_responses": Field(None, "int", nullable=True, help="PRO/RRHF: keep at most this many responses (best, ..., worst kept)"),
+        "max_samples": Field(None, "int", nullable=True, help="use only the first N samples (debugging)"),
+        "num_threads": Field(None, "int", nullable=True, help="tokeniser threads"),
+    },
+    "method": {
+        "name": Field("dpo", "str", choices=METHODS),
+        "beta": Field(0.1, "float", help="DPO/IPO beta"),
+        "label_smoothing": Field(0.0, "float", help="conservative DPO epsilon"),
+        "sft_weight": Field(0.05, "float", help="PRO/RRHF weight of the SFT term"),
+    },
+    "deft": {
+        "enabled": Field(True, "bool", help="add -omega * R_dis to the loss"),
+        "distribution": Field(None, "str", nullable=True, help="qdiff.safetensors from `deft distribution`"),
+        "omega": Field(2.5e-6, "float", help="weight of R_dis (paper: 2.5e-6 DPO, 2.5e-5 PRO)"),
+        "responses": Field("all", "str", choices=("all", "best"), help="which responses' tokens R_dis averages over"),
+    },
+    "train": {
+        "output_dir": Field("runs/train", "str"),
+        "epochs": Field(1, "int"),
+        "max_steps": Field(None, "int", nullable=True, help="train exactly this many optimizer steps (overrides epochs; the schedule spans them)"),
+        "micro_batch_size": Field(1, "int", help="prompts per process per forward"),
+        "gradient_accumulation_steps": Field(8, "int"),
+        "lr": Field(5e-7, "float"),
+        "weight_decay": Field(0.0, "float"),
+        "adam_betas": Field([0.9, 0.999], "list"),
+        "adam_eps": Field(1e-8, "float"),
+        "scheduler": Field("linear", "str", choices=("linear", "cosine", "constant")),
+        "warmup_ratio": Field(0.1, "float"),
+        "warmup_steps": Field(None, "int", nullable=True, help="overrides warmup_ratio"),
+        "max_grad_norm": Field(1.0, "float", help="gradient clipping (0: off)"),
+        "seed": Field(42, "int"),
+        "precision": Field("auto", "str", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA, fp32 on CPU"),
+        "deepspeed": Field("configs/deepspeed/zero0.json", "str", nullable=True, help="DeepSpeed JSON config; null: plain PyTorch loop"),
+        "gradient_checkpointing": Field(False, "bool"),
+        "save_steps": Field(100, "int", help="checkpoint every N optimizer steps (0: only at the end)"),
+        "save_total_limit": Field(2, "int", help="checkpoints kept"),
+        "ref_cache_dir": Field(None, "str", nullable=True, help="reference log-prob cache (default: OUTPUT_DIR/ref_cache)"),
+        "ref_batch_size": Field(None, "int", nullable=True, help="prompts per reference forward (default: micro_batch_size)"),
+        "progress": Field(True, "bool"),
+        "device": Field("auto", "str", help="auto | cpu | cuda | cuda:N"),
+    },
+    "generation": {
+        "max_new_tokens": Field(128, "int", help="the paper's generation length (evaluation)"),
+    },
+}
+
+
+def _walk(schema: Mapping[str, Any], prefix: str = ""):
+    for k, v in schema.items():
+        if isinstance(v, Field):
+            yield prefix + k, v
+        else:
+            yield from _walk(v, prefix + k + ".")
+
+
+def defaults() -> Dict[str, Any]:
+    def build(s: Mapping[str, Any]) -> Dict[str, Any]:
+        return {k: (copy.deepcopy(v.default) if isinstance(v, Field) else build(v)) for k, v in s.items()}
+
+    return build(SCHEMA)
+
+
+def _coerce(key: str, f: Field, value: Any) -> Any:
+    if value is None:
+        if f.nullable:
+            return None
+        raise ConfigError(f"{key}: may not be null")
+    t = f.type
+    ok = True
+    if t == "bool":
+        ok = isinstance(value, bool)
+    elif t == "int":
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif t == "float":
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                ok = False
+        elif isinstance(value, bool):
+            ok = False
+        elif isinstance(value, (int, float)):
+            value = float(value)
+        else:
+            ok = False
+    elif t == "str":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        ok = isinstance(value, str)
+    elif t == "list":
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        ok = isinstance(value, list)
+    if not ok:
+        raise ConfigError(f"{key}: expected {t}, got {type(value).__name__} {value!r}")
+    if f.choices is not None and value not in f.choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, f.choices))}")
+    return value
+
+
+def _lookup(key: str) -> Tuple[Optional[Field], Mapping[str, Any], List[str]]:
+    parts = key.split(".")
+    node: Any = SCHEMA
+    for i, p in enumerate(parts):
+        if isinstance(node, Field) or p not in node:
+            where = ".".join(parts[:i]) or "the top level"
+            valid = sorted(node) if isinstance(node, dict) else []
+            raise ConfigError(f"unknown config key {key!r} (no {p!r} in {where}; valid: {', '.join(valid)})")
+        node = node[p]
+    if not isinstance(node, Field):
+        raise ConfigError(f"config key {key!r} is a section; set one of its keys: {', '.join(sorted(node))}")
+    return node, {}, parts
+
+
+def _merge(cfg: Dict[str, Any], data: Mapping[str, Any], prefix: str, source: str) -> None:
+    schema_node: Any = SCHEMA
+    for p in [x for x in prefix.split(".") if x]:
+        schema_node = schema_node[p]
+    for k, v in data.items():
+        k = str(k)
+        key = prefix + k
+        if k not in schema_node:
+            where = prefix[:-1] or "the top level"
+            raise ConfigError(f"{source}: unknown config key {key!r} in {where}; valid: {', '.join(sorted(schema_node))}")
+        node = schema_node[k]
+        if isinstance(node, Field):
+            cfg[k] = _coerce(key, node, v)
+        else:
+            if v is None:
+                continue
+            if not isinstance(v, Mapping):
+                raise ConfigError(f"{source}: {key} must be a mapping of {', '.join(sorted(node))}")
+            _merge(cfg[k], v, key + ".", source)
+
+
+def apply_override(cfg: Dict[str, Any], override: str) -> None:
+    """Apply one ``a.b=value`` override in place."""
+    if "=" not in override:
+        raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. train.lr=1e-6")
+    key, raw = override.split("=", 1)
+    key = key.strip()
+    f, _, parts = _lookup(key)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: cannot parse {raw!r} ({e})") from None
+    node = cfg
+    for p in parts[:-1]:
+        node = node[p]
+    assert f is not None
+    node[parts[-1]] = _coerce(key, f, value)
+
+
+def validate(cfg: Mapping[str, Any]) -> None:
+    """Cross-field checks after all overrides."""
+    if not cfg.get("model"):
+        raise ConfigError("model: required (a local folder or a hub id)")
+    if not cfg["data"]["graded"]:
+        raise ConfigError("data.graded: required (graded.parquet from `deft grade`)")
+    levels = cfg["data"]["levels"]
+    if not levels or any(l not in ("A", "B", "C") for l in levels):
+        raise ConfigError(f"data.levels: expected a non-empty list of A, B, C, got {levels!r}")
+    if cfg["deft"]["enabled"] and not cfg["deft"]["distribution"]:
+        raise ConfigError("deft.distribution: required when deft.enabled is true (or --set deft.enabled=false)")
+    t = cfg["train"]
+    for k in ("epochs", "micro_batch_size", "gradient_accumulation_steps"):
+        if t[k] < 1:
+            raise ConfigError(f"train.{k}: must be >= 1, got {t[k]}")
+    if t["max_steps"] is not None and t["max_steps"] < 1:
+        raise ConfigError(f"train.max_steps: must be >= 1, got {t['max_steps']}")
+    if t["lr"] <= 0:
+        raise ConfigError(f"train.lr: must be positive, got {t['lr']}")
+    if not 0 <= t["warmup_ratio"] <= 1:
+        raise ConfigError(f"train.warmup_ratio: must be in [0, 1], got {t['warmup_ratio']}")
+    if len(t["adam_betas"]) != 2:
+        raise ConfigError(f"train.adam_betas: expected two numbers, got {t['adam_betas']!r}")
+    d = cfg["data"]
+    if d["max_prompt_length"] < 1 or d["max_length"] <= d["max_prompt_length"] + 1:
+        raise ConfigError(f"data.max_length ({d['max_length']}) must exceed data.max_prompt_length ({d['max_prompt_length']}) + 1")
+    if d["max_responses"] is not None and d["max_responses"] < 2:
+        raise ConfigError("data.max_responses: must be >= 2")
+    if t["save_total_limit"] < 1:
+        raise ConfigError("train.save_total_limit: must be >= 1")
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = (), *, check: bool = True) -> Dict[str, Any]:
+    """Defaults, then the YAML file, then each ``KEY=VALUE`` override; validated.
+
+    Relative paths in the file are kept as written (relative to the current folder)."""
+    cfg = defaults()
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(2, "config file not found", str(p))
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {e}") from None
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{p}: expected a mapping at the top level")
+        _merge(cfg, data, "", str(p))
+    for o in overrides:
+        apply_override(cfg, o)
+    if check:
+        validate(cfg)
+    return cfg

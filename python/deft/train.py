@@ -1,0 +1,1066 @@
+"""`deft train`: fine-tune a causal LM on graded preference data with
+``L = L_m - omega * R_dis`` (DEFT), or the plain baseline ``L_m``.
+
+Pipeline
+--------
+1. **Data.** The rows of ``graded.parquet`` at ``data.levels`` (level A by
+   default; ``[A, B, C]`` is the paper's -D^A ablation), responses best first.
+   SFT trains on the best response, DPO/IPO on (best, worst), PRO/RRHF on the
+   whole list with the scores as rewards.
+2. **Tokenisation** (:func:`encode_examples`). Prompt and response are
+   tokenised separately with the native batch encoder (no special tokens) and
+   their ids concatenated. The prompt is the tokenizer's chat template
+   (``add_generation_prompt=True``) when the template is ``chat``, else
+   :func:`deft.render.render_hh`. The response is
+   ``response_prefix(template) + response`` -- the convention ``deft
+   distribution`` counted Q_diff with; the template comes from the
+   distribution file and a mismatch is refused. The prompt is left-truncated
+   to ``data.max_prompt_length`` (384) tokens. Then the tokenizer's
+   ``eos_token_id`` is appended to the response, and response + EOS is
+   right-truncated to fit ``data.max_length`` (512): a response cut short
+   therefore has no EOS (the model is not taught to stop mid-sentence). Labels
+   are -100 on the prompt and the padding, the ids elsewhere (EOS included).
+3. **Reference log-probs** (DPO/IPO) are computed once, in a first pass with
+   the initial policy, and cached as safetensors in ``train.ref_cache_dir``
+   keyed by the model fingerprint, the precision and a hash of the token ids,
+   so no reference model is held during training and reruns reuse them.
+4. **Training**: DeepSpeed (``train.deepspeed``: a JSON config; its batch
+   sizes, gradient clipping and bf16 are filled in from the ``train`` section)
+   or a plain PyTorch loop (``train.deepspeed: null``, one process). One
+   process works without a launcher (gloo on CPU); several via ``deepspeed
+   --num_gpus N -m deft train ...`` or ``torchrun``. A torch AdamW is the
+   client optimizer unless the DeepSpeed config names an ``optimizer``.
+5. **Data order**: each epoch is a permutation seeded by ``(seed, epoch)``,
+   padded by wrapping around to whole optimizer steps (every rank, every
+   micro-batch, every accumulation group is full); rank ``r`` takes slot ``r``
+   of each group of ``world_size`` micro-batches.
+6. **Checkpoints** every ``train.save_steps`` optimizer steps in
+   ``OUTPUT_DIR/checkpoints/step-N`` (written into a temporary folder, then
+   renamed; the last ``save_total_limit`` kept): weights, optimizer,
+   scheduler, trainer state and every rank's RNG state. ``--resume`` continues
+   from the newest one, skipping the micro-batches already consumed, so an
+   interrupted run (even ``kill -9``) ends with the same weights as an
+   uninterrupted one.
+7. **Outputs**: ``OUTPUT_DIR/model`` (``save_pretrained``, safetensors, with
+   the tokenizer), ``OUTPUT_DIR/manifest.json`` (config, data and model
+   hashes, versions, git commit) and ``OUTPUT_DIR/metrics.jsonl`` (one line per
+   optimizer step: loss, L_m, R_dis, rewards, margin, accuracy, lr, tokens/s,
+   grad norm).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from deft.config import load_config
+from deft.losses import IGNORE_INDEX
+
+__all__ = ["Example", "encode_examples", "select_responses", "prepare_data", "train", "TrainResult"]
+
+PAIRWISE = ("dpo", "ipo")
+CHECKPOINTS = "checkpoints"
+
+
+def _log(msg: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[deft train] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class Example:
+    """One prompt with its ``k`` tokenised responses (best first)."""
+
+    id: str
+    input_ids: List[np.ndarray]  # k arrays of int64: prompt ids + response ids (+ EOS)
+    prompt_len: int
+    rewards: List[float]
+
+    @property
+    def n_responses(self) -> int:
+        return len(self.input_ids)
+
+
+def select_responses(responses: Sequence[str], scores: Optional[Sequence[float]], method: str, max_responses: Optional[int] = None) -> Tuple[List[str], List[float]]:
+    """Responses (best first) and their rewards as the method uses them."""
+    responses = list(responses)
+    sc = list(scores) if scores is not None else [float(len(responses) - i) for i in range(len(responses))]
+    if method == "sft":
+        return responses[:1], sc[:1]
+    if method in PAIRWISE:
+        return [responses[0], responses[-1]], [sc[0], sc[-1]]
+    if max_responses is not None and len(responses) > max_responses:
+        keep = list(range(max_responses - 1)) + [len(responses) - 1]
+        return [responses[i] for i in keep], [sc[i] for i in keep]
+    return responses, sc
+
+
+def render_prompt(context: Any, template: str, hf_tokenizer: Any = None) -> str:
+    from deft.render import render_chat, render_hh
+
+    if template == "chat":
+        return render_chat(context, hf_tokenizer)
+    return render_hh(context)
+
+
+def encode_examples(
+    ids: Sequence[str],
+    prompts: Sequence[str],
+    responses: Sequence[Sequence[str]],
+    rewards: Sequence[Sequence[float]],
+    native_tokenizer: Any,
+    *,
+    eos_token_id: int,
+    response_prefix: str,
+    max_length: int = 512,
+    max_prompt_length: int = 384,
+    num_threads: Optional[int] = None,
+) -> List[Example]:
+    """Tokenise rendered prompts and their responses; see the module docstring."""
+    if max_length <= max_prompt_length:
+        raise ValueError(f"max_length ({max_length}) must exceed max_prompt_length ({max_prompt_length})")
+    p_ids, p_off = native_tokenizer.encode(list(prompts), add_special_tokens=False, max_length=max_prompt_length,
+                                           truncation_side="left", num_threads=num_threads)
+    flat = [response_prefix + r for rs in responses for r in rs]
+    r_ids, r_off = native_tokenizer.encode(flat, add_special_tokens=False, num_threads=num_threads)
+    p_ids = p_ids.astype(np.int64)
+    r_ids = r_ids.astype(np.int64)
+    eos = np.array([eos_token_id], dtype=np.int64)
+    out: List[Example] = []
+    k = 0
+    for i, rs in enumerate(responses):
+        prompt = p_ids[p_off[i]:p_off[i + 1]]
+        budget = max_length - len(prompt)
+        seqs = []
+        for _ in rs:
+            resp = np.concatenate([r_ids[r_off[k]:r_off[k + 1]], eos])[:budget]
+            seqs.append(np.concatenate([prompt, resp]))
+            k += 1
+        out.append(Example(id=str(ids[i]), input_ids=seqs, prompt_len=len(prompt), rewards=[float(x) for x in rewards[i]]))
+    return out
+
+
+def labels_for(ex: Example) -> List[np.ndarray]:
+    out = []
+    for s in ex.input_ids:
+        lab = s.copy()
+        lab[: ex.prompt_len] = IGNORE_INDEX
+        out.append(lab)
+    return out
+
+
+def data_hash(examples: Sequence[Example]) -> str:
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(ex.id.encode())
+        h.update(np.int64(ex.prompt_len).tobytes())
+        for s in ex.input_ids:
+            h.update(np.int64(len(s)).tobytes())
+            h.update(s.tobytes())
+        h.update(np.asarray(ex.rewards, dtype=np.float64).tobytes())
+    return h.hexdigest()
+
+
+def collate(examples: Sequence[Example], pad_id: int, slots: Optional[int] = None):
+    """Flatten ``B`` examples into sequences padded on the right.
+
+    Returns a dict: ``input_ids``, ``attention_mask``, ``labels`` ``(N, T)``;
+    ``row``/``col`` ``(N,)`` (the example and response slot of each sequence);
+    ``valid`` and ``rewards`` ``(B, l)``; ``tokens`` (non-pad tokens)."""
+    import torch
+
+    l = slots or max(ex.n_responses for ex in examples)
+    seqs, labs, row, col = [], [], [], []
+    for b, ex in enumerate(examples):
+        for j, (s, lab) in enumerate(zip(ex.input_ids, labels_for(ex))):
+            seqs.append(s)
+            labs.append(lab)
+            row.append(b)
+            col.append(j)
+    T = max(len(s) for s in seqs)
+    N = len(seqs)
+    input_ids = torch.full((N, T), pad_id, dtype=torch.long)
+    labels = torch.full((N, T), IGNORE_INDEX, dtype=torch.long)
+    attn = torch.zeros((N, T), dtype=torch.long)
+    for i, (s, lab) in enumerate(zip(seqs, labs)):
+        input_ids[i, : len(s)] = torch.from_numpy(s)
+        labels[i, : len(s)] = torch.from_numpy(lab)
+        attn[i, : len(s)] = 1
+    valid = torch.zeros((len(examples), l), dtype=torch.bool)
+    rewards = torch.zeros((len(examples), l), dtype=torch.float32)
+    for b, ex in enumerate(examples):
+        valid[b, : ex.n_responses] = True
+        rewards[b, : ex.n_responses] = torch.tensor(ex.rewards, dtype=torch.float32)
+    return {
+        "input_ids": input_ids, "attention_mask": attn, "labels": labels,
+        "row": torch.tensor(row), "col": torch.tensor(col), "valid": valid, "rewards": rewards,
+        "tokens": int(attn.sum()),
+    }
+
+
+@dataclass
+class Prepared:
+    examples: List[Example]
+    template: str
+    data_hash: str
+    q_diff: Optional[np.ndarray]
+    distribution_meta: Dict[str, str]
+    tokenizer: Any  # HF tokenizer
+    policy_tokenizer: Any  # deft.distribution.PolicyTokenizer
+    eos_token_id: int
+    pad_token_id: int
+
+
+def _hf_tokenizer(spec: str, cfg: Mapping[str, Any]):
+    from transformers import AutoTokenizer
+
+    kw: Dict[str, Any] = {"trust_remote_code": cfg["trust_remote_code"]}
+    if cfg.get("gguf_file") and not cfg.get("tokenizer"):
+        kw["gguf_file"] = cfg["gguf_file"]
+    return AutoTokenizer.from_pretrained(spec, **kw)
+
+
+def prepare_data(cfg: Mapping[str, Any]) -> Prepared:
+    """Load the graded data, the distribution and the tokenizer; tokenise."""
+    import polars as pl
+
+    from deft.distribution import PolicyTokenizer, load_distribution, resolve_template, response_prefix
+    from deft.io import sha256_text
+
+    spec = cfg["tokenizer"] or cfg["model"]
+    hf_tok = _hf_tokenizer(spec, cfg)
+    backend = getattr(hf_tok, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"tokenizer {spec}: not a fast (tokenizers-based) tokenizer; deft needs its tokenizer.json")
+    from deft.distribution import _vocab_hash  # the same identity `deft distribution` records
+
+    text = backend.to_str()
+    vh, size = _vocab_hash(text)
+    ptok = PolicyTokenizer(json=text, source=str(spec), sha256=sha256_text(text), vocab_hash=vh, vocab_size=size,
+                           chat_template=getattr(hf_tok, "chat_template", None))
+    dist_meta: Dict[str, str] = {}
+    q = None
+    want = cfg["data"]["template"]
+    if cfg["deft"]["enabled"]:
+        dist = load_distribution(cfg["deft"]["distribution"], tokenizer=ptok)
+        dist_meta = dict(dist.metadata)
+        q = dist.q_diff.astype(np.float32)
+        tmpl = dist_meta.get("template", "")
+        if want != "auto" and want != tmpl:
+            raise ValueError(f"data.template is {want!r} but {cfg['deft']['distribution']} was counted with template {tmpl!r}: "
+                             f"responses would be tokenised differently; rebuild the distribution or set data.template={tmpl}")
+        template = tmpl
+    else:
+        template = resolve_template(want, ptok)
+    if template == "chat" and not ptok.chat_template:
+        raise ValueError(f"template 'chat' but tokenizer {spec} has no chat template")
+    eos = hf_tok.eos_token_id
+    if eos is None:
+        raise ValueError(f"tokenizer {spec} has no eos_token_id; the trainer appends EOS after each response")
+    pad = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else eos
+
+    graded_path = Path(cfg["data"]["graded"])
+    if not graded_path.exists():
+        raise FileNotFoundError(2, "graded file not found", str(graded_path))
+    frame = pl.read_parquet(graded_path)
+    for col in ("id", "context", "responses", "level"):
+        if col not in frame.columns:
+            raise ValueError(f"{graded_path}: no column {col!r}; is it the output of `deft grade`?")
+    levels = list(cfg["data"]["levels"])
+    frame = frame.filter(pl.col("level").is_in(levels))
+    if cfg["data"]["max_samples"] is not None:
+        frame = frame.head(cfg["data"]["max_samples"])
+    if frame.height == 0:
+        raise ValueError(f"{graded_path}: no samples at levels {levels}")
+    method = cfg["method"]["name"]
+    has_scores = "scores" in frame.columns
+    ids, prompts, resps, rews = [], [], [], []
+    for r in frame.iter_rows(named=True):
+        rs, sc = select_responses(r["responses"], r["scores"] if has_scores else None, method, cfg["data"]["max_responses"])
+        ids.append(r["id"])
+        prompts.append(render_prompt(r["context"], template, hf_tok))
+        resps.append(rs)
+        rews.append(sc)
+    examples = encode_examples(
+        ids, prompts, resps, rews, ptok.native, eos_token_id=int(eos), response_prefix=response_prefix(template),
+        max_length=cfg["data"]["max_length"], max_prompt_length=cfg["data"]["max_prompt_length"],
+        num_threads=cfg["data"]["num_threads"],
+    )
+    return Prepared(examples, template, data_hash(examples), q, dist_meta, hf_tok, ptok, int(eos), int(pad))
+
+
+# ---------------------------------------------------------------------------
+# schedule and data order
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, kind: str):
+    def f(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if kind == "constant":
+            return 1.0
+        rest = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / rest)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return max(0.0, 1.0 - progress)
+
+    return f
+
+
+def epoch_order(n: int, seed: int, epoch: int, group: int) -> np.ndarray:
+    """Seeded permutation of ``range(n)``, wrapped around to a multiple of ``group``."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    pad = (-n) % group
+    if pad:
+        perm = np.concatenate([perm, np.resize(perm, pad)])
+    return perm
+
+
+# ---------------------------------------------------------------------------
+# model forward and losses
+
+
+def _model_fingerprint(cfg: Mapping[str, Any]) -> str:
+    """Identity of the initial weights: file hashes for a local folder, the
+    resolved commit for a hub id."""
+    p = Path(cfg["model"])
+    h = hashlib.sha256()
+    if p.is_dir():
+        names = sorted(f for f in p.iterdir() if f.is_file() and (f.suffix in (".safetensors", ".bin", ".gguf", ".pt") or f.name == "config.json"))
+        if cfg.get("gguf_file"):
+            names.append(p / cfg["gguf_file"])
+        from deft.io import sha256_file
+
+        for f in names:
+            if f.exists():
+                h.update(f.name.encode())
+                h.update(sha256_file(f).encode())
+    else:
+        h.update(str(cfg["model"]).encode())
+        try:
+            from huggingface_hub import model_info  # noqa: F401
+            from transformers import AutoConfig
+
+            c = AutoConfig.from_pretrained(cfg["model"])
+            h.update(str(getattr(c, "_commit_hash", "")).encode())
+        except Exception:  # noqa: BLE001
+            pass
+        if cfg.get("gguf_file"):
+            h.update(str(cfg["gguf_file"]).encode())
+    return h.hexdigest()
+
+
+def _forward(model, batch, device, autocast_dtype, need_hidden: bool):
+    import torch
+
+    ctx = torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    with ctx:
+        out = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+            output_hidden_states=need_hidden, use_cache=False,
+        )
+    return out
+
+
+def _seq_logps(out, batch, device):
+    from deft.losses import response_logprobs
+
+    return response_logprobs(out.logits, batch["labels"].to(device))
+
+
+def _to_slots(values, batch, fill=0.0):
+    import torch
+
+    B, l = batch["valid"].shape
+    out = torch.full((B, l), fill, dtype=values.dtype, device=values.device)
+    return out.index_put((batch["row"].to(values.device), batch["col"].to(values.device)), values)
+
+
+def compute_loss(cfg, method: str, module, out, batch, device, q_diff, ref: Optional[Any]):
+    """Loss and metrics of one micro-batch from the model output."""
+    import torch
+
+    from deft.losses import deft_loss, dpo_loss, ipo_loss, length_normalized_scores, pro_loss, rrhf_loss, sft_loss
+
+    logp, ntok = _seq_logps(out, batch, device)
+    logp_s = _to_slots(logp, batch)
+    len_s = _to_slots(ntok, batch, 0)
+    valid = batch["valid"].to(device)
+    rewards = batch["rewards"].to(device)
+    m = cfg["method"]
+    metrics: Dict[str, float] = {}
+    if method == "sft":
+        lm = sft_loss(logp_s, len_s, valid)
+    elif method in PAIRWISE:
+        assert ref is not None
+        ref = ref.to(device=device, dtype=logp_s.dtype)
+        if method == "dpo":
+            o = dpo_loss(logp_s[:, 0], logp_s[:, 1], ref[:, 0], ref[:, 1], beta=m["beta"], label_smoothing=m["label_smoothing"])
+        else:
+            o = ipo_loss(logp_s[:, 0], logp_s[:, 1], ref[:, 0], ref[:, 1], beta=m["beta"], chosen_lengths=len_s[:, 0], rejected_lengths=len_s[:, 1])
+        lm = o.loss
+        metrics.update({k: v for k, v in o.metrics().items() if k != "loss"})
+    elif method == "rrhf":
+        o = rrhf_loss(None, logp_s, len_s, valid, sft_weight=m["sft_weight"], rewards=rewards)
+        lm = o.loss
+        metrics.update({"rank_loss": float(o.rank_loss.detach()), "sft_term": float(o.sft_term.detach())})
+    elif method == "pro":
+        s, usable = length_normalized_scores(logp_s, len_s, valid)
+        o = pro_loss(s, rewards, logp_s[:, 0], valid=usable, sft_weight=m["sft_weight"])
+        lm = o.loss
+        metrics.update({"rank_loss": float(o.rank_loss.detach()), "sft_term": float(o.sft_term.detach())})
+    else:  # pragma: no cover - validated by the config
+        raise ValueError(f"unknown method {method!r}")
+    loss = lm
+    if q_diff is not None:
+        from deft.ops import rdis_for_model
+
+        labels = batch["labels"].to(device)
+        mask = torch.zeros_like(labels, dtype=torch.bool)
+        mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        if cfg["deft"]["responses"] == "best":
+            mask &= (batch["col"].to(device) == 0)[:, None]
+        r_dis = rdis_for_model(module, out.hidden_states[-1], q_diff, mask)
+        loss = deft_loss(lm, r_dis, cfg["deft"]["omega"])
+        metrics["R_dis"] = float(r_dis.detach())
+    metrics["L_m"] = float(lm.detach())
+    metrics["loss"] = float(loss.detach())
+    metrics["response_tokens"] = float(ntok.sum())
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------
+# distributed setup
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    initialized_here: bool = False
+    env_set: List[str] = field(default_factory=list)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _setup_dist(use_deepspeed: bool, cuda: bool) -> Dist:
+    import torch.distributed as td
+
+    d = Dist()
+    launched = "WORLD_SIZE" in os.environ
+    if not launched:
+        defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+        for k, v in defaults.items():
+            if k not in os.environ:
+                os.environ[k] = v
+                d.env_set.append(k)
+    d.rank, d.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    d.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not use_deepspeed:
+        if d.world > 1:
+            raise ValueError("the plain PyTorch loop (train.deepspeed: null) runs in one process; use a DeepSpeed config for several")
+        return d
+    if not td.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        d.initialized_here = True
+    return d
+
+
+def _teardown_dist(d: Dist) -> None:
+    import torch.distributed as td
+
+    if d.initialized_here and td.is_initialized():
+        td.destroy_process_group()
+    for k in d.env_set:
+        os.environ.pop(k, None)
+
+
+def _barrier(d: Dist) -> None:
+    import torch.distributed as td
+
+    if td.is_initialized() and d.world > 1:
+        td.barrier()
+
+
+# ---------------------------------------------------------------------------
+# RNG and checkpoints
+
+
+def _rng_state() -> Dict[str, Any]:
+    import torch
+
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: Mapping[str, Any]) -> None:
+    import torch
+
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _seed_all(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def list_checkpoints(output_dir: Path) -> List[Tuple[int, Path]]:
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = re.fullmatch(r"step-(\d+)", p.name)
+        if m and p.is_dir() and (p / "trainer_state.json").exists():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def _finalize_checkpoint(tmp: Path, final: Path) -> None:
+    """Publish a fully written checkpoint folder (atomic rename)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _prune_checkpoints(output_dir: Path, keep: int) -> None:
+    cks = list_checkpoints(output_dir)
+    for _, p in cks[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# the trainer
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    model_dir: Optional[Path]
+    global_step: int
+    total_steps: int
+    last_metrics: Dict[str, float]
+    ref_cache: Optional[Path] = None
+    ref_cache_hit: bool = False
+    resumed_from: Optional[int] = None
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                           cwd=Path(__file__).resolve().parent)
+        return r.stdout.strip() or None if r.returncode == 0 else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _load_model(cfg: Mapping[str, Any]):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kw: Dict[str, Any] = {"trust_remote_code": cfg["trust_remote_code"], "dtype": torch.float32}
+    if cfg.get("gguf_file"):
+        kw["gguf_file"] = cfg["gguf_file"]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg["model"], **kw)
+    except OSError as e:
+        raise FileNotFoundError(f"model {cfg['model']}: {e}") from None
+    if cfg["train"]["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable()
+    if hasattr(model, "config"):
+        model.config.use_cache = False
+    return model
+
+
+def _ds_config(cfg: Mapping[str, Any], world: int, bf16: bool) -> Dict[str, Any]:
+    path = Path(cfg["train"]["deepspeed"])
+    if not path.exists():
+        raise FileNotFoundError(2, "DeepSpeed config not found", str(path))
+    try:
+        ds = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from None
+    t = cfg["train"]
+    ds["train_micro_batch_size_per_gpu"] = t["micro_batch_size"]
+    ds["gradient_accumulation_steps"] = t["gradient_accumulation_steps"]
+    ds["train_batch_size"] = t["micro_batch_size"] * t["gradient_accumulation_steps"] * world
+    ds["gradient_clipping"] = float(t["max_grad_norm"])  # explicit: DeepSpeed otherwise clips to 1.0
+    ds["bf16"] = {**(ds.get("bf16") if isinstance(ds.get("bf16"), dict) else {}), "enabled": bool(bf16)}
+    ds.pop("fp16", None)
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    opt = ds.get("optimizer")
+    if opt is not None:
+        params = opt.setdefault("params", {})
+        fill = {"lr": t["lr"], "betas": list(t["adam_betas"]), "eps": t["adam_eps"], "weight_decay": t["weight_decay"]}
+        for k, v in fill.items():
+            if params.get(k, "auto") == "auto":
+                params[k] = v
+    for key in ("scheduler",):
+        if key in ds:
+            raise ValueError(f"{path}: remove '{key}'; the schedule comes from train.scheduler/warmup")
+    return ds
+
+
+def _zero_stage(ds: Mapping[str, Any]) -> int:
+    return int((ds.get("zero_optimization") or {}).get("stage", 0))
+
+
+def train(cfg: Mapping[str, Any], *, resume: bool = False) -> TrainResult:
+    """Run a training job described by a validated config (see :mod:`deft.config`)."""
+    import torch
+
+    t = cfg["train"]
+    method = cfg["method"]["name"]
+    out_dir = Path(t["output_dir"])
+    use_ds = t["deepspeed"] is not None
+    cuda = torch.cuda.is_available() and t["device"] != "cpu"
+    if use_ds and not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    d = _setup_dist(use_ds, cuda)
+    try:
+        return _train(cfg, resume, d, use_ds, cuda, out_dir, method)
+    finally:
+        _teardown_dist(d)
+
+
+def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method: str) -> TrainResult:
+    import torch
+
+    t = cfg["train"]
+    if t["device"] not in ("auto", "cpu") and not t["device"].startswith("cuda"):
+        raise ValueError(f"train.device: expected auto, cpu, cuda or cuda:N, got {t['device']!r}")
+    if cuda:
+        device = torch.device(t["device"]) if t["device"].startswith("cuda:") else torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    prec = t["precision"]
+    bf16 = (prec == "bf16") or (prec == "auto" and cuda)
+    if bf16 and not cuda:
+        raise ValueError("train.precision bf16 needs CUDA here; use fp32 (or auto) on CPU")
+
+    # refuse to clobber a run
+    existing = list_checkpoints(out_dir)
+    if not resume and (existing or (out_dir / "model").exists()):  # every rank sees the same (shared) folder
+        raise FileExistsError(f"{out_dir} already holds a run (checkpoints or model); pass --resume to continue it or choose another train.output_dir")
+    if d.rank == 0:
+        if (out_dir / CHECKPOINTS).is_dir():
+            for p in (out_dir / CHECKPOINTS).iterdir():
+                if p.name.startswith(".tmp-"):
+                    shutil.rmtree(p, ignore_errors=True)  # a checkpoint a killed run did not finish
+    _barrier(d)
+
+    _seed_all(t["seed"])
+    prep = prepare_data(cfg)
+    examples = prep.examples
+    n = len(examples)
+    mbs, gas = t["micro_batch_size"], t["gradient_accumulation_steps"]
+    group = mbs * d.world * gas
+    steps_per_epoch = math.ceil(n / group)
+    if t["max_steps"] is not None:
+        total_steps = t["max_steps"]
+    else:
+        total_steps = steps_per_epoch * t["epochs"]
+    warmup = t["warmup_steps"] if t["warmup_steps"] is not None else int(math.ceil(t["warmup_ratio"] * total_steps))
+    _log(f"{n} samples (levels {','.join(cfg['data']['levels'])}), method {method}, DEFT {'on' if prep.q_diff is not None else 'off'}, "
+         f"template {prep.template}; {steps_per_epoch} steps/epoch, {total_steps} steps, world {d.world}")
+    model_fp = _model_fingerprint(cfg)
+
+    # ----- model, optimizer, engine
+    ds_cfg = _ds_config(cfg, d.world, bf16) if use_ds else None
+    hf_ds = None
+    if ds_cfg is not None and _zero_stage(ds_cfg) == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(ds_cfg)  # noqa: F841 - keep alive: from_pretrained partitions under zero.Init
+    model = _load_model(cfg)
+    head = model.get_output_embeddings()
+    if prep.q_diff is not None and head is not None:
+        rows = getattr(head.weight, "ds_shape", head.weight.shape)[0]
+        if len(prep.q_diff) > rows:
+            raise ValueError(f"distribution has {len(prep.q_diff)} entries but the model's lm_head has {rows} rows")
+    sched_fn = lr_lambda(total_steps, warmup, t["scheduler"])
+
+    def make_opt(params):
+        return torch.optim.AdamW(params, lr=t["lr"], betas=tuple(t["adam_betas"]), eps=t["adam_eps"], weight_decay=t["weight_decay"])
+
+    engine = None
+    if use_ds:
+        import deepspeed
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        client_opt = None if "optimizer" in ds_cfg else make_opt(params)
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=client_opt, model_parameters=params, config=ds_cfg,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched_fn),
+        )
+        module = engine.module
+        runner = engine
+        autocast_dtype = None
+    else:
+        model.to(device)
+        optimizer = make_opt([p for p in model.parameters() if p.requires_grad])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, sched_fn)
+        module = runner = model
+        autocast_dtype = torch.bfloat16 if bf16 else None
+    q_diff = torch.from_numpy(prep.q_diff).to(device) if prep.q_diff is not None else None
+
+    # ----- reference log-probs
+    ref_all = None
+    ref_path, ref_hit = None, False
+    if method in PAIRWISE:
+        ref_all, ref_path, ref_hit = _reference_logps(cfg, prep, runner, device, autocast_dtype, d, model_fp, bf16)
+
+    # ----- resume
+    global_step, resumed_from = 0, None
+    if resume:
+        cks = list_checkpoints(out_dir)
+        if cks:
+            step, ck = cks[-1]
+            state = json.loads((ck / "trainer_state.json").read_text())
+            if state["data_hash"] != prep.data_hash:
+                raise ValueError(f"cannot resume from {ck}: the training data differ (tokenised data hash changed)")
+            if state["model_fingerprint"] != model_fp:
+                raise ValueError(f"cannot resume from {ck}: the initial model differs")
+            if state["world_size"] * state["micro_batch_size"] * state["gradient_accumulation_steps"] != group:
+                raise ValueError(f"cannot resume from {ck}: global batch {state['world_size']}x{state['micro_batch_size']}x"
+                                 f"{state['gradient_accumulation_steps']} differs from {d.world}x{mbs}x{gas}")
+            if engine is not None:
+                path, _ = engine.load_checkpoint(str(ck), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True)
+                if path is None:
+                    raise ValueError(f"cannot resume: DeepSpeed could not load {ck}")
+            else:
+                from safetensors.torch import load_file
+
+                model.load_state_dict(load_file(str(ck / "model.safetensors")), strict=True)
+                other = torch.load(ck / "optimizer.pt", map_location=device, weights_only=False)
+                optimizer.load_state_dict(other["optimizer"])
+                scheduler.load_state_dict(other["scheduler"])
+            rng_file = ck / f"rng_rank{d.rank}.pt"
+            if rng_file.exists():
+                _set_rng_state(torch.load(rng_file, weights_only=False))
+            global_step = resumed_from = step
+            _trim_metrics(out_dir / "metrics.jsonl", step)
+            _log(f"resumed from {ck} (step {step})")
+        else:
+            _log("--resume: no checkpoint yet; starting from the beginning")
+    if d.rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    from deft.io import MetricsLog
+
+    metrics_log = MetricsLog(out_dir / "metrics.jsonl" if d.rank == 0 else None)
+
+    # ----- loop
+    bar = None
+    if t["progress"] and d.rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=global_step, desc=f"{method}{'+deft' if q_diff is not None else ''}", unit="step", dynamic_ncols=True)
+    need_hidden = q_diff is not None
+    last: Dict[str, float] = {}
+    params_for_norm = [p for p in module.parameters() if p.requires_grad]
+    start_epoch = global_step // steps_per_epoch
+    skip_micro = (global_step % steps_per_epoch) * gas
+    runner.train()
+    done = global_step >= total_steps
+    epoch = start_epoch
+    while not done:
+        order = epoch_order(n, t["seed"], epoch, group)
+        micro_batches = [order[i: i + mbs * d.world] for i in range(0, len(order), mbs * d.world)]
+        acc: Dict[str, List[float]] = {}
+        tokens = 0
+        t0 = time.perf_counter()
+        for mi, gidx in enumerate(micro_batches):
+            if mi < skip_micro:
+                continue
+            idx = gidx[d.rank * mbs:(d.rank + 1) * mbs]
+            batch = collate([examples[i] for i in idx], prep.pad_token_id)
+            ref = ref_all[torch.as_tensor(idx)] if ref_all is not None else None
+            out = _forward(runner, batch, device, autocast_dtype, need_hidden)
+            loss, mets = compute_loss(cfg, method, module, out, batch, device, q_diff, ref)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {float(loss)} at step {global_step + 1} (micro-batch {mi})")
+            tokens += batch["tokens"]
+            for k, v in mets.items():
+                acc.setdefault(k, []).append(v)
+            boundary = (mi + 1) % gas == 0
+            if engine is not None:
+                engine.backward(loss)
+                manual = None
+                if boundary and engine.zero_optimization_stage() == 0:  # ZeRO-0 does not report its norm: take it before clipping
+                    grads = [p.grad.detach().float().norm(2) for p in params_for_norm if p.grad is not None]
+                    manual = torch.stack(grads).norm(2) if grads else None
+                engine.step()
+                gn = (engine.get_global_grad_norm() if boundary else None)
+                gn = manual if gn is None else gn
+            else:
+                (loss / gas).backward()
+                gn = None
+                if boundary:
+                    max_norm = t["max_grad_norm"] if t["max_grad_norm"] > 0 else float("inf")
+                    gn = torch.nn.utils.clip_grad_norm_(params_for_norm, max_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            if not boundary:
+                continue
+            global_step += 1
+            dt = time.perf_counter() - t0
+            row = {k: float(np.mean(v)) for k, v in acc.items()}
+            row.pop("response_tokens", None)
+            if d.world > 1:
+                row = _mean_across(row, d)
+                tokens_all = tokens * d.world
+            else:
+                tokens_all = tokens
+            lr = scheduler.get_last_lr()[0] if scheduler is not None else optimizer.param_groups[0]["lr"]
+            row.update({"step": global_step, "epoch": epoch + (mi + 1) / len(micro_batches), "lr": float(lr),
+                        "tokens_per_s": tokens_all / max(dt, 1e-9),
+                        "grad_norm": float(gn) if gn is not None else None})
+            metrics_log.log(**row)
+            last = row
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
+            acc, tokens, t0 = {}, 0, time.perf_counter()
+            if t["save_steps"] > 0 and global_step % t["save_steps"] == 0 and global_step < total_steps:
+                _save_checkpoint(cfg, out_dir, global_step, engine, model, optimizer, scheduler, d, prep, model_fp, epoch)
+            if global_step >= total_steps:
+                done = True
+                break
+        skip_micro = 0
+        epoch += 1
+    if bar is not None:
+        bar.close()
+
+    # ----- final model
+    model_dir = _save_final(cfg, out_dir, engine, module, prep, d, model_fp, global_step, total_steps, ref_path)
+    return TrainResult(out_dir, model_dir, global_step, total_steps, last, ref_path, ref_hit, resumed_from)
+
+
+def _mean_across(row: Dict[str, float], d: Dist) -> Dict[str, float]:
+    import torch
+    import torch.distributed as td
+
+    keys = sorted(row)
+    v = torch.tensor([row[k] for k in keys], dtype=torch.float64)
+    if td.get_backend() == "nccl":
+        v = v.cuda()
+    td.all_reduce(v)
+    return {k: float(x) / d.world for k, x in zip(keys, v.cpu().tolist())}
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop metric lines of steps after the checkpoint a run resumes from."""
+    if int(os.environ.get("RANK", "0")) != 0 or not path.exists():
+        return
+    from deft.io import write_text_atomic
+
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+    write_text_atomic(path, "".join(l + "\n" for l in keep))
+
+
+def _save_checkpoint(cfg, out_dir: Path, step: int, engine, model, optimizer, scheduler, d: Dist, prep: Prepared, model_fp: str, epoch: int) -> Path:
+    import torch
+
+    root = out_dir / CHECKPOINTS
+    tmp = root / f".tmp-step-{step}"
+    final = root / f"step-{step}"
+    if d.rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier(d)
+    if engine is not None:
+        engine.save_checkpoint(str(tmp), tag="ds")
+    elif d.rank == 0:
+        from safetensors.torch import save_file
+
+        sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        # tied weights share storage; safetensors refuses shared tensors, so clone them
+        seen: Dict[int, str] = {}
+        for k, v in sd.items():
+            ptr = v.data_ptr()
+            if ptr in seen:
+                sd[k] = v.clone()
+            seen[ptr] = k
+        save_file(sd, str(tmp / "model.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    torch.save(_rng_state(), tmp / f"rng_rank{d.rank}.pt")
+    _barrier(d)
+    if d.rank == 0:
+        state = {
+            "global_step": step, "epoch": epoch, "data_hash": prep.data_hash, "model_fingerprint": model_fp,
+            "world_size": d.world, "micro_batch_size": cfg["train"]["micro_batch_size"],
+            "gradient_accumulation_steps": cfg["train"]["gradient_accumulation_steps"], "config": cfg,
+        }
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        _finalize_checkpoint(tmp, final)
+        _prune_checkpoints(out_dir, cfg["train"]["save_total_limit"])
+    _barrier(d)
+    return final
+
+
+def _save_final(cfg, out_dir: Path, engine, module, prep: Prepared, d: Dist, model_fp: str, step: int, total: int, ref_path) -> Optional[Path]:
+    from deft.io import versions, write_json_atomic
+
+    state_dict = None
+    if engine is not None and engine.zero_optimization_stage() == 3:
+        state_dict = engine._zero3_consolidated_16bit_state_dict()
+    model_dir = out_dir / "model"
+    if d.rank == 0:
+        tmp = out_dir / ".tmp-model"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        kw = {"safe_serialization": True}
+        if state_dict is not None:
+            kw["state_dict"] = state_dict
+        module.save_pretrained(str(tmp), **kw)
+        prep.tokenizer.save_pretrained(str(tmp))
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        os.replace(tmp, model_dir)
+        write_json_atomic(out_dir / "manifest.json", {
+            "stage": "train",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": sys.argv,
+            "config": cfg,
+            "method": cfg["method"]["name"],
+            "deft": cfg["deft"]["enabled"],
+            "template": prep.template,
+            "samples": len(prep.examples),
+            "data_hash": prep.data_hash,
+            "graded": {"path": str(cfg["data"]["graded"]), "sha256": _sha(cfg["data"]["graded"])},
+            "distribution": ({"path": cfg["deft"]["distribution"], "sha256": _sha(cfg["deft"]["distribution"]),
+                              "metadata": prep.distribution_meta} if cfg["deft"]["enabled"] else None),
+            "model": {"source": cfg["model"], "gguf_file": cfg.get("gguf_file"), "fingerprint": model_fp},
+            "tokenizer": {"source": prep.policy_tokenizer.source, "sha256": prep.policy_tokenizer.sha256,
+                          "vocab_hash": prep.policy_tokenizer.vocab_hash, "eos_token_id": prep.eos_token_id},
+            "reference_cache": str(ref_path) if ref_path else None,
+            "world_size": d.world,
+            "global_step": step,
+            "total_steps": total,
+            "outputs": {"model": str(model_dir), "metrics": str(out_dir / "metrics.jsonl")},
+            "versions": versions(),
+            "git_commit": _git_commit(),
+        })
+    _barrier(d)
+    return model_dir
+
+
+def _sha(path) -> Optional[str]:
+    from deft.io import sha256_file
+
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------------------
+# reference log-probs
+
+
+def _reference_logps(cfg, prep: Prepared, runner, device, autocast_dtype, d: Dist, model_fp: str, bf16: bool):
+    """``(N, 2)`` float32 summed log-probs of (best, worst) under the initial
+    policy; cached on disk. Returns (tensor, path, cache_hit)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    t = cfg["train"]
+    key = hashlib.sha256(json.dumps({"model": model_fp, "data": prep.data_hash, "bf16": bf16,
+                                     "max_length": cfg["data"]["max_length"]}, sort_keys=True).encode()).hexdigest()
+    cache_dir = Path(t["ref_cache_dir"] or Path(t["output_dir"]) / "ref_cache")
+    path = cache_dir / f"ref-{key[:24]}.safetensors"
+    if path.exists():
+        ref = load_file(str(path))["ref_logps"]
+        if ref.shape == (len(prep.examples), 2):
+            _log(f"reference log-probs: reusing {path}")
+            return ref, path, True
+    n = len(prep.examples)
+    bs = t["ref_batch_size"] or t["micro_batch_size"]
+    per_rank = math.ceil(n / d.world)
+    mine = [min(i, n - 1) for i in range(d.rank * per_rank, (d.rank + 1) * per_rank)]  # same count on every rank (ZeRO-3 lockstep)
+    ref = torch.zeros((n, 2), dtype=torch.float64)
+    runner.eval()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(mine), bs):
+            idx = mine[i:i + bs]
+            batch = collate([prep.examples[j] for j in idx], prep.pad_token_id)
+            out = _forward(runner, batch, device, autocast_dtype, need_hidden=False)
+            logp, _ = _seq_logps(out, batch, device)
+            vals = _to_slots(logp.float(), batch).cpu().double()
+            for k, j in enumerate(idx):
+                if d.rank * per_rank + i + k < n:  # owned, not padding
+                    ref[j] = vals[k]
+    runner.train()
+    if d.world > 1:
+        import torch.distributed as td
+
+        r = ref.cuda() if td.get_backend() == "nccl" else ref
+        td.all_reduce(r)
+        ref = r.cpu()
+    ref = ref.float()
+    if d.rank == 0:
+        from deft.io import atomic_path
+
+        with atomic_path(path) as tmp:
+            save_file({"ref_logps": ref.contiguous()}, str(tmp), metadata={"model_fingerprint": model_fp, "data_hash": prep.data_hash,
+                                                                          "bf16": str(bf16), "format": "deft-ref-logps-v1"})
+    _barrier(d)
+    _log(f"reference log-probs for {n} samples in {time.perf_counter() - t0:.1f}s -> {path}")
+    return ref, path, False
+
+
+# ---------------------------------------------------------------------------
+# entry point used by the CLI
+
+
+def run(config: Optional[str], overrides: Sequence[str] = (), *, resume: bool = False) -> TrainResult:
+    cfg = load_config(config, overrides)
+    return train(cfg, resume=resume)

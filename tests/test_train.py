@@ -1,0 +1,320 @@
+"""Tests of `deft train` (python/deft/train.py, python/deft/config.py) on a tiny
+random Llama with the real SmolLM2 tokenizer and a graded slice of PRO's HH data."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import shared_file
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHONPATH = str(REPO / "python")
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny Llama (random), graded.parquet (200 PRO-HH rows, a=20) and Q_diff."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from deft.data import load
+    from deft.distribution import build_distribution, resolve_tokenizer, save_distribution
+    from deft.grade import grade
+
+    root = tmp_path_factory.mktemp("train_assets")
+    tok_dir = shared_file("tokenizers/smollm2")
+    model_dir = root / "tiny-llama"
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+
+    src = shared_file("data/pro-hh/test_harmless_base.jsonl.gz")
+    lines = gzip.open(src, "rt", encoding="utf-8").read().splitlines()[:200]
+    raw = root / "test_harmless_base.jsonl"
+    raw.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    graded = grade(load(raw).frame, a=20)
+    graded_path = root / "graded.parquet"
+    graded.write_parquet(graded_path)
+    ptok = resolve_tokenizer(str(model_dir))
+    dist_path = root / "qdiff.safetensors"
+    save_distribution(build_distribution(graded, ptok, template="auto", graded_path=graded_path), dist_path)
+    return {"root": root, "model": model_dir, "graded": graded_path, "dist": dist_path, "frame": graded}
+
+
+def overrides(assets, out: Path, **extra):
+    base = {
+        "model": str(assets["model"]),
+        "data.graded": str(assets["graded"]),
+        "data.max_length": 96,
+        "data.max_prompt_length": 64,
+        "deft.distribution": str(assets["dist"]),
+        "deft.omega": 0.5,  # large enough to matter in a few steps
+        "train.output_dir": str(out),
+        "train.micro_batch_size": 2,
+        "train.gradient_accumulation_steps": 2,
+        "train.lr": 1e-3,
+        "train.warmup_steps": 1,
+        "train.progress": False,
+        "train.deepspeed": None,
+        "train.save_steps": 0,
+        "data.max_samples": 16,  # the shared CPU is slow: a 49k-row lm_head costs ~0.1 s per sequence
+    }
+    base.update(extra)
+    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in base.items()]
+
+
+def load_weights(model_dir: Path):
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def test_encode_boundary_truncation_labels_eos(assets):
+    from deft._native import Tokenizer
+
+    from deft.train import collate, encode_examples, labels_for
+
+    tok = Tokenizer(str(assets["model"] / "tokenizer.json"))
+    eos = 2
+    prompt = "\n\nHuman: " + "word " * 200 + "end\n\nAssistant:"
+    exs = encode_examples(["a", "b"], [prompt, "\n\nHuman: hi\n\nAssistant:"], [["good answer", "bad"], ["x " * 300, ""]],
+                          [[1.0, 0.0], [2.0, 1.0]], tok, eos_token_id=eos, response_prefix=" ", max_length=64, max_prompt_length=16)
+    a, b = exs
+    p_full, _ = tok.encode([prompt])
+    # prompt left-truncated: keeps the end ("Assistant:")
+    assert a.prompt_len == 16
+    assert a.input_ids[0][:16].tolist() == p_full[-16:].tolist()
+    r_ids, _ = tok.encode([" good answer"])
+    assert a.input_ids[0][16:].tolist() == r_ids.tolist() + [eos]
+    # labels: -100 on the prompt, ids on the response incl. EOS
+    lab = labels_for(a)[0]
+    assert (lab[:16] == -100).all() and (lab[16:] == a.input_ids[0][16:]).all()
+    # response right-truncated to fit max_length; no EOS then
+    assert len(b.input_ids[0]) == 64 and b.input_ids[0][-1] != eos
+    rb, _ = tok.encode([" " + "x " * 300])
+    assert b.input_ids[0][b.prompt_len:].tolist() == rb[: 64 - b.prompt_len].tolist()
+    # an empty response is just the prefix + EOS
+    assert b.input_ids[1][b.prompt_len:].tolist() == tok.encode([" "])[0].tolist() + [eos]
+    batch = collate(exs, pad_id=0)
+    assert batch["input_ids"].shape == (4, 64)
+    assert batch["valid"].all() and batch["row"].tolist() == [0, 0, 1, 1] and batch["col"].tolist() == [0, 1, 0, 1]
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+
+
+def test_prepare_data_chat_template_and_selection(assets):
+    from deft.config import load_config
+    from deft.train import prepare_data
+
+    cfg = load_config(None, overrides(assets, assets["root"] / "unused", **{"data.max_samples": None}))
+    prep = prepare_data(cfg)
+    frame = assets["frame"]
+    n_a = int((frame["level"] == "A").sum())
+    assert len(prep.examples) == n_a and n_a > 10
+    assert prep.template == "chat"  # SmolLM2 has a chat template, and the distribution was counted with it
+    ex = prep.examples[0]
+    assert ex.n_responses == 2
+    text = prep.policy_tokenizer.native.decode(ex.input_ids[0][: ex.prompt_len].tolist())
+    assert text.endswith("<|im_start|>assistant\n")
+    assert ex.input_ids[0][-1] == prep.eos_token_id or len(ex.input_ids[0]) == 96
+    # all levels -> more samples; SFT keeps one response
+    cfg2 = load_config(None, overrides(assets, assets["root"] / "unused", **{"data.levels": "[A, B, C]", "method.name": "sft", "data.max_samples": None}))
+    prep2 = prepare_data(cfg2)
+    assert len(prep2.examples) == frame.height and all(e.n_responses == 1 for e in prep2.examples)
+
+
+def test_template_mismatch_refused(assets):
+    from deft.config import load_config
+    from deft.train import prepare_data
+
+    cfg = load_config(None, overrides(assets, assets["root"] / "unused", **{"data.template": "plain"}))
+    with pytest.raises(ValueError, match="template"):
+        prepare_data(cfg)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_files_and_overrides(tmp_path):
+    from deft.config import ConfigError, load_config
+
+    cfg = load_config(REPO / "configs" / "deft-dpo.yaml", ["model=m", "data.graded=g", "deft.distribution=q"])
+    assert cfg["method"]["name"] == "dpo" and cfg["train"]["lr"] == 5e-7 and cfg["deft"]["omega"] == 2.5e-6
+    assert cfg["method"]["beta"] == 0.1 and cfg["data"]["max_length"] == 512 and cfg["generation"]["max_new_tokens"] == 128
+    pro = load_config(REPO / "configs" / "deft-pro.yaml", ["model=m", "data.graded=g", "deft.distribution=q"])
+    assert pro["train"]["lr"] == 5e-6 and pro["train"]["epochs"] == 2 and pro["method"]["sft_weight"] == 0.05 and pro["deft"]["omega"] == 2.5e-5
+    for name in ("sft", "dpo", "ipo", "pro", "rrhf", "deft-rrhf"):
+        c = load_config(REPO / "configs" / f"{name}.yaml", ["model=m", "data.graded=g", "deft.distribution=q"])
+        assert c["deft"]["enabled"] == name.startswith("deft-")
+    cfg = load_config(REPO / "configs" / "deft-dpo.yaml", ["model=m", "data.graded=g", "deft.enabled=false", "train.lr=1e-6",
+                                                            "data.levels=[A,B,C]", "train.deepspeed=null", "train.max_steps=3"])
+    assert cfg["deft"]["enabled"] is False and cfg["train"]["lr"] == 1e-6 and cfg["data"]["levels"] == ["A", "B", "C"]
+    assert cfg["train"]["deepspeed"] is None and cfg["train"]["max_steps"] == 3
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.lrr'.*valid: .*lr"):
+        load_config(None, ["train.lrr=1"])
+    with pytest.raises(ConfigError, match=r"train.epochs: expected int"):
+        load_config(None, ["train.epochs=abc"])
+    with pytest.raises(ConfigError, match=r"method.name: 'foo' is not one of"):
+        load_config(None, ["method.name=foo"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, ["train.lr"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: m\ntrain:\n  bogus: 1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'train.bogus'.*valid:"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="deft.distribution: required"):
+        load_config(None, ["model=m", "data.graded=g"])
+
+
+def test_cli_train_errors(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "deft", "train", "--config", str(REPO / "configs" / "deft-dpo.yaml"), "--set", "train.nope=1"],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": PYTHONPATH}, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "unknown config key 'train.nope'" in r.stderr and "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_dpo_deft_plain_loop_and_ref_cache(assets, tmp_path):
+    from deft.train import run
+
+    before = load_weights(assets["model"])
+    out = tmp_path / "run"
+    cache = tmp_path / "refcache"
+    res = run(None, overrides(assets, out, **{"train.max_steps": 3, "train.ref_cache_dir": str(cache)}))
+    assert res.global_step == 3 and not res.ref_cache_hit and res.ref_cache.exists()
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        for k in ("loss", "L_m", "R_dis", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy", "lr", "tokens_per_s", "grad_norm"):
+            assert np.isfinite(r[k]), (k, r)
+        assert r["loss"] == pytest.approx(r["L_m"] - 0.5 * r["R_dis"], rel=1e-4, abs=1e-6)
+    assert rows[0]["L_m"] == pytest.approx(np.log(2), abs=1e-3)  # policy == reference at the start
+    after = load_weights(out / "model")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["data_hash"] and man["model"]["fingerprint"] and man["config"]["method"]["name"] == "dpo"
+    assert (out / "model" / "tokenizer.json").exists()
+    # rerun with the same data and model: the reference log-probs come from the cache
+    res2 = run(None, overrides(assets, tmp_path / "run2", **{"train.max_steps": 1, "train.ref_cache_dir": str(cache)}))
+    assert res2.ref_cache_hit and res2.ref_cache == res.ref_cache
+    # an existing run is not overwritten without --resume
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(None, overrides(assets, out, **{"train.max_steps": 1, "train.ref_cache_dir": str(cache)}))
+
+
+@pytest.mark.parametrize("method", ["sft", "ipo", "pro", "rrhf"])
+def test_other_methods_one_step(assets, tmp_path, method):
+    from deft.train import run
+
+    res = run(None, overrides(assets, tmp_path / method, **{"method.name": method, "train.max_steps": 1,
+                                                           "train.gradient_accumulation_steps": 1}))
+    assert res.global_step == 1 and np.isfinite(res.last_metrics["loss"]) and np.isfinite(res.last_metrics["R_dis"])
+
+
+def test_baseline_without_deft(assets, tmp_path):
+    from deft.train import run
+
+    res = run(None, overrides(assets, tmp_path / "base", **{"deft.enabled": False, "deft.distribution": None, "train.max_steps": 1}))
+    assert "R_dis" not in res.last_metrics and res.last_metrics["loss"] == res.last_metrics["L_m"]
+
+
+def _deepspeed_available():
+    try:
+        import deepspeed  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _deepspeed_available(), reason="deepspeed not installed")
+def test_dpo_deft_deepspeed_zero0_cpu(assets, tmp_path):
+    """DeepSpeed ZeRO-0 in one CPU process without a launcher (gloo)."""
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    out = tmp_path / "ds"
+    ov = overrides(assets, out, **{"train.deepspeed": str(REPO / "configs" / "deepspeed" / "zero0.json"), "train.max_steps": 2,
+                                   "train.save_steps": 1, "train.save_total_limit": 1})
+    cmd = [sys.executable, "-m", "deft", "train"] + [a for o in ov for a in ("--set", o)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(np.isfinite(x["loss"]) and np.isfinite(x["R_dis"]) for x in rows)
+    assert all(np.isfinite(x["grad_norm"]) and x["grad_norm"] > 0 for x in rows)
+    before, after = load_weights(assets["model"]), load_weights(out / "model")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    ck = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ck == ["step-1"]  # saved at step 1, not at the last step; keep 1
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    import deft.train as t
+    calls = []
+    orig = t._finalize_checkpoint
+    def finalize(tmp, final):
+        calls.append(1)
+        if len(calls) == 2:  # killed while writing the second checkpoint
+            os.kill(os.getpid(), signal.SIGKILL)
+        orig(tmp, final)
+    t._finalize_checkpoint = finalize
+    t.run(None, sys.argv[1:])
+""")
+
+
+@pytest.mark.slow  # four fresh processes: ~60-100 s on a shared 2-core CPU
+def test_resume_after_kill_matches_uninterrupted(assets, tmp_path):
+    """kill -9 while the second checkpoint is being published, --resume, and
+    compare with an uninterrupted run (all three runs in fresh processes, so
+    they share one numerical environment): bitwise the same weights."""
+    from deft.train import list_checkpoints
+
+    extra = {"train.max_steps": 7, "train.save_steps": 3, "train.save_total_limit": 2, "train.ref_cache_dir": str(tmp_path / "rc"),
+             "train.scheduler": "cosine"}  # 4 steps per epoch: the resumed run restarts mid-epoch and crosses into epoch 1
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
+
+    def deft_train(out, *flags):
+        cmd = [sys.executable, "-m", "deft", "train", *flags] + [a for o in overrides(assets, out, **extra) for a in ("--set", o)]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    deft_train(tmp_path / "full")
+    out = tmp_path / "killed"
+    r = subprocess.run([sys.executable, "-c", KILLER] + overrides(assets, out, **extra), env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    assert [s for s, _ in list_checkpoints(out)] == [3]
+    assert any(p.name.startswith(".tmp-step-6") for p in (out / "checkpoints").iterdir())  # the half-published one
+    assert not (out / "model").exists()
+    r = deft_train(out, "--resume")
+    assert "resumed from" in r.stderr and "step 3" in r.stderr
+    a, b = load_weights(tmp_path / "full" / "model"), load_weights(out / "model")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 8))
+    assert [s for s, _ in list_checkpoints(out)] == [3, 6]
+    assert not any(p.name.startswith(".tmp") for p in (out / "checkpoints").iterdir())
