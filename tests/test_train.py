@@ -21,7 +21,6 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 REPO = Path(__file__).resolve().parents[1]
-PYTHONPATH = str(REPO / "python")
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -189,7 +188,7 @@ def test_config_files_and_overrides(tmp_path):
 
 def test_cli_train_errors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "deft", "train", "--config", str(REPO / "configs" / "deft-dpo.yaml"), "--set", "train.nope=1"],
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": PYTHONPATH}, cwd=tmp_path)
+                       capture_output=True, text=True, env=dict(os.environ), cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert "unknown config key 'train.nope'" in r.stderr and "Traceback" not in r.stderr
 
@@ -252,7 +251,7 @@ def _deepspeed_available():
 @pytest.mark.skipif(not _deepspeed_available(), reason="deepspeed not installed")
 def test_dpo_deft_deepspeed_zero0_cpu(assets, tmp_path):
     """DeepSpeed ZeRO-0 in one CPU process without a launcher (gloo)."""
-    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
+    env = dict(os.environ)  # subprocesses import the same deft as this test
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     out = tmp_path / "ds"
@@ -294,7 +293,7 @@ def test_resume_after_kill_matches_uninterrupted(assets, tmp_path):
 
     extra = {"train.max_steps": 7, "train.save_steps": 3, "train.save_total_limit": 2, "train.ref_cache_dir": str(tmp_path / "rc"),
              "train.scheduler": "cosine"}  # 4 steps per epoch: the resumed run restarts mid-epoch and crosses into epoch 1
-    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
+    env = dict(os.environ)  # subprocesses import the same deft as this test
 
     def deft_train(out, *flags):
         cmd = [sys.executable, "-m", "deft", "train", *flags] + [a for o in overrides(assets, out, **extra) for a in ("--set", o)]

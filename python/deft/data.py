@@ -84,8 +84,11 @@ lives in :mod:`deft.render` and is re-exported here.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
+import io
+import itertools
 import json
 import math
 import os
@@ -891,6 +894,744 @@ _PARSERS: Dict[str, Callable[[Mapping[str, Any]], _Parsed]] = {
 
 
 # ---------------------------------------------------------------------------
+# Vectorised fast path
+# ---------------------------------------------------------------------------
+#
+# The row parsers above are the reference: they define every format, give the
+# precise error for a bad record and implement ``on_error="skip"``. They cost
+# about 100 us a record, so :class:`_Loader` first offers each file to
+# :func:`_fast_load`, which reads it with a native reader (pyarrow's JSON
+# reader with an explicit schema, or Polars' Parquet reader) and builds the
+# canonical columns with Polars expressions, without a Python loop over the
+# records. It covers the ``pro``, ``hh`` and ``canonical`` formats in JSON
+# Lines (``.jsonl``, ``.jsonl.gz``, a ``.json``/``.json.gz`` holding JSON
+# Lines) and Parquet.
+#
+# The fast path accepts a file only when it can show that the row path would
+# load every record of it, without an error or a reject, into the same frame
+# with the same notes. On anything else -- a parse error, undecodable text, a
+# missing or mistyped field (pyarrow's reader is strict: an unknown field, a
+# type change or a duplicated key is an error), a validation failure, an
+# unusual shape -- it *declines* and the row path loads the file from scratch,
+# with its precise errors and rejects. The few records whose parsing is easier
+# to get right in Python (HH pairs whose contexts differ or need a note) are
+# handed to the row parser one at a time.
+
+#: Environment variable choosing the loader: ``rows`` forces the row-by-row
+#: path; anything else (``auto``, the default) tries the fast path first.
+_LOADER_ENV = "DEFT_LOADER"
+
+#: When set to a list, each file load appends ``(file, decision)``: ``"fast"``,
+#: or ``"rows: <why the fast path declined>"``. For tests and debugging.
+_fast_trace: Optional[List[Tuple[str, str]]] = None
+
+#: The characters for which ``str.isspace()`` is true, i.e. what ``str.strip()``
+#: removes (Polars' own strip uses Unicode White_Space, which lacks \x1c-\x1f).
+_PY_WHITESPACE = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005"
+    "\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+
+#: What ``json.dumps(..., ensure_ascii=False)`` escapes inside a string.
+_JSON_ESCAPES: Dict[str, str] = {
+    "\\": "\\\\", '"': '\\"', "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t",
+    **{chr(i): f"\\u{i:04x}" for i in range(0x20) if chr(i) not in "\b\f\n\r\t"},
+}
+
+#: Key names the fast path renders into ``meta`` (anything else: row path).
+_SIMPLE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
+
+_BOM = b"\xef\xbb\xbf"
+
+#: Size of the pieces a gzip file is decompressed and parsed in.
+_PIECE_BYTES = 32 << 20
+
+
+class _Decline(Exception):
+    """The fast path cannot vouch for a file; the row path must load it."""
+
+
+def _fast_path_enabled() -> bool:
+    return os.environ.get(_LOADER_ENV, "auto").strip().lower() != "rows"
+
+
+def _require_fast(ok: bool, reason: str) -> None:
+    if not ok:
+        raise _Decline(reason)
+
+
+@dataclass
+class _FastFile:
+    """A file loaded by the fast path: the canonical ``frame``, the detected
+    format, the record count, the notes, and each row's loader location (the
+    line; differs from ``source_line`` for canonical input)."""
+
+    frame: pl.DataFrame
+    fmt: str
+    n_read: int
+    notes: List[Note]
+    lines: pl.Series
+
+
+@dataclass
+class _Built:
+    """What a format builder makes of the decoded records: ``columns`` holds
+    ``context``, ``responses`` and ``scores`` (and, for canonical input,
+    ``ranked``, ``source_file``, ``source_line`` and ``meta``); ``row_notes``
+    the notes of the records the row parser handled, by row index."""
+
+    columns: pl.DataFrame
+    response_field: Callable[[int], str]
+    row_notes: Dict[int, List[Tuple[Optional[str], str]]] = field(default_factory=dict)
+
+
+def _fast_load(
+    path: Path, display: str, fmt: str, subset: Optional[str], allow_empty: Optional[bool]
+) -> Optional[_FastFile]:
+    """Load ``path`` with the fast path, or return None when it declines (the
+    caller then runs the row path). Never raises for bad data."""
+    if not _fast_path_enabled():
+        return None
+    try:
+        return _fast_load_file(path, display, fmt, subset, allow_empty)
+    except _Decline as e:
+        _trace_fast(display, f"rows: {e}")
+    except Exception as e:  # any surprise (parser error, odd type...) -> row path
+        _trace_fast(display, f"rows: {type(e).__name__}: {_one_line(str(e))[:300]}")
+    return None
+
+
+def _trace_fast(display: str, decision: str) -> None:
+    if _fast_trace is not None:
+        _fast_trace.append((display, decision))
+
+
+def _fast_load_file(
+    path: Path, display: str, fmt: str, subset: Optional[str], allow_empty: Optional[bool]
+) -> _FastFile:
+    _require_fast(path.is_file(), "not a regular file")
+    kind = _container(path, display)
+    raw_lines: Optional[pl.Series] = None
+    if kind == "parquet":
+        records = pl.read_parquet(path)
+        _require_fast(records.height > 0, "no records")
+        fmt = _fast_format(records.row(0, named=True), fmt)
+        _check_parquet_types(records, fmt)
+        lines = pl.Series("line", range(1, records.height + 1), dtype=pl.Int64)
+    else:
+        records, rows, fmt = _fast_read_json_lines(path, kind, fmt)
+        lines, raw_lines = rows["lineno"].cast(pl.Int64), rows["line"]
+    built = _FAST_BUILDERS[fmt](records)
+    return _assemble(records, built, fmt, path, display, lines, raw_lines, subset, allow_empty)
+
+
+def _fast_format(first: Mapping[str, Any], fmt: str) -> str:
+    """The format of a file whose first record is ``first`` (``fmt`` unless
+    ``"auto"``), if the fast path covers it."""
+    detected = detect_format(first) if fmt == "auto" else fmt
+    _require_fast(detected in _FAST_BUILDERS, f"no fast path for format {detected!r}")
+    return str(detected)
+
+
+# -- Reading ----------------------------------------------------------------
+
+
+def _fast_read_json_lines(path: Path, kind: str, fmt: str) -> Tuple[pl.DataFrame, pl.DataFrame, str]:
+    """Decode a JSON Lines file with pyarrow's JSON reader. Returns the
+    records (one column per schema field), the lines they come from (``line``:
+    text, ``lineno``: 1-based line number) and the format.
+
+    The row path numbers the lines of the file (``.jsonl``: split at ``\\n``;
+    JSON Lines in a ``.json`` file: ``bytes.splitlines``), decodes each as
+    UTF-8 (a BOM allowed on line 1), skips blank ones and parses each other
+    line as one JSON value. Here each non-blank line must look like one object
+    (stripped of JSON whitespace, its text starts with ``{`` and ends with
+    ``}``), and pyarrow must return as many rows: as a JSON value cannot span
+    lines (a string cannot hold a raw newline) and such a line holds at least
+    one object, rows and lines then correspond one to one, in order. pyarrow's
+    reader is strict: with the explicit schema of :func:`_fast_arrow_schema`,
+    an unknown or repeated field, another type than the schema's, invalid JSON
+    or a lone surrogate is an error.
+
+    The file is handled in pieces (see :func:`_text_pieces`) so that a gzip
+    file's decompression overlaps with the parsing.
+    """
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    tables: List[Any] = []
+    frames: List[pl.DataFrame] = []
+    schema: Any = None
+    n_lines = 0
+    with contextlib.closing(_text_pieces(path)) as pieces:
+        for data in pieces:
+            if n_lines == 0 and kind == "json":
+                _require_fast(data.lstrip(_BOM + b" \t\r\n")[:1] == b"{", "a JSON array")
+            lines = _split_lines(data, kind, first_piece=n_lines == 0)
+            rows = _object_lines(lines.to_frame("line").with_row_index("lineno", offset=n_lines + 1))
+            n_lines += lines.len()
+            if rows.height == 0:
+                continue
+            if schema is None:
+                first = json.loads(rows["line"][0])
+                _require_fast(isinstance(first, dict), "the first record is not an object")
+                fmt = _fast_format(first, fmt)
+                schema = _fast_arrow_schema(first, fmt)
+            longest = int(rows.select(pl.col("line").str.len_bytes().max()).item())
+            table = pj.read_json(
+                io.BytesIO(data),
+                read_options=pj.ReadOptions(block_size=max(1 << 20, 2 * longest + 64)),
+                parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="error"),
+            )
+            _require_fast(table.num_rows == rows.height, "records and lines do not correspond")
+            tables.append(table)
+            frames.append(rows)
+    _require_fast(bool(frames), "no records")
+    records = pl.from_arrow(pa.concat_tables(tables))
+    assert isinstance(records, pl.DataFrame)
+    return records, pl.concat(frames), fmt
+
+
+def _text_pieces(path: Path) -> Iterator[bytes]:
+    """The bytes of a file (decompressed if gzip) in pieces of about
+    :data:`_PIECE_BYTES`, each ending at a ``\\n`` except perhaps the last.
+    The next piece of a gzip file is decompressed in a background thread while
+    the caller works on the current one (zlib releases the GIL)."""
+    if not path.name.lower().endswith(".gz"):
+        yield path.read_bytes()
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    size = _PIECE_BYTES
+    with gzip.open(path, "rb") as fh, ThreadPoolExecutor(1) as pool:
+        carry = b""
+        ahead = pool.submit(fh.read, size)
+        while True:
+            block = ahead.result()
+            if not block:
+                break
+            ahead = pool.submit(fh.read, size)
+            data = carry + block
+            cut = data.rfind(b"\n") + 1
+            carry = data[cut:]
+            if cut:
+                yield data[:cut]
+        if carry:
+            yield carry
+
+
+def _object_lines(rows: pl.DataFrame) -> pl.DataFrame:
+    """The non-blank ``rows``; declines unless each looks like one object."""
+    line = pl.col("line")
+    if rows.select((line.str.starts_with("{") & line.str.ends_with("}")).all()).item():
+        return rows
+    stripped = line.str.strip_chars(" \t\r").fill_null("")
+    shape = rows.select(blank=stripped == "", obj=stripped.str.starts_with("{") & stripped.str.ends_with("}"))
+    _require_fast(bool((shape["blank"] | shape["obj"]).all()), "a line that is not one JSON object")
+    return rows.filter(~shape["blank"])
+
+
+def _split_lines(data: bytes, kind: str, first_piece: bool) -> pl.Series:
+    """The lines of ``data`` as the row path sees them, decoded (strictly) as
+    UTF-8, without a BOM at the start of the file (null or empty: a blank
+    line)."""
+    bom = len(_BOM) if first_piece and data.startswith(_BOM) else 0
+    if kind == "jsonl" and b"\r" not in data:
+        # Polars' CSV reader, with no quoting and a separator that JSON text
+        # cannot hold raw, splits at "\n" only, multi-threaded (and drops a
+        # leading BOM). The byte count shows the lines are whole and in order.
+        lines = pl.read_csv(
+            data, has_header=False, separator="\x01", quote_char=None, schema={"line": pl.Utf8},
+        ).to_series()
+        newlines = lines.len() if data.endswith(b"\n") else lines.len() - 1
+        _require_fast(lines.str.len_bytes().sum() + newlines + bom == len(data), "lines do not add up")
+        return lines
+    parts = data.splitlines() if kind == "json" else data.split(b"\n")
+    if parts and not parts[-1]:
+        parts.pop()  # after the final newline
+    if bom:
+        parts[0] = parts[0][bom:]
+    return pl.Series("line", parts, dtype=pl.Binary).cast(pl.Utf8)
+
+
+def _fast_arrow_schema(first: Mapping[str, Any], fmt: str) -> Any:
+    """The explicit pyarrow schema to read a file in format ``fmt`` with: the
+    format's own fields (present in the first record or not), ``id`` (int64
+    when the first record's id is an integer, else string), ``subset``, and the
+    first record's other fields typed from their values (:func:`_arrow_type_of`).
+    A later record with another field or another type makes pyarrow fail."""
+    import pyarrow as pa
+
+    s = pa.string()
+    fields: Dict[str, Any] = {
+        "pro": {"prefix": pa.list_(pa.list_(s)), "suffix": pa.list_(s), "reward": pa.list_(pa.float64())},
+        "hh": {"chosen": s, "rejected": s},
+        "canonical": {
+            "context": pa.list_(pa.struct([("role", s), ("content", s)])), "responses": pa.list_(s),
+            "scores": pa.list_(pa.float64()), "ranked": pa.bool_(), "source_file": s,
+            "source_line": pa.int64(), "meta": s,
+        },
+    }[fmt]
+    rid = first.get("id")
+    fields["id"] = pa.int64() if isinstance(rid, int) and not isinstance(rid, bool) else s
+    fields["subset"] = s
+    for key, value in first.items():
+        if key not in fields:
+            _require_fast(fmt != "canonical", f"unexpected field {key!r} in a canonical record")
+            _require_fast(bool(_SIMPLE_KEY.match(key)), f"field name {key!r}")
+            fields[key] = _arrow_type_of(value, key)
+    return pa.schema(list(fields.items()))
+
+
+def _arrow_type_of(value: object, where: str) -> Any:
+    """pyarrow type for an unused field, from its value in the first record:
+    null, boolean, int64, string, and objects and non-empty arrays of those.
+    Floats are refused (``meta`` would need Python's float repr)."""
+    import pyarrow as pa
+
+    if value is None:
+        return pa.null()
+    if isinstance(value, bool):
+        return pa.bool_()
+    if isinstance(value, int):
+        _require_fast(-(2**63) <= value < 2**63, f"{where}: integer out of range")
+        return pa.int64()
+    if isinstance(value, str):
+        return pa.string()
+    if isinstance(value, dict):
+        _require_fast(bool(value), f"{where}: empty object")
+        items = []
+        for key, item in value.items():
+            _require_fast(isinstance(key, str) and bool(_SIMPLE_KEY.match(key)), f"{where}: key {key!r}")
+            items.append((key, _arrow_type_of(item, f"{where}.{key}")))
+        return pa.struct(items)
+    if isinstance(value, list):
+        types = {_arrow_type_of(item, f"{where}[]") for item in value if item is not None}
+        _require_fast(len(types) == 1, f"{where}: empty or mixed array")
+        return pa.list_(types.pop())
+    raise _Decline(f"{where}: a {_type_name(value)}")
+
+
+# Polars types a Parquet file must have for the row path to read it exactly as
+# the fast path does (Null: a column that is null throughout).
+_TEXT = (pl.Utf8, pl.Null)
+
+
+def _check_parquet_types(records: pl.DataFrame, fmt: str) -> None:
+    """Decline unless each column has a type the fast path reads exactly as
+    the row path reads the Python values of ``iter_rows``."""
+    expected: Dict[str, Tuple[Any, ...]] = {
+        "id": (pl.Utf8, pl.Int64, pl.Int32, pl.UInt32, pl.Null),
+        "subset": _TEXT,
+    }
+    if fmt == "pro":
+        expected.update(prefix=(pl.List(pl.List(pl.Utf8)),), suffix=(pl.List(pl.Utf8),),
+                        reward=(pl.List(pl.Float64), pl.Null))
+    elif fmt == "hh":
+        expected.update(chosen=(pl.Utf8,), rejected=(pl.Utf8,))
+    else:
+        message = pl.Struct({"role": pl.Utf8, "content": pl.Utf8})
+        expected.update(context=(pl.List(message),), responses=(pl.List(pl.Utf8),),
+                        scores=(pl.List(pl.Float64), pl.Null), ranked=(pl.Boolean,),
+                        source_file=_TEXT, source_line=(pl.Int64, pl.Int32, pl.Null), meta=_TEXT)
+    for name, dtype in records.schema.items():
+        if name in expected:
+            _require_fast(any(dtype == t for t in expected[name]), f"column {name!r} has type {dtype}")
+        else:
+            _require_fast(fmt != "canonical" and _renderable(dtype), f"column {name!r} has type {dtype}")
+
+
+def _renderable(dtype: pl.DataType) -> bool:
+    """Whether :func:`_json_text` renders values of ``dtype``."""
+    if dtype in (pl.Null, pl.Boolean, pl.Int64, pl.Utf8):
+        return True
+    if isinstance(dtype, pl.List):
+        return _renderable(dtype.inner)
+    if isinstance(dtype, pl.Struct):
+        return bool(dtype.fields) and all(_SIMPLE_KEY.match(f.name) and _renderable(f.dtype) for f in dtype.fields)
+    return False
+
+
+# -- Format builders --------------------------------------------------------
+
+
+def _any_in_lists(column: str, test: pl.Expr) -> pl.Expr:
+    """Per row: does ``test`` hold for any element of the list ``column``?"""
+    return pl.col(column).list.eval(test).list.any().fill_null(False)
+
+
+def _strip_one_space(text: pl.Expr) -> pl.Expr:
+    return pl.when(text.str.starts_with(" ")).then(text.str.slice(1)).otherwise(text)
+
+
+def _declining_checks(frame: pl.DataFrame, checks: Mapping[str, pl.Expr]) -> None:
+    """Decline, naming the first failed check, if any check is true for a row
+    (a null counts as true: each check must decide every row)."""
+    found = frame.select([expr.fill_null(True).any().alias(name) for name, expr in checks.items()])
+    for name, hit in found.row(0, named=True).items():
+        _require_fast(not hit, name)
+
+
+def _fast_pro(records: pl.DataFrame) -> _Built:
+    """PRO records (see :func:`_parse_pro`)."""
+    el = pl.element()
+    prefix, suffix = pl.col("prefix"), pl.col("suffix")
+    _declining_checks(records, {
+        "prefix or suffix missing": prefix.is_null() | suffix.is_null(),
+        "null suffix": _any_in_lists("suffix", el.is_null()),
+        "fewer than 2 suffixes": suffix.list.len() < 2,
+        "prefix and suffix counts differ": prefix.list.len() != suffix.list.len(),
+        "null prefix": _any_in_lists("prefix", el.is_null()),
+    })
+    # All contexts of a record must be equal once the generation slot (a final
+    # bare "<|assistant|>") is dropped; usually they are equal as given.
+    slot = "<|assistant|>"
+
+    def without_slot(turns: pl.Expr) -> pl.Expr:
+        return pl.when(turns.list.last() == slot).then(turns.list.head(turns.list.len() - 1)).otherwise(turns)
+
+    def all_equal(normalise: Callable[[pl.Expr], pl.Expr]) -> pl.Expr:
+        first = normalise(prefix.list.first())
+        same = pl.lit(True)
+        for i in range(1, int(records.select(prefix.list.len().max()).item())):
+            other = normalise(prefix.list.get(i, null_on_oob=True))
+            same = same & ((prefix.list.len() <= i) | (other == first).fill_null(False))
+        return same
+
+    unequal = records.filter(~all_equal(lambda turns: turns))
+    _declining_checks(unequal, {"contexts differ": ~all_equal(without_slot)})
+    # So every context's turns are the first context's: strings with a role tag.
+    first = records["prefix"].list.first()
+    turns = first.explode().drop_nulls()  # (an empty context explodes to a null)
+    _require_fast(turns.len() == first.list.len().sum(), "null turn")
+    tagged = pl.any_horizontal([pl.col("prefix").str.starts_with(tag) for tag, _ in _PRO_TAGS])
+    _require_fast(turns.to_frame().select(tagged.all()).item(), "untagged turn")
+
+    has_reward = "reward" in records.columns and records.schema["reward"] != pl.Null
+    if has_reward:
+        reward = pl.col("reward")
+        _declining_checks(records, {
+            "reward count differs": reward.is_not_null() & (reward.list.len() != suffix.list.len()),
+            # (-0.0 is refused: pyarrow reads the integer -0 as -0.0, Python as 0)
+            "null, non-finite or -0 reward": _any_in_lists("reward", _bad_score(el)),
+        })
+    else:
+        reward = pl.lit(None, pl.List(pl.Float64))
+    # Each turn: the role its tag names, the text after the tag (the last tag
+    # is the only one left once the others are ruled out).
+    role: Any = pl
+    skip: Any = pl
+    for tag, name in _PRO_TAGS[:-1]:
+        hit = el.str.starts_with(tag)
+        role, skip = role.when(hit).then(pl.lit(name)), skip.when(hit).then(len(tag))
+    last_tag, last_role = _PRO_TAGS[-1]
+    role, skip = role.otherwise(pl.lit(last_role)), skip.otherwise(len(last_tag))
+    turn = pl.struct(role.alias("role"), el.str.slice(skip).alias("content"))
+    context = without_slot(prefix.list.first()).list.eval(turn)
+    columns = records.select(context=context, responses=suffix, scores=reward)
+    return _Built(columns, lambda i: f"suffix[{i}]")
+
+
+def _bad_score(x: pl.Expr) -> pl.Expr:
+    """A score the fast path does not take: null, NaN, infinite or -0.0."""
+    return x.is_null() | ~x.is_finite() | ((x == 0.0) & ((1.0 / x) < 0))
+
+
+def _fast_hh(records: pl.DataFrame) -> _Built:
+    """HH transcript pairs (see :func:`_parse_hh`). The usual pair -- both
+    transcripts share the text before their last ``"\\n\\nAssistant:"`` -- is
+    split with expressions; a pair whose contexts differ, or whose context has
+    an unusual start or a NUL character, goes to :func:`_parse_hh`."""
+    el = pl.element()
+    marker = _HH_ASSISTANT
+    _declining_checks(records, {
+        "chosen or rejected missing": pl.col("chosen").is_null() | pl.col("rejected").is_null(),
+    })
+    work = records.select(
+        c=pl.col("chosen").str.split(marker),
+        r=pl.col("rejected").str.split(marker),
+    )
+    _declining_checks(work, {
+        "no assistant marker": (pl.col("c").list.len() < 2) | (pl.col("r").list.len() < 2),
+    })
+
+    def context_of(parts: pl.Expr) -> pl.Expr:
+        return parts.list.head(parts.list.len() - 1).list.join(marker)
+
+    work = work.select(
+        ctx=context_of(pl.col("c")),
+        other=context_of(pl.col("r")),
+        reply_c=_strip_one_space(pl.col("c").list.last()),
+        reply_r=_strip_one_space(pl.col("r").list.last()),
+    )
+    # The context: split at the role markers (they never overlap), text before
+    # the first one a system turn.
+    parts = pl.col("ctx").str.replace_many(["\n\nHuman:", "\n\nAssistant:"], ["\x00U", "\x00A"]).str.split("\x00")
+    preamble = parts.list.first()
+    body = _strip_one_space(el.str.slice(1)).str.strip_chars_end(_PY_WHITESPACE)
+    role = pl.when(el.str.starts_with("U")).then(pl.lit("user")).otherwise(pl.lit("assistant"))
+    turns = parts.list.slice(1).list.eval(pl.struct(role.alias("role"), body.alias("content")))
+    system = pl.struct(pl.lit("system").alias("role"), preamble.alias("content"))
+    work = work.with_columns(
+        context=pl.when(preamble != "").then(pl.concat_list([system, turns])).otherwise(turns),
+        responses=pl.concat_list([pl.col("reply_c"), pl.col("reply_r")]),
+        special=(pl.col("ctx") != pl.col("other"))
+        | pl.col("ctx").str.contains("\x00", literal=True)
+        | ((preamble != "") & (preamble.str.contains("Human:", literal=True)
+                               | preamble.str.contains("Assistant:", literal=True))),
+    )
+    columns = work.select("context", "responses", scores=pl.lit(None, pl.List(pl.Float64)))
+    fields = ("chosen", "rejected")
+    special = work["special"].arg_true().to_list()
+    if not special:
+        return _Built(columns, fields.__getitem__)
+    # The rare pairs the row parser splits (or rejects: then the row path runs).
+    notes: Dict[int, List[Tuple[Optional[str], str]]] = {}
+    parsed: List[_Parsed] = []
+    for i, (chosen, rejected) in zip(special, records.select(fields)[special].iter_rows()):
+        try:
+            p = _parse_hh({"chosen": chosen, "rejected": rejected})
+        except _RowError as e:
+            raise _Decline(f"row error: {e.reason}") from e
+        parsed.append(p)
+        if p.notes:
+            notes[i] = list(p.notes)
+    patch = pl.DataFrame(
+        {"context": [p.context for p in parsed], "responses": [p.responses for p in parsed]},
+        schema={"context": SCHEMA["context"], "responses": SCHEMA["responses"]},
+    )
+    columns = _replace_rows(columns, special, patch)
+    return _Built(columns, fields.__getitem__, notes)
+
+
+def _replace_rows(frame: pl.DataFrame, rows: Sequence[int], patch: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` with the given rows' columns of ``patch`` replaced."""
+    index = pl.Series("_row", rows, dtype=pl.UInt32)
+    numbered = frame.with_row_index("_row")
+    chosen = pl.col("_row").is_in(list(rows))
+    kept = numbered.filter(~chosen)
+    new = numbered.filter(chosen).drop(patch.columns)
+    new = new.join(patch.with_columns(index), on="_row", how="left").select(numbered.columns)
+    return pl.concat([kept, new.cast(kept.schema)]).sort("_row").drop("_row")  # type: ignore[arg-type]
+
+
+def _fast_canonical(records: pl.DataFrame) -> _Built:
+    """Canonical records (see :func:`_parse_canonical`)."""
+    el = pl.element()
+    cols = records.columns
+    _require_fast(set(cols) <= set(SCHEMA), "unexpected field in a canonical record")
+    _require_fast({"context", "responses", "ranked"} <= set(cols), "a required field is missing")
+
+    def col(name: str, dtype: pl.DataType) -> pl.Expr:
+        return pl.col(name) if name in cols else pl.lit(None, dtype)
+
+    scores = col("scores", pl.List(pl.Float64))
+    source_file, source_line = col("source_file", pl.Utf8), col("source_line", pl.Int64)
+    roles = list(ROLES)
+    checks = {
+        "context missing": pl.col("context").is_null(),
+        "null message, role or content": _any_in_lists(
+            "context", el.is_null() | el.struct.field("role").is_null() | el.struct.field("content").is_null()
+        ),
+        "unknown role": _any_in_lists("context", ~el.struct.field("role").is_in(roles)),
+        "responses missing": pl.col("responses").is_null(),
+        "null response": _any_in_lists("responses", el.is_null()),
+        "fewer than 2 responses": pl.col("responses").list.len() < 2,
+        "ranked missing": pl.col("ranked").is_null(),
+        "source_file without source_line or back": source_file.is_null() != source_line.is_null(),
+        "source_line < 1": (source_line < 1).fill_null(False),
+    }
+    if "scores" in cols and records.schema["scores"] != pl.Null:
+        checks["scores count differs"] = scores.is_not_null() & (scores.list.len() != pl.col("responses").list.len())
+        checks["null, non-finite or -0 score"] = _any_in_lists("scores", _bad_score(el))
+    _declining_checks(records, checks)
+    columns = records.select(
+        context=pl.col("context").list.eval(pl.struct(el.struct.field("role"), el.struct.field("content"))),
+        responses=pl.col("responses"),
+        scores=scores.cast(pl.List(pl.Float64)),
+        ranked=pl.col("ranked"),
+        source_file=source_file.cast(pl.Utf8),
+        source_line=source_line.cast(pl.Int64),
+        meta=col("meta", pl.Utf8).cast(pl.Utf8),
+    )
+    return _Built(columns, lambda i: f"responses[{i}]")
+
+
+_FAST_BUILDERS: Dict[str, Callable[[pl.DataFrame], _Built]] = {
+    "pro": _fast_pro,
+    "hh": _fast_hh,
+    "canonical": _fast_canonical,
+}
+
+# The fields each format reads (the others go to ``meta``), as in the row parsers.
+_FAST_USED: Dict[str, Set[str]] = {
+    "pro": {"prefix", "suffix", "reward"},
+    "hh": {"chosen", "rejected"},
+    "canonical": set(SCHEMA),
+}
+
+
+# -- Ids, subsets, meta, notes ----------------------------------------------
+
+
+def _assemble(
+    records: pl.DataFrame,
+    built: _Built,
+    fmt: str,
+    path: Path,
+    display: str,
+    lines: pl.Series,
+    raw_lines: Optional[pl.Series],
+    subset: Optional[str],
+    allow_empty: Optional[bool],
+) -> _FastFile:
+    """The canonical frame and notes from a builder's columns, made as
+    :meth:`_Loader._add_row` makes them."""
+    el = pl.element()
+    columns = built.columns
+    n = records.height
+    name = path.name
+    absent = pl.lit(None, pl.Utf8)
+    given = records.select(
+        id=pl.col("id").cast(pl.Utf8) if "id" in records.columns else absent,
+        subset=pl.col("subset").cast(pl.Utf8) if "subset" in records.columns else absent,
+    ).with_columns(line=lines)
+    # id: the record's own (a string or an integer; not blank), else "{file name}:{line}".
+    _declining_checks(given, {"blank id": (pl.col("id").str.strip_chars(_PY_WHITESPACE) == "").fill_null(False)})
+    ids = given.select(pl.coalesce(pl.col("id"), pl.lit(f"{name}:") + pl.col("line").cast(pl.Utf8))).to_series()
+    _require_fast(not ids.is_duplicated().any(), "duplicate id")
+    default_subset = subset if subset is not None else _derive_subset_cached(name)
+    if "meta" in columns.columns:  # canonical records carry their own
+        meta = columns["meta"]
+    else:
+        meta = _fast_meta(records, fmt, raw_lines)
+
+    # Empty responses are kept (and noted) where the format allows them.
+    empty = columns.select(pl.col("responses").list.eval(el.str.strip_chars(_PY_WHITESPACE) == "")).to_series()
+    has_empty = empty.list.any()
+    allowed = allow_empty if allow_empty is not None else fmt in _EMPTY_OK_BY_DEFAULT
+    _require_fast(allowed or not has_empty.any(), "empty response")
+
+    def given_or(column: str, default: pl.Series) -> pl.Series:
+        if column not in columns.columns:
+            return default
+        return pl.DataFrame({"a": columns[column], "b": default}).select(pl.coalesce("a", "b")).to_series()
+
+    frame = pl.DataFrame({
+        "id": ids,
+        "subset": given["subset"].fill_null(default_subset),
+        "context": columns["context"],
+        "responses": columns["responses"],
+        "scores": columns["scores"],
+        "ranked": given_or("ranked", pl.Series([True] * n, dtype=pl.Boolean)),
+        "source_file": given_or("source_file", pl.Series([display] * n, dtype=pl.Utf8)),
+        "source_line": given_or("source_line", lines),
+        "meta": meta,
+    }).cast(SCHEMA)  # type: ignore[arg-type]
+
+    # Notes, in the row path's order: the row parser's, then empty responses.
+    noted = sorted(set(built.row_notes) | set(has_empty.arg_true().to_list()))
+    notes: List[Note] = []
+    if noted:
+        for row, line, flags in zip(noted, lines.gather(noted).to_list(), empty.gather(noted).to_list()):
+            for f, reason in built.row_notes.get(row, []):
+                notes.append(Note(display, line, f, reason))
+            for i, is_empty in enumerate(flags):
+                if is_empty:
+                    reason = f"response {i} is empty; kept (an assistant reply that says nothing)"
+                    notes.append(Note(display, line, built.response_field(i), reason))
+    return _FastFile(frame, fmt, n, notes, lines)
+
+
+def _json_text(value: pl.Expr, dtype: pl.DataType, item_sep: str = ", ", key_sep: str = ": ") -> pl.Expr:
+    """JSON text of ``value`` as ``json.dumps(value, ensure_ascii=False,
+    separators=(item_sep, key_sep))`` writes it, for the types of
+    :func:`_renderable` (objects keep the field order of ``dtype``)."""
+    if dtype == pl.Null:
+        return pl.lit("null")
+    if dtype == pl.Utf8:
+        escaped = value.str.replace_many(list(_JSON_ESCAPES), list(_JSON_ESCAPES.values()))
+        text = pl.concat_str([pl.lit('"'), escaped, pl.lit('"')])
+    elif dtype == pl.Int64:
+        text = value.cast(pl.Utf8)
+    elif dtype == pl.Boolean:
+        text = pl.when(value).then(pl.lit("true")).otherwise(pl.lit("false"))
+    elif isinstance(dtype, pl.Struct):
+        parts: List[pl.Expr] = []
+        for i, f in enumerate(dtype.fields):
+            parts.append(pl.lit(("{" if i == 0 else item_sep) + json.dumps(f.name) + key_sep))
+            parts.append(_json_text(value.struct.field(f.name), f.dtype, item_sep, key_sep))
+        parts.append(pl.lit("}"))
+        text = pl.concat_str(parts)
+    elif isinstance(dtype, pl.List):
+        inner = pl.element()
+        items = value.list.eval(_json_text(inner, dtype.inner, item_sep, key_sep)).list.join(item_sep)
+        text = pl.concat_str([pl.lit("["), items, pl.lit("]")])
+    else:
+        raise _Decline(f"cannot render {dtype} as JSON")
+    return pl.when(value.is_null()).then(pl.lit("null")).otherwise(text)
+
+
+def _members_text(records: pl.DataFrame, names: Sequence[str], item_sep: str, key_sep: str) -> pl.Expr:
+    """``"k1": v1, "k2": v2`` for the given fields (JSON object members)."""
+    parts: List[pl.Expr] = []
+    for i, k in enumerate(names):
+        parts.append(pl.lit(("" if i == 0 else item_sep) + json.dumps(k) + key_sep))
+        parts.append(_json_text(pl.col(k), records.schema[k], item_sep, key_sep))
+    return pl.concat_str(parts)
+
+
+def _fast_meta(records: pl.DataFrame, fmt: str, raw_lines: Optional[pl.Series]) -> pl.Series:
+    """The ``meta`` column: JSON text of the fields the format does not use
+    (besides ``id`` and ``subset``), as the row path writes it.
+
+    Parquet rows hold every column, so their text follows the columns. A JSON
+    line may lack a field, hold it as null, or order fields its own way, and
+    the decoded records cannot tell; so each line must contain the fields as
+    one run of members ``"k1": v1, "k2": v2`` (or compact, ``"k1":v1,"k2":v2``)
+    followed by ``,`` or ``}``, rendered from the decoded values. Given that
+    pyarrow accepted the line (every key is a known field, none repeated) and
+    that these names are plain and appear only at the top level of the
+    schema, that run can only be the line's own top-level members, so the line
+    holds exactly these fields, in this order, with these values.
+    """
+    extra = [k for k in records.columns if k not in _FAST_USED[fmt] and k not in ("id", "subset")]
+    if not extra:
+        return pl.Series("meta", [None] * records.height, dtype=pl.Utf8)
+    members = records.select(_members_text(records, extra, ", ", ": ")).to_series()
+    if raw_lines is not None:
+        nested: Set[str] = set()
+        for k in extra:
+            nested |= _nested_names(records.schema[k])
+        _require_fast(not (nested & set(records.columns)), "a field name is used at two levels")
+        pending = pl.DataFrame({"line": raw_lines, "members": members, "row": range(records.height)})
+        for end in (",", "}"):
+            run = pl.concat_str([pl.col("members"), pl.lit(end)])
+            pending = pending.filter(~pl.col("line").str.contains(run, literal=True))
+        if pending.height:  # the rest may be compact JSON
+            rest = records[pending["row"]]
+            compact = rest.select(_members_text(rest, extra, ",", ":")).to_series()
+            pending = pending.with_columns(members=compact)
+            for end in (",", "}"):
+                run = pl.concat_str([pl.col("members"), pl.lit(end)])
+                pending = pending.filter(~pl.col("line").str.contains(run, literal=True))
+        _require_fast(pending.height == 0, "unused fields are missing, reordered or written differently")
+    return members.to_frame().select(pl.concat_str([pl.lit("{"), pl.col(members.name), pl.lit("}")])).to_series()
+
+
+def _nested_names(dtype: pl.DataType) -> Set[str]:
+    """The struct field names anywhere inside ``dtype``."""
+    if isinstance(dtype, pl.List):
+        return _nested_names(dtype.inner)
+    if isinstance(dtype, pl.Struct):
+        out = {f.name for f in dtype.fields}
+        for f in dtype.fields:
+            out |= _nested_names(f.dtype)
+        return out
+    return set()
+
+
+# ---------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------
 
@@ -936,8 +1677,12 @@ class _Loader:
         self.on_error = on_error
         self.subset = subset
         self.allow_empty = allow_empty
+        # Rows of the row path not yet in a chunk; chunks of the frame, in order.
         self.columns: Dict[str, List[Any]] = {name: [] for name in SCHEMA}
+        self.chunks: List[pl.DataFrame] = []
         self.seen_ids: Dict[str, Tuple[str, int]] = {}
+        # Ids of files the fast path loaded, not yet in seen_ids: (ids, file, lines).
+        self.fast_ids: List[Tuple[pl.Series, str, pl.Series]] = []
         self.rejects: List[Reject] = []
         self.notes: List[Note] = []
         self.n_read = 0
@@ -953,6 +1698,10 @@ class _Loader:
             raise ValueError(f"unknown format {fmt!r}; expected 'auto' or one of {', '.join(FORMATS)}")
         display = os.fspath(path)
         p = Path(display)
+        fast = _fast_load(p, display, fmt, self.subset, self.allow_empty)
+        if fast is not None and self._take_fast(fast, display):
+            return fast.fmt
+        self._remember_fast_ids()
         detected: Optional[str] = None if fmt == "auto" else fmt
         n_file = n_bad = 0
         first_error: Optional[str] = None
@@ -986,6 +1735,36 @@ class _Loader:
                 f"(first error: {first_error})",
             )
         return detected
+
+    def _take_fast(self, fast: _FastFile, display: str) -> bool:
+        """Add a file the fast path loaded, unless one of its ids was already
+        used by an earlier file (then the row path reports it)."""
+        ids = fast.frame["id"]
+        clash = bool(self.seen_ids) and not self.seen_ids.keys().isdisjoint(ids.to_list())
+        clash = clash or any(ids.is_in(earlier.to_list()).any() for earlier, _, _ in self.fast_ids)
+        if clash:
+            _trace_fast(display, "rows: an id of an earlier file")
+            return False
+        _trace_fast(display, "fast")
+        self._flush_rows()
+        self.chunks.append(fast.frame)
+        self.fast_ids.append((ids, display, fast.lines))
+        self.n_read += fast.n_read
+        self.notes.extend(fast.notes)
+        return True
+
+    def _remember_fast_ids(self) -> None:
+        """Put the ids of fast-loaded files into ``seen_ids`` (which the row
+        path checks)."""
+        for ids, display, lines in self.fast_ids:
+            self.seen_ids.update(zip(ids.to_list(), zip(itertools.repeat(display), lines.to_list())))
+        self.fast_ids.clear()
+
+    def _flush_rows(self) -> None:
+        """Turn the rows collected by the row path into a chunk."""
+        if self.columns["id"]:
+            self.chunks.append(_frame_from_columns(self.columns))
+            self.columns = {name: [] for name in SCHEMA}
 
     def _add_row(self, rec: Mapping[str, Any], fmt: str, display: str, name: str, line: int) -> None:
         parsed = _PARSERS[fmt](rec)
@@ -1033,7 +1812,13 @@ class _Loader:
         return text
 
     def result(self, fmt: str, rejects_path: Optional[PathLike]) -> LoadResult:
-        frame = _frame_from_columns(self.columns)
+        self._flush_rows()
+        if not self.chunks:
+            frame = _frame_from_columns(self.columns)
+        elif len(self.chunks) == 1:
+            frame = self.chunks[0]
+        else:
+            frame = pl.concat(self.chunks, how="vertical", rechunk=True)
         validate_frame(frame)
         written: Optional[Path] = None
         if rejects_path is not None:
