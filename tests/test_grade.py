@@ -310,3 +310,26 @@ def test_shipped_grade_configs_are_valid(tmp_path):
     for cfg in (root / "configs").glob("grade*.yaml"):
         keys = set(yaml.safe_load(cfg.read_text()))
         assert keys <= {p.name for p in __import__("typer").main.get_command(app).commands["grade"].params}, cfg
+
+
+def test_cli_grade_builtin_reward_model_on_raw_hh(tmp_path):
+    """The default: `deft grade --input hh.jsonl` with the builtin RM, offline, on real HH transcripts."""
+    import gzip
+
+    from deft.builtin_rm import BuiltinRewardModel
+
+    with gzip.open(shared_file("data/hh-rlhf/harmless-base-test.jsonl.gz"), "rt", encoding="utf-8") as f:
+        head = [next(f) for _ in range(48)]
+    small = tmp_path / "hh.jsonl"
+    small.write_text("".join(head), encoding="utf-8")
+    out = tmp_path / "g"
+    r = runner.invoke(app, ["grade", "--input", str(small), "-o", str(out), "--a", "10", "--c", "25"])
+    assert r.exit_code == 0, r.output
+    g = pl.read_parquet(out / "graded.parquet")
+    assert dict(g.group_by("level").len().iter_rows()) == {"A": 5, "B": 31, "C": 12}
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["parameters"]["reward_model"].startswith("builtin:")
+    frame = load(small).frame
+    want = BuiltinRewardModel.load(device="cpu").score(frame["context"].to_list(), [x[0] for x in frame["responses"].to_list()])
+    got = {row["id"]: dict(zip(row["human_order"], row["scores"])) for row in g.iter_rows(named=True)}
+    np.testing.assert_allclose([got[i][0] for i in frame["id"].to_list()], want, rtol=1e-4, atol=1e-4)
