@@ -859,7 +859,7 @@ def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method
                 tokens_all = tokens
             lr = scheduler.get_last_lr()[0] if scheduler is not None else optimizer.param_groups[0]["lr"]
             row.update({"step": global_step, "epoch": epoch + (mi + 1) / len(micro_batches), "lr": float(lr),
-                        "tokens_per_s": tokens_all / max(dt, 1e-9),
+                        "tokens_per_s": tokens_all / max(dt, 1e-9), "step_seconds": dt,
                         "grad_norm": float(gn) if gn is not None else None})
             metrics_log.log(**row)
             last = row
