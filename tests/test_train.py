@@ -249,13 +249,14 @@ def _deepspeed_available():
 
 
 @pytest.mark.skipif(not _deepspeed_available(), reason="deepspeed not installed")
-def test_dpo_deft_deepspeed_zero0_cpu(assets, tmp_path):
-    """DeepSpeed ZeRO-0 in one CPU process without a launcher (gloo)."""
+@pytest.mark.parametrize("zero", ["zero0", "zero2"])
+def test_dpo_deft_deepspeed_cpu(assets, tmp_path, zero):
+    """DeepSpeed ZeRO-0 and ZeRO-2 in one CPU process without a launcher (gloo)."""
     env = dict(os.environ)  # subprocesses import the same deft as this test
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     out = tmp_path / "ds"
-    ov = overrides(assets, out, **{"train.deepspeed": str(REPO / "configs" / "deepspeed" / "zero0.json"), "train.max_steps": 2,
+    ov = overrides(assets, out, **{"train.deepspeed": str(REPO / "configs" / "deepspeed" / f"{zero}.json"), "train.max_steps": 2,
                                    "train.save_steps": 1, "train.save_total_limit": 1})
     cmd = [sys.executable, "-m", "deft", "train"] + [a for o in ov for a in ("--set", o)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
