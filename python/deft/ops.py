@@ -140,9 +140,19 @@ def _qdot(block: Tensor, q: Tensor, out: Tensor) -> None:
     if v <= _COLS or q.dtype == torch.float64:
         torch.mv(block, q, out=out)
         return
-    tot = torch.zeros(block.shape[0], dtype=torch.float64, device=block.device)
-    for c in range(0, v, _COLS):
-        tot += torch.mv(block[:, c : c + _COLS], q[c : c + _COLS])
+    k, main = divmod(v, _COLS)[0], (v // _COLS) * _COLS
+    if block.stride(1) == 1 and block.stride(0) == v:
+        # one batched kernel for all full column blocks (few launches matter on GPUs):
+        # (N, K, C) x (K, C) -> (N, K) float32 partial sums, added in float64
+        blocks = block.as_strided((block.shape[0], k, _COLS), (v, _COLS, 1))  # a view: no copy of the logits
+        part = torch.einsum("nkc,kc->nk", blocks, q[:main].view(k, _COLS))
+        tot = part.sum(dim=1, dtype=torch.float64)
+    else:
+        tot = torch.zeros(block.shape[0], dtype=torch.float64, device=block.device)
+        for c in range(0, main, _COLS):
+            tot += torch.mv(block[:, c : c + _COLS], q[c : c + _COLS])
+    if main < v:
+        tot += torch.mv(block[:, main:], q[main:])
     out.copy_(tot)
 
 
