@@ -516,7 +516,9 @@ def _barrier(d: Dist) -> None:
 def _rng_state() -> Dict[str, Any]:
     import torch
 
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # plain containers and tensors only, so checkpoints load with torch.load(weights_only=True)
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, cached), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -526,7 +528,8 @@ def _set_rng_state(st: Mapping[str, Any]) -> None:
     import torch
 
     random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    name, keys, pos, has_gauss, cached = st["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
@@ -777,12 +780,12 @@ def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method
                 from safetensors.torch import load_file
 
                 model.load_state_dict(load_file(str(ck / "model.safetensors")), strict=True)
-                other = torch.load(ck / "optimizer.pt", map_location=device, weights_only=False)
+                other = torch.load(ck / "optimizer.pt", map_location=device, weights_only=True)  # no arbitrary unpickling
                 optimizer.load_state_dict(other["optimizer"])
                 scheduler.load_state_dict(other["scheduler"])
             rng_file = ck / f"rng_rank{d.rank}.pt"
             if rng_file.exists():
-                _set_rng_state(torch.load(rng_file, weights_only=False))
+                _set_rng_state(torch.load(rng_file, weights_only=True))
             global_step = resumed_from = step
             _trim_metrics(out_dir / "metrics.jsonl", step)
             _log(f"resumed from {ck} (step {step})")
