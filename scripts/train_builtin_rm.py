@@ -51,20 +51,13 @@ import torch  # noqa: E402
 
 from deft import data as deft_data  # noqa: E402
 from deft import builtin_rm as brm  # noqa: E402
+from deft.io import atomic_path, sha256_file, write_text_atomic  # noqa: E402
 
 DATA_FILES = ("test_harmless_base.jsonl.gz", "test_helpful_base.jsonl.gz")
 DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data" / "pro-hh"
 CACHE_DIR = Path(os.environ.get("DEFT_BUILTIN_RM_CACHE", "/tmp/deft-builtin-rm-cache"))
 #: Bump when MiniLMFeaturizer.features changes in a way the recipe does not capture.
 FEATURIZER_VERSION = 1
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------ metrics
@@ -333,12 +326,9 @@ def main(argv: Sequence[str] = ()) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     head_path, config_path = args.out / brm.HEAD_FILE, args.out / brm.CONFIG_FILE
-    tmp = head_path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "name": config["name"]})
-    os.replace(tmp, head_path)
-    tmp = config_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, config_path)
+    with atomic_path(head_path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "name": config["name"]})
+    write_text_atomic(config_path, json.dumps(config, indent=2) + "\n")
     for path in (head_path, config_path):
         os.chmod(path, 0o644)  # package data: world-readable once installed
     print(f"wrote {head_path} ({head_path.stat().st_size} bytes), {config_path} ({config_path.stat().st_size} bytes)")

@@ -63,6 +63,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .io import sha256_file
 from .render import render_hh
 
 __all__ = [
@@ -147,21 +148,13 @@ def minilm_path() -> Path:
     return path
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def minilm_fingerprint(path: Path) -> Dict[str, Any]:
     """Cheap identity of the MiniLM folder: hashes of its config and
     tokenizer, and the weights' size (the weights' SHA-256 is recorded by the
     training script, but not re-checked at every load)."""
     return {
-        "config_sha256": _sha256_file(path / "config.json"),
-        "tokenizer_sha256": _sha256_file(path / "tokenizer.json"),
+        "config_sha256": sha256_file(path / "config.json"),
+        "tokenizer_sha256": sha256_file(path / "tokenizer.json"),
         "weights_bytes": (path / "model.safetensors").stat().st_size,
     }
 

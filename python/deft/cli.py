@@ -314,7 +314,6 @@ def train(
     """Fine-tune a causal LM on level-A samples with L = L_m - omega * R_dis (DEFT) or the plain baseline."""
     import os
 
-    from deft.config import ConfigError  # noqa: F401 - a ValueError: one-line error, exit 2
     from deft.train import run
 
     if local_rank is not None:

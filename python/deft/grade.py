@@ -318,6 +318,8 @@ def grade_files(
             run.message = f"scored this shard into {out / 'scores'}; rerun when every shard is done to merge and grade"
             return run
         frame = scored
+    if per_subset is None:  # the default of grade(), resolved here so the manifest records it
+        per_subset = frame.get_column("subset").n_unique() > 1
     graded = grade(frame, a=a, c=c, per_subset=per_subset, thresholds=thresholds)
     with atomic_path(graded_path) as tmp:
         graded.write_parquet(tmp)
@@ -325,7 +327,6 @@ def grade_files(
         f"{r['subset']}/{r['level']}": {k: r[k] for k in ("samples", "q_pos", "q_neg")}
         for r in summary(graded).iter_rows(named=True)
     }
-    per = per_subset if per_subset is not None else graded.get_column("subset").n_unique() > 1
     run.graded, run.graded_path = graded, graded_path
     if plot:
         run.plot_path = out / "best_scores.png"
@@ -335,7 +336,7 @@ def grade_files(
         stage="grade",
         inputs=[input_record(p) for p in inputs],
         parameters={
-            **model_info, "a": a, "c": c, "per_subset": per, "thresholds": thresholds.as_dict(),
+            **model_info, "a": a, "c": c, "per_subset": per_subset, "thresholds": thresholds.as_dict(),
             "level_rounding": "n_A = max(1, floor(n*a/100 + 0.5)); n_C = min(floor(n*c/100 + 0.5), n - n_A); ties by id",
             "on_error": on_error,
         },

@@ -64,7 +64,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -358,7 +358,6 @@ def _model_fingerprint(cfg: Mapping[str, Any]) -> str:
     else:
         h.update(str(cfg["model"]).encode())
         try:
-            from huggingface_hub import model_info  # noqa: F401
             from transformers import AutoConfig
 
             c = AutoConfig.from_pretrained(cfg["model"])
