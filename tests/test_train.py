@@ -248,10 +248,25 @@ def _deepspeed_available():
     return True
 
 
+@pytest.fixture(scope="module")
+def plain_two_steps(assets, tmp_path_factory):
+    """Two DEFT-DPO steps of the plain PyTorch loop: the reference the DeepSpeed runs are held to."""
+    from deft.train import run
+
+    out = tmp_path_factory.mktemp("plain") / "run"
+    run(None, overrides(assets, out, **{"train.max_steps": 2}))
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return rows, load_weights(out / "model")
+
+
 @pytest.mark.skipif(not _deepspeed_available(), reason="deepspeed not installed")
-@pytest.mark.parametrize("zero", ["zero0", "zero2"])
-def test_dpo_deft_deepspeed_cpu(assets, tmp_path, zero):
-    """DeepSpeed ZeRO-0 and ZeRO-2 in one CPU process without a launcher (gloo)."""
+@pytest.mark.parametrize("zero", ["zero0", "zero1", "zero2", "zero3", "zero3-offload"])
+def test_dpo_deft_deepspeed_cpu(assets, tmp_path, zero, plain_two_steps):
+    """Every shipped DeepSpeed config (ZeRO 0-3, 3 + CPU offload) in one CPU
+    process without a launcher (gloo) computes what the plain loop computes:
+    the same step-1 loss, L_m and R_dis (under ZeRO-3 the lm_head weight is
+    partitioned and R_dis goes through the module), and weights that stay close
+    after two steps; the saved model is whole (ZeRO-3 gathers it)."""
     env = dict(os.environ)  # subprocesses import the same deft as this test
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -259,15 +274,60 @@ def test_dpo_deft_deepspeed_cpu(assets, tmp_path, zero):
     ov = overrides(assets, out, **{"train.deepspeed": str(REPO / "configs" / "deepspeed" / f"{zero}.json"), "train.max_steps": 2,
                                    "train.save_steps": 1, "train.save_total_limit": 1})
     cmd = [sys.executable, "-m", "deft", "train"] + [a for o in ov for a in ("--set", o)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(np.isfinite(x["loss"]) and np.isfinite(x["R_dis"]) for x in rows)
     assert all(np.isfinite(x["grad_norm"]) and x["grad_norm"] > 0 for x in rows)
+    ref_rows, ref_w = plain_two_steps
+    for k in ("loss", "L_m", "R_dis", "rewards/margins"):
+        assert rows[0][k] == pytest.approx(ref_rows[0][k], rel=1e-5, abs=1e-7), (k, rows[0][k], ref_rows[0][k])
+    assert rows[0]["grad_norm"] == pytest.approx(ref_rows[0]["grad_norm"], rel=1e-4)
     before, after = load_weights(assets["model"]), load_weights(out / "model")
+    assert sorted(after) == sorted(before)
+    for k in before:
+        assert after[k].shape == before[k].shape, k  # not a ZeRO-3 shard
+        torch.testing.assert_close(after[k], ref_w[k], rtol=0, atol=1e-5)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     ck = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ck == ["step-1"]  # saved at step 1, not at the last step; keep 1
+
+
+@pytest.mark.slow  # two processes, ~20 s each on a shared 2-core CPU
+@pytest.mark.skipif(not _deepspeed_available(), reason="deepspeed not installed")
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_deepspeed_two_processes_torchrun(assets, tmp_path, zero, plain_two_steps):
+    """`torchrun --nproc_per_node 2 -m deft train` (gloo on CPU): 2 ranks x 2
+    samples see the same 4 samples per step as one process with gradient
+    accumulation 2, so the metrics (averaged across ranks) and the weights match
+    the plain loop; only rank 0 writes."""
+    env = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    out = tmp_path / "mp"
+    ov = overrides(assets, out, **{"train.deepspeed": str(REPO / "configs" / "deepspeed" / f"{zero}.json"), "train.max_steps": 2,
+                                   "train.gradient_accumulation_steps": 1, "train.save_steps": 1})
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "deft", "train"] + [a for o in ov for a in ("--set", o)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
+    assert "world 2" in r.stderr
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == [1, 2]  # one writer
+    ref_rows, ref_w = plain_two_steps
+    for k in ("loss", "L_m", "R_dis", "rewards/margins"):
+        assert rows[0][k] == pytest.approx(ref_rows[0][k], rel=1e-5, abs=1e-7), (k, rows[0][k], ref_rows[0][k])
+    after = load_weights(out / "model")
+    for k in ref_w:
+        assert after[k].shape == ref_w[k].shape, k
+        torch.testing.assert_close(after[k], ref_w[k], rtol=0, atol=1e-5)
+    ck = out / "checkpoints" / "step-1"  # the last step is not checkpointed: the model is saved
+    assert sorted(p.name for p in ck.glob("rng_rank*.pt")) == ["rng_rank0.pt", "rng_rank1.pt"]
 
 
 KILLER = textwrap.dedent("""
