@@ -240,6 +240,25 @@ def test_baseline_without_deft(assets, tmp_path):
     assert "R_dis" not in res.last_metrics and res.last_metrics["loss"] == res.last_metrics["L_m"]
 
 
+def test_tensorboard_logging(assets, tmp_path):
+    """train.tensorboard: the JSONL metrics also go to TensorBoard event files."""
+    pytest.importorskip("tensorboard")  # in the [test] extra
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from deft.train import run
+
+    out = tmp_path / "tb"
+    run(None, overrides(assets, out, **{"train.max_steps": 2, "train.tensorboard": True}))
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    ea = EventAccumulator(str(out / "tensorboard"))
+    ea.Reload()
+    tags = ea.Tags()["scalars"]
+    assert {"train/loss", "train/R_dis", "train/lr", "rewards/margins"} <= set(tags)
+    loss = ea.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2]
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+
+
 def _deepspeed_available():
     try:
         import deepspeed  # noqa: F401

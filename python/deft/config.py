@@ -87,6 +87,7 @@ SCHEMA: Dict[str, Any] = {
         "ref_cache_dir": Field(None, "str", nullable=True, help="reference log-prob cache (default: OUTPUT_DIR/ref_cache)"),
         "ref_batch_size": Field(None, "int", nullable=True, help="prompts per reference forward (default: micro_batch_size)"),
         "progress": Field(True, "bool"),
+        "tensorboard": Field(False, "bool", help="also log the per-step metrics to OUTPUT_DIR/tensorboard (needs the tensorboard package)"),
         "device": Field("auto", "str", help="auto | cpu | cuda | cuda:N"),
     },
     "generation": {

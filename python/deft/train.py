@@ -795,6 +795,7 @@ def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method
     from deft.io import MetricsLog
 
     metrics_log = MetricsLog(out_dir / "metrics.jsonl" if d.rank == 0 else None)
+    tb = _tensorboard(out_dir, global_step) if t["tensorboard"] and d.rank == 0 else None
 
     # ----- loop
     bar = None
@@ -864,6 +865,11 @@ def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method
                         "tokens_per_s": tokens_all / max(dt, 1e-9), "step_seconds": dt,
                         "grad_norm": float(gn) if gn is not None else None})
             metrics_log.log(**row)
+            if tb is not None:
+                for k, v in row.items():
+                    if k != "step" and v is not None:
+                        tb.add_scalar(k if "/" in k else f"train/{k}", v, global_step)
+                tb.flush()
             last = row
             if bar is not None:
                 bar.update(1)
@@ -878,10 +884,22 @@ def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method
         epoch += 1
     if bar is not None:
         bar.close()
+    if tb is not None:
+        tb.close()
 
     # ----- final model
     model_dir = _save_final(cfg, out_dir, engine, module, prep, d, model_fp, global_step, total_steps, ref_path)
     return TrainResult(out_dir, model_dir, global_step, total_steps, last, ref_path, ref_hit, resumed_from)
+
+
+def _tensorboard(out_dir: Path, global_step: int):
+    """A SummaryWriter on OUTPUT_DIR/tensorboard; on resume, events logged after
+    the checkpoint by the interrupted run are purged (``purge_step``)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ImportError(f"train.tensorboard: true needs the tensorboard package (pip install tensorboard): {e}") from None
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=global_step + 1 if global_step > 0 else None)
 
 
 def _mean_across(row: Dict[str, float], d: Dist) -> Dict[str, float]:
