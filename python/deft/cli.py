@@ -329,6 +329,92 @@ def train(
         )
 
 
+@app.command("eval")
+@_friendly_errors
+def eval_(
+    model: List[str] = typer.Option([], "--model", help="Policy to evaluate: a local Hugging Face model folder (e.g. runs/x/train/model) or a hub id; repeat for several (one table row each)."),
+    data: List[Path] = typer.Option([], "--data", "-d", help="Test file(s): any format `deft.data.load` reads (e.g. ../shared/data/pro-hh/test_harmless_base.jsonl.gz), or an MT-Bench question.jsonl."),
+    output_dir: Path = typer.Option(Path("runs/eval"), "--output-dir", "-o", help="Folder for eval.json, eval.md, manifest.json, metrics.jsonl and one folder per model."),
+    reward_model: str = typer.Option("builtin", "--reward-model", help="builtin (offline), or a Hugging Face sequence-classification reward model: hub name or local path (as in deft grade)."),
+    reward_template: str = typer.Option("auto", "--reward-template", help="How (context, response) is shown to the reward model: auto, oasst, chat, plain."),
+    template: str = typer.Option("auto", "--template", help="Prompt template: auto (the one `deft train` recorded for the model, else chat if the tokenizer has a chat template, else plain), chat, plain."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Win/tie/lose against: the --name of another evaluated model, another eval output folder (or a run folder in it), or a generations/samples file."),
+    name: List[str] = typer.Option([], "--name", help="Run name for each --model, in order (default: the model folder's name; `x` for runs/x/train/model)."),
+    gguf_file: Optional[str] = typer.Option(None, "--gguf-file", help="GGUF file inside the model folder / repo to load (dequantised by transformers), e.g. for SmolLM2 GGUF releases."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer folder or hub id when it is not the model's own."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="New tokens per generation (greedy)."),
+    max_prompt_length: int = typer.Option(384, "--max-prompt-length", help="Prompt tokens kept (left-truncated), as in training."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per generation batch (left-padded)."),
+    reward_batch_size: Optional[int] = typer.Option(None, "--reward-batch-size", help="Pairs per reward-model batch (default: from a token budget)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N rows of each subset (and the first N MT-Bench questions)."),
+    tie_margin: float = typer.Option(1.0, "--tie-margin", help="Win/tie/lose: reward difference (points on the 0-100 scale) up to which a prompt is a tie."),
+    mt_bench_max_new_tokens: int = typer.Option(1024, "--mt-bench-max-new-tokens", help="New tokens per MT-Bench turn (FastChat's default 1024)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16, float16 (default: bfloat16 on CUDA, float32 on CPU)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard generations stored in OUTPUT_DIR instead of resuming from them."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the models' own Python code (off by default)."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Generate greedily on test prompts and report BLEU and reward per subset (the PRO/DEFT Table 2), win/tie/lose against a baseline, and MT-Bench answers."""
+    from deft.evaluate import evaluate
+
+    report = evaluate(
+        model, data, output_dir, reward_model=reward_model, reward_template=reward_template, template=template,
+        baseline=baseline, max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length, batch_size=batch_size,
+        reward_batch_size=reward_batch_size, limit=limit, tie_margin=tie_margin, device=device, dtype=dtype,
+        gguf_file=gguf_file, tokenizer=tokenizer, model_names=name or None, trust_remote_code=trust_remote_code,
+        mt_bench_max_new_tokens=mt_bench_max_new_tokens, overwrite=overwrite, progress=progress,
+    )
+    if report.subsets:
+        header, rows = report.table()
+        t = Table(title=f"BLEU (PRO-compatible, x100) and reward (100*sigmoid) -> {report.eval_md}", title_justify="left")
+        for i, h in enumerate(header):
+            t.add_column(h, justify="left" if i == 0 else "right")
+        for row in rows:
+            t.add_row(*row)
+        console.print(t)
+    for r in report.runs:
+        w = r.win_tie_lose
+        if w is not None:
+            console.print(f"{r.name} vs {w.baseline}: win {w.win} ({w.win_rate:.1%}), tie {w.tie} ({w.tie_rate:.1%}), "
+                          f"lose {w.lose} ({w.lose_rate:.1%}) on {w.n} prompts (tie margin {w.tie_margin:g})")
+        if r.mt_bench_path is not None:
+            console.print(f"{r.name}: MT-Bench answers for {r.mt_bench_questions} questions -> {r.mt_bench_path}")
+    for note in report.notes:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+    console.print(f"eval.json: {report.eval_json}; manifest: {report.manifest}; metrics: {report.metrics}")
+
+
+@app.command("run")
+@_friendly_errors
+def run_cmd(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Pipeline YAML, e.g. configs/pipeline/hh-deft-dpo.yaml (keys: python/deft/pipeline.py and python/deft/config.py)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config key, KEY=VALUE (VALUE parsed as YAML), e.g. --set model=PATH --set deft.omega=0; repeatable."),
+    from_stage: Optional[str] = typer.Option(None, "--from", help="Rerun this stage and every later one even if up to date: select, grade, distribution, train, eval."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only print what each stage would do (skip, resume, run) and why."),
+) -> None:
+    """Run the whole workflow (select -> grade -> distribution -> train -> eval -> report.md) from one config; rerunning resumes."""
+    from deft.pipeline import load_pipeline_config, run_pipeline
+
+    cfg = load_pipeline_config(str(config) if config is not None else None, set_)
+    if dry_run:
+        from deft.pipeline import plan_pipeline
+
+        for p in plan_pipeline(cfg, from_stage=from_stage):
+            console.print(f"{p['stage']:<13} {p['action']:<9} {p['reason']}")
+        return
+    res = run_pipeline(cfg, from_stage=from_stage, config_path=str(config) if config else None, overrides=set_,
+                       on_stage=lambda r: console.print(f"[bold]{r.name}[/bold]: {r.action} ({r.seconds:.1f} s) -> {r.folder}"))
+    t = Table(title=f"deft run: {res.run_dir}", title_justify="left")
+    for col in ("stage", "action", "seconds", "folder"):
+        t.add_column(col, justify="right" if col == "seconds" else "left")
+    for r in res.stages:
+        t.add_row(r.name, r.action, f"{r.seconds:.1f}", str(r.folder))
+    console.print(t)
+    console.print(f"report: {res.report}")
+
+
 def main() -> None:
     app()
 

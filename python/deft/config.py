@@ -104,11 +104,11 @@ def _walk(schema: Mapping[str, Any], prefix: str = ""):
             yield from _walk(v, prefix + k + ".")
 
 
-def defaults() -> Dict[str, Any]:
+def defaults(schema: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     def build(s: Mapping[str, Any]) -> Dict[str, Any]:
         return {k: (copy.deepcopy(v.default) if isinstance(v, Field) else build(v)) for k, v in s.items()}
 
-    return build(SCHEMA)
+    return build(SCHEMA if schema is None else schema)
 
 
 def _coerce(key: str, f: Field, value: Any) -> Any:
@@ -151,9 +151,9 @@ def _coerce(key: str, f: Field, value: Any) -> Any:
     return value
 
 
-def _lookup(key: str) -> Tuple[Optional[Field], Mapping[str, Any], List[str]]:
+def _lookup(key: str, schema: Mapping[str, Any]) -> Tuple[Optional[Field], Mapping[str, Any], List[str]]:
     parts = key.split(".")
-    node: Any = SCHEMA
+    node: Any = schema
     for i, p in enumerate(parts):
         if isinstance(node, Field) or p not in node:
             where = ".".join(parts[:i]) or "the top level"
@@ -165,8 +165,8 @@ def _lookup(key: str) -> Tuple[Optional[Field], Mapping[str, Any], List[str]]:
     return node, {}, parts
 
 
-def _merge(cfg: Dict[str, Any], data: Mapping[str, Any], prefix: str, source: str) -> None:
-    schema_node: Any = SCHEMA
+def _merge(cfg: Dict[str, Any], data: Mapping[str, Any], prefix: str, source: str, schema: Mapping[str, Any]) -> None:
+    schema_node: Any = schema
     for p in [x for x in prefix.split(".") if x]:
         schema_node = schema_node[p]
     for k, v in data.items():
@@ -183,16 +183,16 @@ def _merge(cfg: Dict[str, Any], data: Mapping[str, Any], prefix: str, source: st
                 continue
             if not isinstance(v, Mapping):
                 raise ConfigError(f"{source}: {key} must be a mapping of {', '.join(sorted(node))}")
-            _merge(cfg[k], v, key + ".", source)
+            _merge(cfg[k], v, key + ".", source, schema)
 
 
-def apply_override(cfg: Dict[str, Any], override: str) -> None:
-    """Apply one ``a.b=value`` override in place."""
+def apply_override(cfg: Dict[str, Any], override: str, schema: Optional[Mapping[str, Any]] = None) -> None:
+    """Apply one ``a.b=value`` override in place (keys of ``schema``, default :data:`SCHEMA`)."""
     if "=" not in override:
         raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. train.lr=1e-6")
     key, raw = override.split("=", 1)
     key = key.strip()
-    f, _, parts = _lookup(key)
+    f, _, parts = _lookup(key, SCHEMA if schema is None else schema)
     try:
         value = yaml.safe_load(raw) if raw.strip() != "" else ""
     except yaml.YAMLError as e:
@@ -236,11 +236,10 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise ConfigError("train.save_total_limit: must be >= 1")
 
 
-def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = (), *, check: bool = True) -> Dict[str, Any]:
-    """Defaults, then the YAML file, then each ``KEY=VALUE`` override; validated.
-
-    Relative paths in the file are kept as written (relative to the current folder)."""
-    cfg = defaults()
+def read_config(path: Optional[Union[str, Path]], overrides: Sequence[str], schema: Mapping[str, Any]) -> Dict[str, Any]:
+    """Defaults of ``schema``, then the YAML file, then each ``KEY=VALUE``
+    override (not validated across fields)."""
+    cfg = defaults(schema)
     if path is not None:
         p = Path(path)
         if not p.exists():
@@ -251,9 +250,17 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
             raise ConfigError(f"{p}: invalid YAML: {e}") from None
         if not isinstance(data, Mapping):
             raise ConfigError(f"{p}: expected a mapping at the top level")
-        _merge(cfg, data, "", str(p))
+        _merge(cfg, data, "", str(p), schema)
     for o in overrides:
-        apply_override(cfg, o)
+        apply_override(cfg, o, schema)
+    return cfg
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = (), *, check: bool = True) -> Dict[str, Any]:
+    """Defaults, then the YAML file, then each ``KEY=VALUE`` override; validated.
+
+    Relative paths in the file are kept as written (relative to the current folder)."""
+    cfg = read_config(path, overrides, SCHEMA)
     if check:
         validate(cfg)
     return cfg

@@ -1,0 +1,618 @@
+"""`deft run`: the DEFT workflow from one config, stage by stage, resumable.
+
+Stages run in this order, each into its own folder of ``run_dir``:
+
+=================  =========================================  ==========================================
+stage              does                                       leaves
+=================  =========================================  ==========================================
+``select``         REAL pair selection (only when             ``select/selected.parquet`` (+ sidecar,
+                   ``select.enabled``)                        manifest, similarity plot)
+``grade``          ``deft grade``: score, levels, Q+/Q-       ``grade/graded.parquet``, ``manifest.json``
+``distribution``   ``deft distribution`` for the policy's     ``distribution/qdiff.safetensors``
+                   tokenizer and the trainer's template
+``train``          ``deft train`` on the graded data          ``train/model/``, ``metrics.jsonl``, ...
+``eval``           ``deft eval`` of the trained model (and    ``eval/eval.json``, ``eval.md``, ...
+                   the base model as the baseline)
+=================  =========================================  ==========================================
+
+and then ``report.md`` (grading summary, top Q_diff tokens, training curves
+``train_curves.png``, evaluation table) in ``run_dir``.
+
+A pipeline config is a ``deft train`` config (every key of
+:data:`deft.config.SCHEMA`: ``model``, ``data.*``, ``method.*``, ``deft.*``,
+``train.*``, ``generation.*``) plus the sections of :data:`PIPELINE_SCHEMA`
+(``run_dir``, ``inputs``, ``select``, ``grade``, ``eval``). The pipeline fills
+in ``data.graded``, ``deft.distribution`` and ``train.output_dir`` itself.
+
+Resuming: every stage folder holds ``stage.json`` with the stage's
+*fingerprint* -- a SHA-256 over its parameters, the SHA-256 of its input files
+and the fingerprints of the stages it reads from -- and its status
+(``running`` or ``done``). A stage whose ``stage.json`` says ``done`` with the
+same fingerprint, and whose outputs exist, is skipped. One that says
+``running`` with the same fingerprint was interrupted and is continued (the
+trainer from its last checkpoint, scoring from its part files, evaluation from
+its generations file). A stage whose fingerprint changed (a parameter, an input
+or an upstream stage changed), or any stage at or after ``--from STAGE``, is
+cleared and run again. ``deft run`` runs in one process; for several GPUs run
+the stages one by one (``deepspeed -m deft train ...``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+from deft.config import SCHEMA as TRAIN_SCHEMA
+from deft.config import ConfigError, Field, read_config
+from deft.config import validate as validate_train
+
+__all__ = ["STAGES", "PIPELINE_SCHEMA", "load_pipeline_config", "plan_pipeline", "run_pipeline", "PipelineResult", "StageResult", "write_report"]
+
+STAGES = ("select", "grade", "distribution", "train", "eval")
+STAGE_FILE = "stage.json"
+
+PIPELINE_SCHEMA: Dict[str, Any] = {
+    **copy.deepcopy(TRAIN_SCHEMA),
+    "run_dir": Field("runs/pipeline", "str", help="every stage writes into a folder of this one"),
+    "inputs": {
+        "files": Field([], "list", help="the preference data to grade (any format deft reads)"),
+        "on_error": Field("raise", "str", choices=("raise", "skip"), help="skip: bad rows go to grade/rejects.jsonl"),
+    },
+    "select": {
+        "enabled": Field(False, "bool", help="run REAL pair selection before grading"),
+        "strategy": Field("easy", "str", choices=("easy", "hard", "random", "centroid")),
+        "fraction": Field(0.5, "float"),
+        "seed": Field(0, "int"),
+        "embedder": Field("builtin", "str", help="builtin (all-MiniLM-L6-v2) or a model folder"),
+        "batch_size": Field(64, "int"),
+    },
+    "grade": {
+        "reward_model": Field("builtin", "str", help="builtin, a hub id or a local folder"),
+        "template": Field("auto", "str", choices=("auto", "oasst", "chat", "plain")),
+        "use_input_scores": Field(False, "bool", help="grade with the scores the input carries (PRO reward)"),
+        "a": Field(3.73, "float", help="percent of samples in level A"),
+        "c": Field(12.5, "float", help="percent of samples in level C"),
+        "per_subset": Field(None, "bool", nullable=True, help="grade each subset separately (default: when there are several)"),
+        "max_length": Field(1024, "int"),
+        "batch_size": Field(None, "int", nullable=True),
+        "device": Field(None, "str", nullable=True),
+    },
+    "eval": {
+        "enabled": Field(True, "bool"),
+        "files": Field([], "list", help="test data (any format deft reads; MT-Bench question.jsonl too)"),
+        "reward_model": Field("builtin", "str"),
+        "template": Field("auto", "str", choices=("auto", "oasst", "chat", "plain"), help="the reward model's template"),
+        "baseline": Field("base", "str", nullable=True, help="base: also evaluate the untrained model and judge against it; "
+                                                            "a folder/file of another evaluation's generations; null: none"),
+        "max_prompt_length": Field(384, "int"),
+        "batch_size": Field(8, "int"),
+        "limit": Field(None, "int", nullable=True, help="evaluate the first N prompts of each file"),
+        "tie_margin": Field(None, "float", nullable=True, help="reward difference counted as a tie (default: deft eval's)"),
+        "device": Field(None, "str", nullable=True),
+    },
+}
+
+# keys of the train config the pipeline owns
+_FILLED = ("data.graded", "deft.distribution", "train.output_dir")
+
+
+class PipelineError(RuntimeError):
+    """A stage cannot run as configured."""
+
+
+def validate(cfg: Mapping[str, Any]) -> None:
+    """Cross-field checks of a pipeline config."""
+    if not cfg.get("model"):
+        raise ConfigError("model: required (the policy to train: a local folder or a hub id)")
+    if not cfg["inputs"]["files"]:
+        raise ConfigError("inputs.files: required (the preference data to grade)")
+    if cfg["eval"]["enabled"] and not cfg["eval"]["files"]:
+        raise ConfigError("eval.files: required when eval.enabled is true (or --set eval.enabled=false)")
+    if not 0 < cfg["select"]["fraction"] <= 1:
+        raise ConfigError(f"select.fraction: must be in (0, 1], got {cfg['select']['fraction']}")
+    validate_train(_train_config(cfg, Path(cfg["run_dir"])))
+
+
+def load_pipeline_config(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """Defaults, the YAML file, then ``--set KEY=VALUE`` overrides; validated."""
+    cfg = read_config(path, overrides, PIPELINE_SCHEMA)
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------
+# fingerprints and stage records
+
+
+def _h(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+_FILE_HASHES: Dict[tuple, str] = {}
+
+
+def _file_hash(path: Any) -> Dict[str, Any]:
+    from deft.io import sha256_file
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(2, "input file not found", str(p))
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        _FILE_HASHES[key] = sha256_file(p)
+    return {"path": str(p), "sha256": _FILE_HASHES[key]}
+
+
+def _spec_hash(spec: Optional[str]) -> Any:
+    """A model/tokenizer spec: file hashes when it is a local file or folder, else the name."""
+    if spec is None:
+        return None
+    p = Path(spec)
+    if p.is_file():
+        return _file_hash(p)["sha256"]
+    if p.is_dir():
+        names = sorted(f for f in p.iterdir() if f.is_file() and (f.suffix in (".json", ".safetensors", ".gguf", ".model", ".txt", ".jinja")))
+        return {f.name: _file_hash(f)["sha256"] for f in names}
+    return spec
+
+
+@dataclass
+class StageResult:
+    name: str
+    action: str  # "skipped" | "ran" | "resumed" | "disabled"
+    folder: Path
+    fingerprint: str
+    seconds: float = 0.0
+    outputs: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class PipelineResult:
+    run_dir: Path
+    stages: List[StageResult]
+    report: Optional[Path]
+
+
+def _read_stage(folder: Path) -> Optional[Dict[str, Any]]:
+    p = folder / STAGE_FILE
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # a torn or foreign file: the stage is redone
+
+
+def _write_stage(folder: Path, rec: Mapping[str, Any]) -> None:
+    from deft.io import write_json_atomic
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / STAGE_FILE, dict(rec))
+
+
+def _log(msg: str) -> None:
+    print(f"[deft run] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# the stages
+
+
+def _train_config(cfg: Mapping[str, Any], run_dir: Path) -> Dict[str, Any]:
+    """The `deft train` config inside a pipeline config, with the paths the pipeline owns."""
+    tcfg = {k: copy.deepcopy(cfg[k]) for k in TRAIN_SCHEMA}
+    tcfg["data"]["graded"] = str(run_dir / "grade" / "graded.parquet")
+    tcfg["deft"]["distribution"] = str(run_dir / "distribution" / "qdiff.safetensors") if tcfg["deft"]["enabled"] else None
+    tcfg["train"]["output_dir"] = str(run_dir / "train")
+    return tcfg
+
+
+def _tokenizer_spec(cfg: Mapping[str, Any]) -> str:
+    return cfg["tokenizer"] or cfg["model"]
+
+
+class _Stage:
+    """One stage: its folder, fingerprint parameters, outputs and how to run it."""
+
+    name: str = ""
+
+    def __init__(self, cfg: Mapping[str, Any], run_dir: Path, upstream: Mapping[str, str]):
+        self.cfg, self.run_dir, self.upstream = cfg, run_dir, upstream
+        self.folder = run_dir / self.name
+
+    def enabled(self) -> bool:
+        return True
+
+    def params(self) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def outputs(self) -> Dict[str, Path]:
+        raise NotImplementedError
+
+    def run(self, resume: bool) -> None:
+        raise NotImplementedError
+
+    def complete_on_disk(self) -> bool:
+        """Whether a run that died after writing everything (but before marking
+        stage.json done) left complete outputs."""
+        return False
+
+    def fingerprint(self) -> str:
+        return _h({"stage": self.name, "params": self.params(), "upstream": dict(self.upstream)})
+
+
+class _Select(_Stage):
+    name = "select"
+
+    def enabled(self) -> bool:
+        return bool(self.cfg["select"]["enabled"])
+
+    def params(self):
+        return {"inputs": [_file_hash(p) for p in self.cfg["inputs"]["files"]], "select": self.cfg["select"],
+                "embedder": _spec_hash(self.cfg["select"]["embedder"]) if self.cfg["select"]["embedder"] != "builtin" else "builtin",
+                "on_error": self.cfg["inputs"]["on_error"]}
+
+    def outputs(self):
+        return {"selected": self.folder / "selected.parquet"}
+
+    def run(self, resume: bool) -> None:
+        from deft.select import select_files
+
+        s, i = self.cfg["select"], self.cfg["inputs"]
+        select_files(i["files"], self.outputs()["selected"], strategy=s["strategy"], fraction=s["fraction"], seed=s["seed"],
+                     embedder=s["embedder"], batch_size=s["batch_size"], plot=True, overwrite=True,
+                     on_error=i["on_error"], rejects=self.folder / "rejects.jsonl",
+                     trust_remote_code=self.cfg["trust_remote_code"])
+
+
+class _Grade(_Stage):
+    name = "grade"
+
+    def _inputs(self) -> List[str]:
+        if self.cfg["select"]["enabled"]:
+            return [str(self.run_dir / "select" / "selected.parquet")]
+        return list(self.cfg["inputs"]["files"])
+
+    def params(self):
+        p = {"grade": self.cfg["grade"], "on_error": self.cfg["inputs"]["on_error"]}
+        if not self.cfg["select"]["enabled"]:  # after select, the select fingerprint stands for the inputs
+            p["inputs"] = [_file_hash(f) for f in self._inputs()]
+        if self.cfg["grade"]["reward_model"] != "builtin":
+            p["reward_model"] = _spec_hash(self.cfg["grade"]["reward_model"])
+        return p
+
+    def outputs(self):
+        return {"graded": self.folder / "graded.parquet", "manifest": self.folder / "manifest.json"}
+
+    def complete_on_disk(self) -> bool:
+        return False  # regrading from the stored scores is cheap
+
+    def run(self, resume: bool) -> None:
+        from deft.grade import grade_files
+
+        g = self.cfg["grade"]
+        graded = self.outputs()["graded"]
+        if resume and graded.exists():
+            graded.unlink()  # written, but the stage was not marked done: grade again from the stored scores
+        grade_files(self._inputs(), self.folder, reward_model=g["reward_model"], template=g["template"],
+                    use_input_scores=g["use_input_scores"], a=g["a"], c=g["c"], per_subset=g["per_subset"],
+                    max_length=g["max_length"], batch_size=g["batch_size"], device=g["device"], plot=True,
+                    on_error=self.cfg["inputs"]["on_error"], rejects=self.folder / "rejects.jsonl",
+                    trust_remote_code=self.cfg["trust_remote_code"])
+
+
+class _Distribution(_Stage):
+    name = "distribution"
+
+    def params(self):
+        return {"tokenizer": _spec_hash(_tokenizer_spec(self.cfg)), "template": self.cfg["data"]["template"]}
+
+    def outputs(self):
+        return {"qdiff": self.folder / "qdiff.safetensors", "top_tokens": self.folder / "top_tokens.json"}
+
+    def run(self, resume: bool) -> None:
+        import polars as pl
+
+        from deft.distribution import build_distribution, plot_top_tokens, resolve_tokenizer, save_distribution, top_tokens
+        from deft.io import write_json_atomic
+
+        graded = self.run_dir / "grade" / "graded.parquet"
+        tok = resolve_tokenizer(_tokenizer_spec(self.cfg), trust_remote_code=self.cfg["trust_remote_code"])
+        dist = build_distribution(pl.read_parquet(graded), tok, template=self.cfg["data"]["template"], graded_path=graded)
+        save_distribution(dist, self.outputs()["qdiff"], overwrite=True)
+        top = top_tokens(dist, tok, 20)
+        plot_top_tokens(top, self.folder / "top_tokens.png")
+        write_json_atomic(self.outputs()["top_tokens"], top)
+
+
+class _Train(_Stage):
+    name = "train"
+
+    def params(self):
+        from deft.train import _model_fingerprint
+
+        tcfg = _train_config(self.cfg, self.run_dir)
+        for key in _FILLED:
+            sec, k = key.split(".")
+            tcfg[sec][k] = None
+        tcfg["train"]["progress"] = None  # does not change the result
+        return {"config": tcfg, "model": _model_fingerprint(tcfg), "tokenizer": _spec_hash(self.cfg["tokenizer"])}
+
+    def outputs(self):
+        return {"model": self.folder / "model", "metrics": self.folder / "metrics.jsonl", "manifest": self.folder / "manifest.json"}
+
+    def complete_on_disk(self) -> bool:
+        return all(p.exists() for p in self.outputs().values())
+
+    def run(self, resume: bool) -> None:
+        from deft.train import train
+
+        train(_train_config(self.cfg, self.run_dir), resume=resume)
+
+
+class _Eval(_Stage):
+    name = "eval"
+
+    def enabled(self) -> bool:
+        return bool(self.cfg["eval"]["enabled"])
+
+    def params(self):
+        e = self.cfg["eval"]
+        p = {"eval": e, "generation": self.cfg["generation"], "files": [_file_hash(f) for f in e["files"]],
+             "template": self.cfg["data"]["template"]}
+        if e["baseline"] == "base":
+            from deft.train import _model_fingerprint
+
+            p["base"] = _model_fingerprint(self.cfg)
+        elif e["baseline"]:
+            p["baseline"] = _spec_hash(e["baseline"])
+        if e["reward_model"] != "builtin":
+            p["reward_model"] = _spec_hash(e["reward_model"])
+        return p
+
+    def outputs(self):
+        return {"json": self.folder / "eval.json", "markdown": self.folder / "eval.md"}
+
+    def run(self, resume: bool) -> None:
+        _run_eval(self.cfg, self.run_dir, self.folder)
+
+
+def _run_eval(cfg: Mapping[str, Any], run_dir: Path, folder: Path) -> None:
+    """Evaluate the trained model (and the base model when eval.baseline is
+    ``base``, as the baseline of win/tie/lose) with :func:`deft.evaluate.evaluate`."""
+    from deft.evaluate import evaluate
+
+    e = cfg["eval"]
+    name = f"{'deft-' if cfg['deft']['enabled'] else ''}{cfg['method']['name']}"
+    models, names = [str(run_dir / "train" / "model")], [name]
+    gguf: List[Optional[str]] = [None]  # the trained model is saved as safetensors with its tokenizer
+    toks: List[Optional[str]] = [None]
+    baseline = e["baseline"]
+    if baseline == "base":
+        models.append(cfg["model"])
+        names.append("base")
+        gguf.append(cfg.get("gguf_file"))
+        toks.append(cfg["tokenizer"])
+    kw: Dict[str, Any] = {}
+    if e["tie_margin"] is not None:
+        kw["tie_margin"] = e["tie_margin"]
+    evaluate(models, e["files"], folder, reward_model=e["reward_model"], reward_template=e["template"], baseline=baseline,
+             model_names=names, gguf_file=gguf, tokenizer=toks, template=cfg["data"]["template"],
+             max_new_tokens=cfg["generation"]["max_new_tokens"], max_prompt_length=e["max_prompt_length"],
+             batch_size=e["batch_size"], limit=e["limit"], device=e["device"], trust_remote_code=cfg["trust_remote_code"],
+             progress=cfg["train"]["progress"], **kw)
+
+
+_STAGE_CLASSES = {"select": _Select, "grade": _Grade, "distribution": _Distribution, "train": _Train, "eval": _Eval}
+
+
+# ---------------------------------------------------------------------------
+# driver
+
+
+def _decide(stage: _Stage, fp: str, forced: bool) -> str:
+    """"skip", "resume" or "run" for a stage with fingerprint ``fp``."""
+    rec = _read_stage(stage.folder)
+    same = rec is not None and rec.get("fingerprint") == fp and not forced
+    if same and rec.get("status") == "done" and all(p.exists() for p in stage.outputs().values()):
+        return "skip"
+    if same and rec.get("status") == "running":
+        return "resume"
+    return "run"
+
+
+def plan_pipeline(cfg: Mapping[str, Any], *, from_stage: Optional[str] = None) -> List[Dict[str, str]]:
+    """What :func:`run_pipeline` would do, stage by stage, without doing it:
+    ``[{"stage", "action" (skip | resume | run | disabled), "reason"}]``. After
+    the first stage that runs, later stages are reported as ``run`` (their
+    inputs will be new)."""
+    _check_from(from_stage)
+    run_dir = Path(cfg["run_dir"])
+    upstream: Dict[str, str] = {}
+    out: List[Dict[str, str]] = []
+    forced = dirty = False
+    for name in STAGES:
+        stage = _STAGE_CLASSES[name](cfg, run_dir, dict(upstream))
+        forced = forced or name == from_stage
+        if not stage.enabled():
+            out.append({"stage": name, "action": "disabled", "reason": ""})
+            continue
+        fp = stage.fingerprint()
+        action = "run" if dirty else _decide(stage, fp, forced)
+        rec = _read_stage(stage.folder)
+        reason = ("--from" if forced else "an earlier stage runs" if dirty else
+                  "up to date" if action == "skip" else "interrupted" if action == "resume" else
+                  "new" if rec is None else "inputs or parameters changed" if rec.get("fingerprint") != fp else "incomplete")
+        out.append({"stage": name, "action": action, "reason": reason})
+        dirty = dirty or action != "skip"
+        upstream[name] = fp
+    return out
+
+
+def _check_from(from_stage: Optional[str]) -> None:
+    if from_stage is not None and from_stage not in STAGES:
+        raise ConfigError(f"--from {from_stage!r}: not a stage; stages: {', '.join(STAGES)}")
+
+
+def run_pipeline(cfg: Mapping[str, Any], *, from_stage: Optional[str] = None, config_path: Optional[str] = None,
+                 overrides: Sequence[str] = (), on_stage: Optional[Callable[[StageResult], None]] = None) -> PipelineResult:
+    """Run (or resume) every stage of a validated pipeline config; write report.md."""
+    from deft.io import write_json_atomic
+
+    _check_from(from_stage)
+    run_dir = Path(cfg["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "config.json", {"config": dict(cfg), "config_file": config_path, "overrides": list(overrides)})
+    upstream: Dict[str, str] = {}
+    results: List[StageResult] = []
+    forced = False
+    for name in STAGES:
+        stage = _STAGE_CLASSES[name](cfg, run_dir, dict(upstream))
+        forced = forced or name == from_stage
+        if not stage.enabled():
+            results.append(StageResult(name, "disabled", stage.folder, ""))
+            continue
+        fp = stage.fingerprint()
+        outs = stage.outputs()
+        decision = _decide(stage, fp, forced)
+        t0 = time.perf_counter()
+        if decision == "skip":
+            action = "skipped"
+            _log(f"{name}: up to date ({stage.folder})")
+        else:
+            resume = decision == "resume"
+            if not resume and stage.folder.exists():
+                rec = _read_stage(stage.folder)
+                why = "--from" if forced else ("its inputs or parameters changed" if rec is not None else "no record of a finished run")
+                _log(f"{name}: clearing {stage.folder} ({why})")
+                shutil.rmtree(stage.folder)
+            action = "resumed" if resume else "ran"
+            _write_stage(stage.folder, {"stage": name, "fingerprint": fp, "status": "running", "upstream": dict(upstream),
+                                        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            if resume and stage.complete_on_disk():
+                _log(f"{name}: outputs complete from the interrupted run")
+            else:
+                _log(f"{name}: {'resuming' if resume else 'running'} -> {stage.folder}")
+                stage.run(resume)
+            missing = [str(p) for p in outs.values() if not p.exists()]
+            if missing:
+                raise PipelineError(f"stage {name} finished without writing {', '.join(missing)}")
+            _write_stage(stage.folder, {"stage": name, "fingerprint": fp, "status": "done", "upstream": dict(upstream),
+                                        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                        "seconds": round(time.perf_counter() - t0, 3),
+                                        "outputs": {k: str(p) for k, p in outs.items()}})
+        res = StageResult(name, action, stage.folder, fp, time.perf_counter() - t0, {k: str(p) for k, p in outs.items()})
+        results.append(res)
+        if on_stage is not None:
+            on_stage(res)
+        upstream[name] = fp
+    report = write_report(run_dir, cfg, results)
+    return PipelineResult(run_dir, results, report)
+
+
+# ---------------------------------------------------------------------------
+# report
+
+
+def plot_training_curves(metrics_path: Path, out: Path) -> Optional[Path]:
+    """loss, L_m, R_dis, reward margin, accuracy and lr against the step."""
+    rows = [json.loads(l) for l in metrics_path.read_text(encoding="utf-8").splitlines() if l.strip()]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("loss", "L_m", "R_dis", "rewards/margins", "rewards/accuracy", "lr") if any(k in r for r in rows)]
+    cols = 3
+    nrows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
+    steps = [r["step"] for r in rows]
+    for ax, k in zip(axes.flat, keys):
+        ax.plot(steps, [r.get(k, float("nan")) for r in rows], marker="." if len(rows) < 50 else None)
+        ax.set_title(k)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    from deft.io import atomic_path
+
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return out
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(x) for x in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, cfg: Mapping[str, Any], results: Sequence[StageResult]) -> Path:
+    """run_dir/report.md from what the stages left on disk."""
+    from deft.io import write_text_atomic
+
+    by = {r.name: r for r in results}
+    parts = [f"# deft run: {run_dir}", ""]
+    method = cfg["method"]["name"]
+    parts.append(f"Policy `{cfg['model']}`{' (' + cfg['gguf_file'] + ')' if cfg.get('gguf_file') else ''}, method "
+                 f"{'DEFT-' if cfg['deft']['enabled'] else ''}{method.upper()}"
+                 f"{' (omega ' + format(cfg['deft']['omega'], 'g') + ')' if cfg['deft']['enabled'] else ''}, "
+                 f"trained on levels {', '.join(cfg['data']['levels'])}.")
+    parts += ["", _md_table(["stage", "action", "seconds", "folder"],
+                            [[r.name, r.action, f"{r.seconds:.1f}", f"`{r.folder}`"] for r in results]), ""]
+
+    gman = run_dir / "grade" / "manifest.json"
+    if gman.exists():
+        m = json.loads(gman.read_text(encoding="utf-8"))
+        p = m.get("parameters", {})
+        parts += ["## Grading", "",
+                  f"Reward model `{p.get('reward_model')}`, a = {p.get('a')}%, c = {p.get('c')}%, per subset: {p.get('per_subset')}.", ""]
+        rows = [[k.split("/")[0], k.split("/")[1], v["samples"], v["q_pos"], v["q_neg"]] for k, v in sorted(m.get("counts", {}).items())]
+        parts += [_md_table(["subset", "level", "samples", "Q+ responses", "Q- responses"], rows), ""]
+        if (run_dir / "grade" / "best_scores.png").exists():
+            parts += ["![best scores](grade/best_scores.png)", ""]
+
+    top_path = run_dir / "distribution" / "top_tokens.json"
+    if top_path.exists():
+        top = json.loads(top_path.read_text(encoding="utf-8"))
+        parts += ["## Discrepancy distribution: top Q_diff tokens", ""]
+        n = max(len(top.get("positive", [])), len(top.get("negative", [])), 0)
+        n = min(n, 15)
+        rows = []
+        for i in range(n):
+            pos = top["positive"][i] if i < len(top["positive"]) else None
+            neg = top["negative"][i] if i < len(top["negative"]) else None
+            rows.append([f"`{pos['text']!r}` {pos['q_diff']:+.2e}" if pos else "", f"`{neg['text']!r}` {neg['q_diff']:+.2e}" if neg else ""])
+        parts += [_md_table(["most positive (Q+ side)", "most negative (Q- side)"], rows), ""]
+
+    metrics = run_dir / "train" / "metrics.jsonl"
+    if metrics.exists():
+        png = plot_training_curves(metrics, run_dir / "train_curves.png")
+        rows = [json.loads(l) for l in metrics.read_text(encoding="utf-8").splitlines() if l.strip()]
+        parts += ["## Training", ""]
+        if rows:
+            first, last = rows[0], rows[-1]
+            keys = [k for k in ("loss", "L_m", "R_dis", "rewards/margins", "rewards/accuracy") if k in last]
+            parts += [_md_table(["", *keys], [["step " + str(first["step"]), *[f"{first[k]:.4g}" for k in keys]],
+                                               ["step " + str(last["step"]), *[f"{last[k]:.4g}" for k in keys]]]), ""]
+        if png is not None:
+            parts += ["![training curves](train_curves.png)", ""]
+
+    emd = run_dir / "eval" / "eval.md"
+    if emd.exists():
+        parts += ["## Evaluation", "", emd.read_text(encoding="utf-8").strip(), ""]
+    elif "eval" in by and by["eval"].action == "disabled":
+        parts += ["## Evaluation", "", "Disabled (eval.enabled: false).", ""]
+    return write_text_atomic(run_dir / "report.md", "\n".join(parts) + "\n")

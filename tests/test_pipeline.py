@@ -1,0 +1,187 @@
+"""Tests of `deft run` (python/deft/pipeline.py): the shipped pipeline configs,
+and a whole run on a small slice of real HH data with a tiny random Llama,
+killed mid-training and resumed to the same final artifacts."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import shared_file
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = ["hh-deft-dpo", "hh-dpo", "hh-deft-pro", "hh-pro", "hh-deft-dpo-all-levels", "hh-deft-dpo-no-rdis", "demo-smollm2"]
+
+
+def test_shipped_pipeline_configs():
+    from deft.pipeline import load_pipeline_config
+
+    got = {n: load_pipeline_config(str(REPO / "configs" / "pipeline" / f"{n}.yaml"), ["model=some/model"]) for n in SHIPPED}
+    assert (got["hh-deft-dpo"]["method"]["name"], got["hh-deft-dpo"]["deft"]["enabled"], got["hh-deft-dpo"]["data"]["levels"]) == ("dpo", True, ["A"])
+    assert got["hh-deft-dpo"]["deft"]["omega"] == 2.5e-6 and got["hh-deft-dpo"]["train"]["lr"] == 5e-7
+    assert got["hh-dpo"]["deft"]["enabled"] is False and got["hh-dpo"]["data"]["levels"] == ["A", "B", "C"]
+    assert (got["hh-deft-pro"]["method"]["name"], got["hh-deft-pro"]["deft"]["omega"], got["hh-deft-pro"]["train"]["lr"],
+            got["hh-deft-pro"]["train"]["epochs"]) == ("pro", 2.5e-5, 5e-6, 2)
+    assert got["hh-pro"]["deft"]["enabled"] is False and got["hh-pro"]["method"]["name"] == "pro"
+    assert got["hh-deft-dpo-all-levels"]["data"]["levels"] == ["A", "B", "C"] and got["hh-deft-dpo-all-levels"]["deft"]["enabled"]
+    assert got["hh-deft-dpo-no-rdis"]["deft"]["omega"] == 0.0 and got["hh-deft-dpo-no-rdis"]["data"]["levels"] == ["A"]
+    assert len({c["run_dir"] for c in got.values()}) == len(SHIPPED)
+
+
+def test_pipeline_config_errors(tmp_path):
+    from deft.config import ConfigError
+    from deft.pipeline import load_pipeline_config
+
+    cfg = str(REPO / "configs" / "pipeline" / "hh-deft-dpo.yaml")
+    with pytest.raises(ConfigError, match="model: required"):
+        load_pipeline_config(cfg)
+    with pytest.raises(ConfigError, match="unknown config key 'grade.alpha'"):
+        load_pipeline_config(cfg, ["model=m", "grade.alpha=3"])
+    with pytest.raises(ConfigError, match="eval.files: required"):
+        load_pipeline_config(cfg, ["model=m", "eval.files=[]"])
+    with pytest.raises(ConfigError, match="train.lr: must be positive"):
+        load_pipeline_config(cfg, ["model=m", "train.lr=0"])  # the train keys are checked as `deft train` checks them
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: m\ninputs:\n  files: [x.jsonl]\nselect:\n  strategy: hardest\n")
+    with pytest.raises(ConfigError, match=r"select.strategy: 'hardest' is not one of easy, hard, random, centroid"):
+        load_pipeline_config(str(bad))
+    r = subprocess.run([sys.executable, "-m", "deft", "run", "--config", cfg, "--set", "model=m", "--from", "training"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "--from 'training': not a stage" in r.stderr
+
+
+# --------------------------------------------------------------------------- a whole run
+
+
+@pytest.fixture(scope="module")
+def slice_assets(tmp_path_factory):
+    """A tiny random Llama with the real SmolLM2 tokenizer, 120 PRO harmless-base
+    rows (their stored OpenAssistant RM scores grade them) and 3 helpful-base
+    test rows."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("pipeline_assets")
+    tok = AutoTokenizer.from_pretrained(str(shared_file("tokenizers/smollm2")))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    model_dir = root / "tiny-llama"
+    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    files = {}
+    for name, n in (("test_harmless_base", 120), ("test_helpful_base", 3)):
+        lines = gzip.open(shared_file(f"data/pro-hh/{name}.jsonl.gz"), "rt", encoding="utf-8").read().splitlines()[:n]
+        files[name] = root / f"{name}.jsonl"
+        files[name].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {"model": model_dir, "train": files["test_harmless_base"], "test": files["test_helpful_base"]}
+
+
+def _sets(a, run_dir: Path, **extra):
+    base = {
+        "run_dir": str(run_dir), "model": str(a["model"]),
+        "inputs.files": [str(a["train"])], "grade.use_input_scores": True, "grade.a": 20,
+        "data.max_length": 96, "data.max_prompt_length": 64, "data.max_samples": 12,
+        "deft.omega": 0.5, "train.lr": 1e-3, "train.micro_batch_size": 2, "train.gradient_accumulation_steps": 2,
+        "train.warmup_steps": 1, "train.deepspeed": None, "train.save_steps": 1, "train.save_total_limit": 2,
+        "train.progress": False,
+        "generation.max_new_tokens": 6, "eval.files": [str(a["test"])], "eval.reward_model": "builtin", "eval.batch_size": 2,
+    }
+    base.update(extra)
+    out = []
+    for k, v in base.items():
+        out += ["--set", f"{k}={v if isinstance(v, str) else json.dumps(v)}"]
+    return out
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    import deft.train as t
+    calls = []
+    orig = t._finalize_checkpoint
+    def finalize(tmp, final):
+        calls.append(1)
+        if len(calls) == 2:  # killed while publishing the second checkpoint
+            os.kill(os.getpid(), signal.SIGKILL)
+        orig(tmp, final)
+    t._finalize_checkpoint = finalize
+    from deft.cli import main
+    sys.argv = ["deft", "run"] + sys.argv[1:]
+    main()
+""")
+
+
+def _deft_run(args, cwd):
+    r = subprocess.run([sys.executable, "-m", "deft", "run", *args], capture_output=True, text=True, cwd=cwd, timeout=900,
+                       env=dict(os.environ))
+    assert r.returncode == 0, r.stderr[-4000:] + r.stdout[-2000:]
+    return r
+
+
+def _stage_actions(stdout: str):
+    return {line.split(":")[0].strip(): line.split(":")[1].split("(")[0].strip()
+            for line in stdout.splitlines() if line.split(":")[0].strip() in ("select", "grade", "distribution", "train", "eval")}
+
+
+@pytest.mark.slow  # four `deft run` processes: ~1-2 minutes on a shared 2-core CPU
+def test_pipeline_run_kill_resume_same_artifacts(slice_assets, tmp_path):
+    from safetensors.torch import load_file
+
+    from deft.train import list_checkpoints
+
+    full = tmp_path / "full"
+    r = _deft_run(_sets(slice_assets, full), tmp_path)
+    assert _stage_actions(r.stdout) == {"grade": "ran", "distribution": "ran", "train": "ran", "eval": "ran"}
+    for rel in ("grade/graded.parquet", "distribution/qdiff.safetensors", "train/model/model.safetensors", "eval/eval.json",
+                "eval/eval.md", "report.md", "train_curves.png"):
+        assert (full / rel).exists(), rel
+    for st in ("grade", "distribution", "train", "eval"):
+        assert json.loads((full / st / "stage.json").read_text())["status"] == "done"
+    report = (full / "report.md").read_text()
+    for heading in ("## Grading", "## Discrepancy distribution", "## Training", "## Evaluation"):
+        assert heading in report
+    assert "deft-dpo" in report and "base" in report and "helpful" in report
+
+    # killed while training, then the same command again: train resumes, the rest follows
+    killed = tmp_path / "killed"
+    k = subprocess.run([sys.executable, "-c", KILLER, *_sets(slice_assets, killed)], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=900, env=dict(os.environ))
+    assert k.returncode == -signal.SIGKILL, k.stderr[-3000:]
+    assert json.loads((killed / "train" / "stage.json").read_text())["status"] == "running"
+    assert [s for s, _ in list_checkpoints(killed / "train")] == [1]
+    assert not (killed / "eval").exists()
+    r = _deft_run(_sets(slice_assets, killed), tmp_path)
+    assert _stage_actions(r.stdout) == {"grade": "skipped", "distribution": "skipped", "train": "resumed", "eval": "ran"}
+    assert "resumed from" in r.stderr
+
+    a, b = load_file(str(full / "train/model/model.safetensors")), load_file(str(killed / "train/model/model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    ea, eb = json.loads((full / "eval/eval.json").read_text()), json.loads((killed / "eval/eval.json").read_text())
+    assert json.dumps(ea["runs"], sort_keys=True).replace(str(full), "RUN") == json.dumps(eb["runs"], sort_keys=True).replace(str(killed), "RUN")
+    assert (full / "eval/eval.md").read_text() == (killed / "eval/eval.md").read_text()
+
+    # nothing to do the third time; a changed training parameter redoes train and eval only
+    r = _deft_run(_sets(slice_assets, killed), tmp_path)
+    assert set(_stage_actions(r.stdout).values()) == {"skipped"}
+    d = subprocess.run([sys.executable, "-m", "deft", "run", "--dry-run", *_sets(slice_assets, killed, **{"deft.omega": 0.25})],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert d.returncode == 0, d.stderr[-3000:]
+    plan = {line.split()[0]: line.split()[1] for line in d.stdout.splitlines() if line.strip()}
+    assert plan == {"select": "disabled", "grade": "skip", "distribution": "skip", "train": "run", "eval": "run"}
+    d = subprocess.run([sys.executable, "-m", "deft", "run", "--dry-run", "--from", "distribution", *_sets(slice_assets, killed)],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    plan = {line.split()[0]: line.split()[1] for line in d.stdout.splitlines() if line.strip()}
+    assert plan == {"select": "disabled", "grade": "skip", "distribution": "run", "train": "run", "eval": "run"}
