@@ -329,6 +329,58 @@ def train(
         )
 
 
+@app.command()
+@_friendly_errors
+def select(
+    input: List[Path] = typer.Option(..., "--input", "-i", help="Preference file(s) in any supported format."),
+    output: Path = typer.Option(..., "--output", "-o", help="Selected pairs (canonical): .parquet, .jsonl or .jsonl.gz. NAME.selection.parquet, NAME.manifest.json and NAME.similarity.png go beside it."),
+    strategy: str = typer.Option(..., "--strategy", "-s", help="easy (least similar pairs), hard (most similar), random, centroid (per prompt: the responses nearest the two k-means centroids)."),
+    fraction: float = typer.Option(0.5, "--fraction", help="Share of the prompts kept, in (0, 1]; 1 keeps one pair for every prompt."),
+    seed: int = typer.Option(0, "--seed", help="Seed of random and centroid."),
+    orient: str = typer.Option("rank", "--orient", help="Which response of a chosen pair goes first: rank (the human order, else the higher score) or score (the higher score, else the human order)."),
+    embedder: str = typer.Option("builtin", "--embedder", "-e", help="builtin (all-MiniLM-L6-v2, offline), or a Hugging Face model folder / hub name: an encoder or a causal LM (its base model)."),
+    context: bool = typer.Option(True, "--context/--no-context", help="Feed the conversation before the response to the embedder (REAL); only response tokens are pooled either way."),
+    template: str = typer.Option("auto", "--template", help="Causal-LM embedders: prompt rendering as deft train does it: auto, chat, plain."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Input tokens per response (default: 256 for builtin, else min(512, the model's positions)); the context is cut from the left."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Responses per forward pass (length-sorted)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
+    plot: bool = typer.Option(False, "--plot", help="Write NAME.similarity.png: histogram of the chosen pairs' similarity, all prompts and kept ones."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+    fmt: str = typer.Option("auto", "--format", help="Input format: auto, hh, pairs, pro, ranked, canonical."),
+    subset: Optional[str] = typer.Option(None, "--subset", help="Subset name for rows that carry none (default: from the file name)."),
+    on_error: str = OnError,
+    rejects: Optional[Path] = typer.Option(None, "--rejects", help="Where skipped rows go with --on-error skip (default: NAME.rejects.jsonl beside the output)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the embedder's own Python code (off by default)."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Select training pairs by response-embedding similarity (REAL): one pair per prompt, then a fraction of the prompts."""
+    from deft.select import select_files
+
+    res = select_files(
+        input, output, strategy=strategy, fraction=fraction, seed=seed, orient=orient, embedder=embedder,
+        with_context=context, template=template, batch_size=batch_size, max_length=max_length, device=device,
+        plot=plot, overwrite=overwrite, format=fmt, subset=subset, on_error=on_error, rejects=rejects,
+        trust_remote_code=trust_remote_code, progress=sys.stderr.isatty(),
+    )
+    if res.n_rejected:
+        err_console.print(f"[yellow]skipped {res.n_rejected} bad rows[/]; see {res.rejects_path}", highlight=False)
+    t = Table(title=f"{strategy}: kept {res.n_kept:,} of {res.n_candidates:,} prompts -> {res.output_path}", title_justify="left")
+    cols = ["count", "mean", "min", "p10", "p25", "p50", "p75", "p90", "max"]
+    t.add_column("cosine similarity")
+    for col in cols:
+        t.add_column(col, justify="right")
+    for name, label in (("all_pairs", "all pairs"), ("candidates", "chosen pair per prompt"), ("kept", "kept")):
+        q = res.similarity[name]
+        t.add_row(label, *[(f"{q[c]:,}" if c == "count" else f"{q[c]:.3f}") if c in q else "-" for c in cols])
+    console.print(t)
+    if res.n_no_pair:
+        console.print(f"{res.n_no_pair:,} prompts had no pair of distinct responses and were dropped")
+    emb = res.embedding or {}
+    if emb:
+        console.print(f"embedded {emb['responses']:,} responses in {emb['seconds']:.1f} s ({emb['responses_per_s']:,.1f}/s, {res.embedder['name']})")
+    console.print(f"selection: {res.selection_path}; manifest: {res.manifest_path}" + (f"; plot: {res.plot_path}" if res.plot_path else ""))
+
+
 @app.command("eval")
 @_friendly_errors
 def eval_(
