@@ -185,3 +185,36 @@ def test_pipeline_run_kill_resume_same_artifacts(slice_assets, tmp_path):
                        capture_output=True, text=True, cwd=tmp_path, timeout=300)
     plan = {line.split()[0]: line.split()[1] for line in d.stdout.splitlines() if line.strip()}
     assert plan == {"select": "disabled", "grade": "skip", "distribution": "run", "train": "run", "eval": "run"}
+
+
+@pytest.mark.slow  # MiniLM embeddings + one training step: ~30 s on a shared 2-core CPU
+def test_pipeline_with_select_and_no_eval(slice_assets, tmp_path):
+    """select.enabled puts REAL selection before grading (its output is what is
+    graded and trained on); eval.enabled: false stops after training."""
+    import polars as pl
+
+    from deft.config import ConfigError
+    from deft.pipeline import load_pipeline_config, run_pipeline
+
+    sets = _sets(slice_assets, tmp_path / "run", **{"select.enabled": True, "select.strategy": "hard", "select.fraction": 0.5,
+                                                     "eval.enabled": False, "eval.files": [], "train.max_steps": 1,
+                                                     "data.max_samples": 4})
+    cfg = load_pipeline_config(None, [s for s in sets if s != "--set"])
+    res = run_pipeline(cfg)
+    assert [(r.name, r.action) for r in res.stages] == [("select", "ran"), ("grade", "ran"), ("distribution", "ran"),
+                                                       ("train", "ran"), ("eval", "disabled")]
+    selected = pl.read_parquet(tmp_path / "run/select/selected.parquet")
+    assert selected.height == 60  # half of the 120 prompts
+    graded = pl.read_parquet(tmp_path / "run/grade/graded.parquet")
+    assert sorted(graded["id"].to_list()) == sorted(selected["id"].to_list())
+    gman = json.loads((tmp_path / "run/grade/manifest.json").read_text())
+    assert gman["inputs"][0]["path"].endswith("select/selected.parquet")
+    assert "Disabled (eval.enabled: false)" in res.report.read_text()
+    # a different selection changes what every later stage sees
+    cfg2 = load_pipeline_config(None, [s for s in sets if s != "--set"] + ["select.strategy=easy"])
+    from deft.pipeline import plan_pipeline
+
+    assert [p["action"] for p in plan_pipeline(cfg2)] == ["run", "run", "run", "run", "disabled"]
+    assert [p["action"] for p in plan_pipeline(cfg)] == ["skip", "skip", "skip", "skip", "disabled"]
+    with pytest.raises(ConfigError, match="select.fraction"):
+        load_pipeline_config(None, [s for s in sets if s != "--set"] + ["select.fraction=1.5"])

@@ -612,7 +612,10 @@ def write_report(run_dir: Path, cfg: Mapping[str, Any], results: Sequence[StageR
 
     emd = run_dir / "eval" / "eval.md"
     if emd.exists():
-        parts += ["## Evaluation", "", emd.read_text(encoding="utf-8").strip(), ""]
+        lines = emd.read_text(encoding="utf-8").strip().splitlines()
+        if lines and lines[0].startswith("# "):
+            lines = lines[1:]  # eval.md's own title
+        parts += ["## Evaluation", ""] + [("#" + l if l.startswith("#") else l) for l in lines] + [""]
     elif "eval" in by and by["eval"].action == "disabled":
         parts += ["## Evaluation", "", "Disabled (eval.enabled: false).", ""]
     return write_text_atomic(run_dir / "report.md", "\n".join(parts) + "\n")
