@@ -99,6 +99,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import numpy as np
 
+from deft._util import is_oom
+
 __all__ = [
     "DEFAULT_TIE_MARGIN",
     "EvalReport",
@@ -673,16 +675,6 @@ def _eos_ids(model: Any, tokenizer: Any) -> List[int]:
     return ids
 
 
-def _is_oom(e: BaseException) -> bool:
-    try:
-        import torch
-
-        if isinstance(e, torch.cuda.OutOfMemoryError):
-            return True
-    except (ImportError, AttributeError):  # pragma: no cover
-        pass
-    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
-
 
 def _marker_stop(tokenizer: Any, prompt_len: int):
     import torch
@@ -729,7 +721,7 @@ def _generate_batch(model, tokenizer, batch: List[List[int]], *, pad_id: int, eo
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=cfg,
                                  stopping_criteria=crit)
     except Exception as e:  # noqa: BLE001
-        if not _is_oom(e) or len(batch) == 1:
+        if not is_oom(e) or len(batch) == 1:
             raise
         torch.cuda.empty_cache()
         half = len(batch) // 2

@@ -98,6 +98,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Protocol, Seque
 import numpy as np
 import polars as pl
 
+from deft._util import find_sub, is_oom
 from deft.io import MetricsLog, atomic_path, write_json_atomic
 from deft.render import render_chat, render_hh, render_oasst
 
@@ -199,13 +200,6 @@ def _check_local_weights(path: Path, name: str) -> None:
         )
     raise RewardModelError(f"reward model {name}: no safetensors weights (*.safetensors) in {path}")
 
-
-def _find_sub(seq: Sequence[int], sub: Sequence[int]) -> int:
-    n = len(sub)
-    for i in range(len(seq) - n + 1):
-        if list(seq[i:i + n]) == list(sub):
-            return i
-    return -1
 
 
 class HFRewardModel:
@@ -313,7 +307,7 @@ class HFRewardModel:
         probe = "Hello world, how are you?"
         bare = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
         full = self.tokenizer(probe, add_special_tokens=True)["input_ids"]
-        i = _find_sub(full, bare)
+        i = find_sub(full, bare)
         if i < 0:
             log.warning("%s: cannot locate the text among the tokenizer's special tokens; "
                         "encoding without special tokens", self.name)
@@ -609,23 +603,13 @@ def plan_batches(lengths: Sequence[int], *, batch_size: Optional[int] = None,
     return batches
 
 
-def _is_oom(e: BaseException) -> bool:
-    try:
-        import torch
-
-        if isinstance(e, torch.cuda.OutOfMemoryError):
-            return True
-    except (ImportError, AttributeError):  # pragma: no cover
-        pass
-    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
-
 
 def _score_with_split(model: RewardModel, items: List[Any]) -> np.ndarray:
     """score_batch, halving the batch on a CUDA out-of-memory error."""
     try:
         return np.asarray(model.score_batch(items), dtype=np.float64)
     except Exception as e:  # noqa: BLE001
-        if not _is_oom(e) or len(items) == 1:
+        if not is_oom(e) or len(items) == 1:
             raise
     import torch
 

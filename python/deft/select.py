@@ -103,6 +103,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import polars as pl
 
+from deft._util import find_sub
+
 __all__ = [
     "STRATEGIES",
     "ORIENTS",
@@ -533,13 +535,6 @@ class EncodedResponse:
         return len(self.input_ids)
 
 
-def _find_sub(seq: Sequence[int], sub: Sequence[int]) -> int:
-    n = len(sub)
-    for i in range(len(seq) - n + 1):
-        if list(seq[i:i + n]) == list(sub):
-            return i
-    return -1
-
 
 class ResponseEmbedder:
     """A tokenizer + ``AutoModel`` turning (context, response) pairs into
@@ -708,9 +703,9 @@ class ResponseEmbedder:
         single = self.tokenizer(b, add_special_tokens=True)["input_ids"]
         pair = self.tokenizer(a, b, add_special_tokens=True, return_token_type_ids=True)
         p_ids, p_types = list(pair["input_ids"]), list(pair.get("token_type_ids") or [0] * len(pair["input_ids"]))
-        i = _find_sub(single, ids_b)
-        ia = _find_sub(p_ids, ids_a)
-        ib = _find_sub(p_ids[ia + len(ids_a):], ids_b) + ia + len(ids_a) if ia >= 0 else -1
+        i = find_sub(single, ids_b)
+        ia = find_sub(p_ids, ids_a)
+        ib = find_sub(p_ids[ia + len(ids_a):], ids_b) + ia + len(ids_a) if ia >= 0 else -1
         if i < 0 or ia < 0 or ib < ia + len(ids_a):
             raise ValueError(f"embedder {self.name}: cannot locate the text among the tokenizer's special tokens")
         types_ok = n_types >= 2
