@@ -135,7 +135,31 @@ def _h(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-_FILE_HASHES: Dict[tuple, str] = {}
+#: SHA-256 of files by (resolved path, size, mtime_ns), persisted in RUN_DIR/.hashes.json so that
+#: a rerun does not read every weight file again (like make, it trusts size and modification time).
+_FILE_HASHES: Dict[str, str] = {}
+HASH_CACHE = ".hashes.json"
+
+
+def _hash_key(p: Path) -> str:
+    st = p.stat()
+    return f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def _load_hash_cache(run_dir: Path) -> None:
+    try:
+        data = json.loads((run_dir / HASH_CACHE).read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            _FILE_HASHES.update({str(k): str(v) for k, v in data.items()})
+    except (OSError, ValueError):
+        pass  # no cache (or a torn one): hash again
+
+
+def _save_hash_cache(run_dir: Path) -> None:
+    from deft.io import write_json_atomic
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / HASH_CACHE, _FILE_HASHES)
 
 
 def _file_hash(path: Any) -> Dict[str, Any]:
@@ -144,24 +168,31 @@ def _file_hash(path: Any) -> Dict[str, Any]:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(2, "input file not found", str(p))
-    st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    key = _hash_key(p)
     if key not in _FILE_HASHES:
         _FILE_HASHES[key] = sha256_file(p)
     return {"path": str(p), "sha256": _FILE_HASHES[key]}
 
 
-def _spec_hash(spec: Optional[str]) -> Any:
-    """A model/tokenizer spec: file hashes when it is a local file or folder, else the name."""
+_WEIGHTS = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+_TOKENIZER_FILES = (".json", ".model", ".txt", ".jinja", ".tiktoken")
+
+
+def _spec_hash(spec: Optional[str], *, weights: bool = True, gguf_file: Optional[str] = None) -> Any:
+    """A model/tokenizer spec: file hashes when it is a local file or folder
+    (config, tokenizer files and, with ``weights``, the weight files), else the
+    name (a hub id)."""
     if spec is None:
         return None
     p = Path(spec)
     if p.is_file():
         return _file_hash(p)["sha256"]
     if p.is_dir():
-        names = sorted(f for f in p.iterdir() if f.is_file() and (f.suffix in (".json", ".safetensors", ".gguf", ".model", ".txt", ".jinja")))
+        suffixes = _TOKENIZER_FILES + (_WEIGHTS if weights else ())
+        names = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in suffixes
+                       and (f.suffix != ".gguf" or gguf_file is None or f.name == gguf_file))
         return {f.name: _file_hash(f)["sha256"] for f in names}
-    return spec
+    return spec if gguf_file is None else f"{spec}:{gguf_file}"
 
 
 @dataclass
@@ -313,7 +344,7 @@ class _Distribution(_Stage):
     name = "distribution"
 
     def params(self):
-        return {"tokenizer": _spec_hash(_tokenizer_spec(self.cfg)), "template": self.cfg["data"]["template"]}
+        return {"tokenizer": _spec_hash(_tokenizer_spec(self.cfg), weights=False), "template": self.cfg["data"]["template"]}
 
     def outputs(self):
         return {"qdiff": self.folder / "qdiff.safetensors", "top_tokens": self.folder / "top_tokens.json"}
@@ -337,14 +368,13 @@ class _Train(_Stage):
     name = "train"
 
     def params(self):
-        from deft.train import _model_fingerprint
-
         tcfg = _train_config(self.cfg, self.run_dir)
         for key in _FILLED:
             sec, k = key.split(".")
             tcfg[sec][k] = None
         tcfg["train"]["progress"] = None  # does not change the result
-        return {"config": tcfg, "model": _model_fingerprint(tcfg), "tokenizer": _spec_hash(self.cfg["tokenizer"])}
+        return {"config": tcfg, "model": _spec_hash(self.cfg["model"], gguf_file=self.cfg.get("gguf_file")),
+                "tokenizer": _spec_hash(self.cfg["tokenizer"], weights=False)}
 
     def outputs(self):
         return {"model": self.folder / "model", "metrics": self.folder / "metrics.jsonl", "manifest": self.folder / "manifest.json"}
@@ -369,9 +399,7 @@ class _Eval(_Stage):
         p = {"eval": e, "generation": self.cfg["generation"], "files": [_file_hash(f) for f in e["files"]],
              "template": self.cfg["data"]["template"]}
         if e["baseline"] == "base":
-            from deft.train import _model_fingerprint
-
-            p["base"] = _model_fingerprint(self.cfg)
+            p["base"] = _spec_hash(self.cfg["model"], gguf_file=self.cfg.get("gguf_file"))
         elif e["baseline"]:
             p["baseline"] = _spec_hash(e["baseline"])
         if e["reward_model"] != "builtin":
@@ -436,6 +464,7 @@ def plan_pipeline(cfg: Mapping[str, Any], *, from_stage: Optional[str] = None) -
     inputs will be new)."""
     _check_from(from_stage)
     run_dir = Path(cfg["run_dir"])
+    _load_hash_cache(run_dir)
     upstream: Dict[str, str] = {}
     out: List[Dict[str, str]] = []
     forced = dirty = False
@@ -470,6 +499,7 @@ def run_pipeline(cfg: Mapping[str, Any], *, from_stage: Optional[str] = None, co
     _check_from(from_stage)
     run_dir = Path(cfg["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
+    _load_hash_cache(run_dir)
     write_json_atomic(run_dir / "config.json", {"config": dict(cfg), "config_file": config_path, "overrides": list(overrides)})
     upstream: Dict[str, str] = {}
     results: List[StageResult] = []
@@ -481,6 +511,7 @@ def run_pipeline(cfg: Mapping[str, Any], *, from_stage: Optional[str] = None, co
             results.append(StageResult(name, "disabled", stage.folder, ""))
             continue
         fp = stage.fingerprint()
+        _save_hash_cache(run_dir)
         outs = stage.outputs()
         decision = _decide(stage, fp, forced)
         t0 = time.perf_counter()
