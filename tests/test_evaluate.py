@@ -530,3 +530,19 @@ def test_errors(assets, tmp_path):
     (run / "generations.jsonl").write_text('{"id": "x", "prompt": "p", "generation": "g"}\n{not json\n{"id": "y"}\n')
     with pytest.raises(DataError, match=r"generations\.jsonl:2: not a JSON line"):
         evaluate([model], [assets["harmless"]], tmp_path / "g", progress=False)
+
+
+def test_baseline_from_a_deft_run_folder(tmp_path):
+    """`--baseline runs/hh-dpo` (a `deft run` folder): its eval stage holds the
+    trained model and "base"; the trained model is the baseline."""
+    from deft.evaluate import _resolve_baseline
+
+    ev_dir = tmp_path / "hh-dpo" / "eval"
+    for name, text in (("dpo", "trained answer"), ("base", "base answer")):
+        (ev_dir / name).mkdir(parents=True)
+        (ev_dir / name / "generations.jsonl").write_text(json.dumps({"id": "a", "generation": text}) + "\n")
+    (ev_dir / "eval.json").write_text(json.dumps({"runs": [{"name": "dpo"}, {"name": "base"}]}))
+    b = _resolve_baseline(tmp_path / "hh-dpo", ["deft-dpo"])
+    assert b.generations == {"a": "trained answer"}
+    with pytest.raises(ValueError, match="holds 2 runs"):  # a plain eval folder with two runs stays ambiguous
+        _resolve_baseline(ev_dir, ["deft-dpo"])

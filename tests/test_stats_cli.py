@@ -117,3 +117,24 @@ def test_missing_files_and_bad_options(tmp_path):
 def test_installed_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "deft", "version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("deft ") and "native core" in out.stdout
+
+
+def test_select_eval_run_commands_fail_in_one_line(tmp_path):
+    """The newer commands keep the CLI contract: exit 2 and one `error:` line naming what was wrong."""
+    good = write_lines(tmp_path / "g.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    r = run("select", "-i", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "s.parquet"), "-s", "easy")
+    assert r.exit_code == 2 and "nope.jsonl" in r.stderr and "Traceback" not in r.stderr
+    r = run("select", "-i", str(good), "-o", str(tmp_path / "s.parquet"), "-s", "easiest")
+    assert r.exit_code == 2 and "easiest" in r.stderr
+    r = run("select", "-i", str(good), "-o", str(tmp_path / "s.parquet"), "-s", "easy", "--fraction", "0")
+    assert r.exit_code == 2 and "fraction" in r.stderr
+    r = run("eval", "--data", str(good), "-o", str(tmp_path / "ev"))
+    assert r.exit_code == 2 and "no model given" in r.stderr
+    r = run("eval", "--model", str(tmp_path / "no-model"), "--data", str(good), "-o", str(tmp_path / "ev"))
+    assert r.exit_code == 2 and "no-model" in r.stderr
+    r = run("run", "--set", "model=m")
+    assert r.exit_code == 2 and "inputs.files: required" in r.stderr
+    r = run("run", "--config", str(tmp_path / "missing.yaml"))
+    assert r.exit_code == 2 and "missing.yaml" in r.stderr
+    for cmd in ("select", "eval", "run"):
+        assert run(cmd, "--help").exit_code == 0

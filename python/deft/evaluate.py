@@ -1198,6 +1198,9 @@ def _resolve_baseline(baseline: PathLike, names: Sequence[str]) -> _Baseline:
         return _baseline_from_file(p, b)
     run_dir: Optional[Path] = None
     eval_doc: Optional[Dict[str, Any]] = None
+    pipeline_run = not (p / "eval.json").is_file() and (p / "eval" / "eval.json").is_file()
+    if pipeline_run:  # a `deft run` folder: its eval stage holds the trained model (and "base")
+        p = p / "eval"
     if (p / GENERATIONS).is_file():
         run_dir = p
         if (p.parent / "eval.json").is_file():
@@ -1205,12 +1208,15 @@ def _resolve_baseline(baseline: PathLike, names: Sequence[str]) -> _Baseline:
     elif (p / "eval.json").is_file():
         eval_doc = json.loads((p / "eval.json").read_text(encoding="utf-8"))
         runs = [r for r in eval_doc.get("runs", []) if (p / r["name"] / GENERATIONS).is_file()]
+        if pipeline_run and len(runs) > 1:
+            runs = [r for r in runs if r["name"] != "base"]
         if len(runs) != 1:
             opts = ", ".join(str(p / r["name"]) for r in runs) or "none"
             raise ValueError(f"baseline {b}: the eval folder holds {len(runs)} runs with generations; name one of them: {opts}")
         run_dir = p / runs[0]["name"]
     else:
-        raise ValueError(f"baseline {b}: a folder without eval.json or {GENERATIONS}; give an eval output folder, a run folder in it, or a generations file")
+        raise ValueError(f"baseline {b}: a folder without eval.json or {GENERATIONS}; give an eval output folder, a run folder in it, "
+                         "a `deft run` folder, or a generations file")
     base = _baseline_from_file(run_dir / GENERATIONS, b)
     if eval_doc is not None and (run_dir / "samples.parquet").is_file():
         base.samples_path = run_dir / "samples.parquet"

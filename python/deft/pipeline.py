@@ -90,7 +90,7 @@ PIPELINE_SCHEMA: Dict[str, Any] = {
         "reward_model": Field("builtin", "str"),
         "template": Field("auto", "str", choices=("auto", "oasst", "chat", "plain"), help="the reward model's template"),
         "baseline": Field("base", "str", nullable=True, help="base: also evaluate the untrained model and judge against it; "
-                                                            "a folder/file of another evaluation's generations; null: none"),
+                                                            "another `deft run` folder (its trained model), an eval folder or generations file; null: none"),
         "max_prompt_length": Field(384, "int"),
         "batch_size": Field(8, "int"),
         "limit": Field(None, "int", nullable=True, help="evaluate the first N prompts of each file"),
