@@ -210,6 +210,8 @@ def test_pipeline_with_select_and_no_eval(slice_assets, tmp_path):
     gman = json.loads((tmp_path / "run/grade/manifest.json").read_text())
     assert gman["inputs"][0]["path"].endswith("select/selected.parquet")
     assert "Disabled (eval.enabled: false)" in res.report.read_text()
+    log = [json.loads(l) for l in (tmp_path / "run/pipeline.jsonl").read_text().splitlines()]
+    assert [(x["stage"], x["action"]) for x in log] == [("select", "ran"), ("grade", "ran"), ("distribution", "ran"), ("train", "ran")]
     # a different selection changes what every later stage sees
     cfg2 = load_pipeline_config(None, [s for s in sets if s != "--set"] + ["select.strategy=easy"])
     from deft.pipeline import plan_pipeline

@@ -372,7 +372,7 @@ class _Train(_Stage):
         for key in _FILLED:
             sec, k = key.split(".")
             tcfg[sec][k] = None
-        tcfg["train"]["progress"] = None  # does not change the result
+        tcfg["train"]["progress"] = tcfg["train"]["tensorboard"] = None  # do not change the result
         return {"config": tcfg, "model": _spec_hash(self.cfg["model"], gguf_file=self.cfg.get("gguf_file")),
                 "tokenizer": _spec_hash(self.cfg["tokenizer"], weights=False)}
 
@@ -493,13 +493,15 @@ def _check_from(from_stage: Optional[str]) -> None:
 
 def run_pipeline(cfg: Mapping[str, Any], *, from_stage: Optional[str] = None, config_path: Optional[str] = None,
                  overrides: Sequence[str] = (), on_stage: Optional[Callable[[StageResult], None]] = None) -> PipelineResult:
-    """Run (or resume) every stage of a validated pipeline config; write report.md."""
-    from deft.io import write_json_atomic
+    """Run (or resume) every stage of a validated pipeline config; write
+    report.md. Each stage's action and time is appended to run_dir/pipeline.jsonl."""
+    from deft.io import MetricsLog, write_json_atomic
 
     _check_from(from_stage)
     run_dir = Path(cfg["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     _load_hash_cache(run_dir)
+    metrics = MetricsLog(run_dir / "pipeline.jsonl")
     write_json_atomic(run_dir / "config.json", {"config": dict(cfg), "config_file": config_path, "overrides": list(overrides)})
     upstream: Dict[str, str] = {}
     results: List[StageResult] = []
@@ -542,6 +544,7 @@ def run_pipeline(cfg: Mapping[str, Any], *, from_stage: Optional[str] = None, co
                                         "outputs": {k: str(p) for k, p in outs.items()}})
         res = StageResult(name, action, stage.folder, fp, time.perf_counter() - t0, {k: str(p) for k, p in outs.items()})
         results.append(res)
+        metrics.log(stage=name, action=action, seconds=round(res.seconds, 3), fingerprint=fp)
         if on_stage is not None:
             on_stage(res)
         upstream[name] = fp
