@@ -546,3 +546,42 @@ def test_baseline_from_a_deft_run_folder(tmp_path):
     assert b.generations == {"a": "trained answer"}
     with pytest.raises(ValueError, match="holds 2 runs"):  # a plain eval folder with two runs stays ambiguous
         _resolve_baseline(ev_dir, ["deft-dpo"])
+
+
+def test_greedy_ignores_the_models_generation_config(assets, tmp_path):
+    """A model's generation_config.json (repetition_penalty, sampling flags) must
+    not leak into the greedy decoding."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    from deft.evaluate import generate, load_policy
+    from deft.render import render_hh
+
+    odd = tmp_path / "tiny-rp"
+    shutil.copytree(assets["model"], odd)
+    GenerationConfig(repetition_penalty=3.0, no_repeat_ngram_size=2, do_sample=True, temperature=0.7,
+                     eos_token_id=assets["tok"].eos_token_id).save_pretrained(odd)
+    prompts = [render_hh([{"role": "user", "content": q}]) for q in ("Hi there, how are you?", "Why is the sky blue?")]
+    got = {}
+    for m in (assets["model"], odd):
+        lm, tok = load_policy(str(m), device="cpu")
+        got[m.name] = generate(lm, tok, prompts, max_new_tokens=12, batch_size=2, stop_at_markers=False)
+        assert (lm.generation_config.repetition_penalty == 3.0) == (m == odd)  # the model keeps its own config afterwards
+    assert got["tiny-rp"] == got[assets["model"].name]
+
+
+def test_baseline_file_without_final_newline_is_read_whole_and_untouched(tmp_path):
+    from deft.evaluate import _resolve_baseline
+
+    f = tmp_path / "base.jsonl"
+    raw = "\n".join(json.dumps({"id": f"x{i}", "generation": f"g{i}"}) for i in range(3))  # no final newline
+    f.write_text(raw)
+    b = _resolve_baseline(f, ["run"])
+    assert sorted(b.generations) == ["x0", "x1", "x2"]
+    assert f.read_text() == raw
+    bad = tmp_path / "ev"
+    bad.mkdir()
+    (bad / "eval.json").write_text("{\n")
+    with pytest.raises(ValueError, match=r"eval.json:2: not valid JSON"):
+        _resolve_baseline(bad, ["run"])

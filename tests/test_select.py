@@ -573,3 +573,28 @@ def test_on_error_skip_writes_rejects_beside_the_output(minilm, tmp_path):
     sims = res.embeddings[0:3] @ res.embeddings[0:3].T
     i, j = min(itertools.combinations(range(3), 2), key=lambda p: sims[p])
     assert pair == [i, j]
+
+
+def test_centroid_survives_one_embedding_for_distinct_texts_and_never_pairs_copies(tmp_path):
+    """Review findings: distinct texts with one embedding (an uncased embedder sees
+    "Yes"/"yes"/"YES" alike) must not crash centroid; and centroid's picks must not
+    be two copies of one text."""
+    path = write_records(tmp_path / "c.jsonl", [
+        {"prompt": "Say yes.", "responses": ["Yes", "yes", "YES"]},
+        {"prompt": "Well?", "responses": ["Sure.", "Sure. ", "No way."]},
+    ])
+    frame = load(path).frame
+    emb = np.array([unit(0), unit(0), unit(0), unit(0), unit(60), unit(70)])
+    res = select_pairs(frame, "centroid", fraction=1.0, embeddings=emb)
+    assert res.n_kept == 2
+    (yes,) = res.frame.filter(pl.col("id") == frame["id"][0])["responses"].to_list()
+    assert len(set(yes)) == 2
+    (sure,) = res.frame.filter(pl.col("id") == frame["id"][1])["responses"].to_list()
+    assert sorted(x.strip() for x in sure) == ["No way.", "Sure."]  # not "Sure." with "Sure. "
+
+
+def test_no_distinct_pair_anywhere_is_refused_before_writing(tmp_path):
+    path = write_records(tmp_path / "same.jsonl", [{"prompt": "p", "responses": ["same", "same "]}])
+    with pytest.raises(ValueError, match="two distinct responses"):
+        select_files([path], tmp_path / "out.parquet", strategy="easy", embeddings=np.array([unit(0), unit(0)]))
+    assert not (tmp_path / "out.parquet").exists()

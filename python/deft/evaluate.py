@@ -716,11 +716,17 @@ def _generate_batch(model, tokenizer, batch: List[List[int]], *, pad_id: int, eo
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id,
                            eos_token_id=eos if len(eos) > 1 else eos[0])
     crit = StoppingCriteriaList([_marker_stop(tokenizer, T)]) if stop_at_markers else None
+    # generate() fills every field `cfg` leaves unset from the model's own generation_config.json
+    # (repetition_penalty, no_repeat_ngram_size, suppress_tokens, ...): swap in a blank one so the
+    # decoding is plain greedy whatever the model ships
+    saved = getattr(model, "generation_config", None)
+    model.generation_config = GenerationConfig()
     try:
         with torch.inference_mode():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=cfg,
                                  stopping_criteria=crit)
     except Exception as e:  # noqa: BLE001
+        model.generation_config = saved
         if not is_oom(e) or len(batch) == 1:
             raise
         torch.cuda.empty_cache()
@@ -728,6 +734,7 @@ def _generate_batch(model, tokenizer, batch: List[List[int]], *, pad_id: int, eo
         _log(f"out of memory generating a batch of {len(batch)}; retrying as {half} + {len(batch) - half}")
         kw = dict(pad_id=pad_id, eos=eos, max_new_tokens=max_new_tokens, stop_at_markers=stop_at_markers)
         return _generate_batch(model, tokenizer, batch[:half], **kw) + _generate_batch(model, tokenizer, batch[half:], **kw)
+    model.generation_config = saved
     res = []
     eos_set = set(eos)
     for row in out[:, T:].cpu().tolist():
@@ -812,16 +819,20 @@ def generate(
 # resumable JSONL
 
 
-def _read_resumable_jsonl(path: Path, key: str, required: Sequence[str]) -> List[Dict[str, Any]]:
-    """Records of an append-only JSONL file. A last line without its newline
-    (torn by a kill) is cut off the file; any other bad line is an error."""
+def _read_resumable_jsonl(path: Path, key: str, required: Sequence[str], *, repair: bool = True) -> List[Dict[str, Any]]:
+    """Records of an append-only JSONL file. With ``repair`` (our own files) a
+    last line without its newline (torn by a kill) is cut off the file; without
+    it (someone else's file, e.g. a baseline) the file is read as it is and never
+    changed. Any other bad line is an error."""
     from deft.data import DataError
 
     if not path.exists():
         return []
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
-    if end < len(data):
+    if end < len(data) and not repair:
+        data += b"\n"  # a last line without a newline is still a line
+    elif end < len(data):
         _log(f"{path}: dropping a torn last line ({len(data) - end} bytes) left by an interrupted run")
         with open(path, "r+b") as f:
             f.truncate(end)
@@ -1159,7 +1170,7 @@ def _read_records(path: Path) -> List[Dict[str, Any]]:
         import polars as pl
 
         return pl.read_parquet(path).to_dicts()
-    return _read_resumable_jsonl(path, "id", ("id", "generation"))
+    return _read_resumable_jsonl(path, "id", ("id", "generation"), repair=False)
 
 
 def _baseline_from_file(path: Path, label: str) -> _Baseline:
@@ -1186,6 +1197,16 @@ def _baseline_from_file(path: Path, label: str) -> _Baseline:
     return _Baseline(label, gens, ctxs, {})
 
 
+def _read_eval_json(path: Path) -> Dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); is it the eval.json of `deft eval`?") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: expected a JSON object; is it the eval.json of `deft eval`?")
+    return doc
+
+
 def _resolve_baseline(baseline: PathLike, names: Sequence[str]) -> _Baseline:
     b = str(baseline)
     if b in names:
@@ -1204,9 +1225,9 @@ def _resolve_baseline(baseline: PathLike, names: Sequence[str]) -> _Baseline:
     if (p / GENERATIONS).is_file():
         run_dir = p
         if (p.parent / "eval.json").is_file():
-            eval_doc = json.loads((p.parent / "eval.json").read_text(encoding="utf-8"))
+            eval_doc = _read_eval_json(p.parent / "eval.json")
     elif (p / "eval.json").is_file():
-        eval_doc = json.loads((p / "eval.json").read_text(encoding="utf-8"))
+        eval_doc = _read_eval_json(p / "eval.json")
         runs = [r for r in eval_doc.get("runs", []) if (p / r["name"] / GENERATIONS).is_file()]
         if pipeline_run and len(runs) > 1:
             runs = [r for r in runs if r["name"] != "base"]
@@ -1368,6 +1389,16 @@ def evaluate(
     base: Optional[_Baseline] = None
     if baseline is not None and samples:  # before any generation: a bad baseline fails fast
         base = _resolve_baseline(baseline, names)
+        if base.run is None:
+            ids = {s.id for s in samples}
+            if not ids & base.generations.keys():
+                raise ValueError(f"baseline {base.label}: none of its {len(base.generations)} ids is among the {len(ids)} "
+                                 f"evaluated prompts (e.g. {next(iter(base.generations))!r} vs {samples[0].id!r})")
+            for s in samples:
+                known = base.contexts.get(s.id)
+                if known is not None and known != s.context_key:
+                    raise ValueError(f"baseline {base.label}: id {s.id!r} has a different conversation than in the test data; "
+                                     "the baseline was generated on other data")
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -1527,6 +1558,8 @@ def evaluate(
                 mine = {s.id: float(x) for s, x in zip(samples, rewards)}
                 ident = [s.id for s, g in zip(samples, gens) if base_gens.get(s.id) == g]
                 r.win_tie_lose = win_tie_lose(mine, base_rewards, tie_margin=tie_margin, identical=ident, baseline=base.label)
+                if base.run is None:  # base_rewards holds the shared prompts only
+                    r.win_tie_lose.only_in_baseline = len(set(base.generations) - set(mine))
                 ident_set = set(ident)
                 for i, s in enumerate(samples):
                     if s.id in base_rewards:

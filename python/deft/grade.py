@@ -74,8 +74,8 @@ def level_counts(n: int, a: float, c: float) -> Tuple[int, int]:
     """(n_A, n_C) for a group of ``n`` samples; see the module docstring."""
     if n <= 0:
         return 0, 0
-    n_a = max(1, math.floor(n * a / 100.0 + 0.5))
-    n_c = min(math.floor(n * c / 100.0 + 0.5), n - n_a)
+    n_a = max(1, math.floor(round(n * a / 100.0, 9) + 0.5))  # round(): 100 * 0.145 is 14.4999...
+    n_c = min(math.floor(round(n * c / 100.0, 9) + 0.5), n - n_a)
     return n_a, max(n_c, 0)
 
 

@@ -342,14 +342,22 @@ def _pick_pair(
         rng = np.random.default_rng(_row_key(seed, row_id, "pair"))
         return distinct[int(rng.integers(len(distinct)))]
     # centroid
-    labels, centroids, _ = kmeans2(emb, seed=_row_key(seed, row_id, "kmeans"))
+    try:
+        labels, centroids, _ = kmeans2(emb, seed=_row_key(seed, row_id, "kmeans"))
+    except ValueError:  # distinct texts, one embedding (uncased, truncated): every pair ties
+        return distinct[0]
     picks = []
     for k in (0, 1):
         members = np.flatnonzero(labels == k)
         d = ((emb[members] - centroids[k]) ** 2).sum(1)
         picks.append(int(members[int(np.argmin(d))]))  # first of equals: lowest index
     a, b = sorted(picks)
-    return a, b
+    if (a, b) in distinct:
+        return a, b
+    # the two picks are copies of one text: the nearest cross-cluster pair of distinct texts
+    dist = ((emb[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)
+    return min((p for p in distinct if labels[p[0]] != labels[p[1]]),
+               key=lambda p: (dist[p[0], labels[p[0]]] + dist[p[1], labels[p[1]]], p))
 
 
 def _merge_meta(meta: Optional[str], info: Mapping[str, Any]) -> str:
@@ -445,7 +453,7 @@ def select_pairs(
 
     # Rank the prompts with a candidate and keep the first n_keep.
     n_cand = len(cand_rows)
-    n_keep = max(1, math.floor(n_cand * fraction + 0.5)) if n_cand else 0
+    n_keep = max(1, math.floor(round(n_cand * fraction, 9) + 0.5)) if n_cand else 0
     if strategy in ("easy", "hard"):
         sign = 1.0 if strategy == "easy" else -1.0
         order = sorted(cand_rows, key=lambda r: (sign * rec["similarity"][r], ids[r]))
@@ -761,6 +769,9 @@ class ResponseEmbedder:
             ctx = c[len(c) - n_c:] if n_c else []
             ids = lead + ctx + r[:n_r]
             start = len(lead) + len(ctx)
+            if not ids:  # no BOS, no context, empty response: a lone EOS stands for it
+                eos = self.tokenizer.eos_token_id
+                ids, start = [int(eos) if eos is not None else self.pad_id], 1
             return EncodedResponse(tuple(ids), None, start, start + n_r)
         lay = self._layout
         if self.with_context:
@@ -1051,19 +1062,24 @@ def select_files(
         if not p.is_file():
             raise FileNotFoundError(2, "input file not found" if not p.exists() else "input is not a file", str(p))
     paths = output_paths(output, plot)
-    for key in ("output", "selection", "manifest", "plot"):
-        if paths[key] is not None:
-            refuse_existing(paths[key], overwrite)  # type: ignore[arg-type]
-    if any(paths["output"].resolve() == p.resolve() for p in inputs):  # type: ignore[union-attr]
-        raise ValueError(f"output {output} is one of the inputs; write the selection to a new file")
-
     if on_error == "skip" and rejects is None:
         rejects = paths["rejects"]
+    written = [paths[k] for k in ("output", "selection", "manifest", "plot") if paths[k] is not None]
+    if on_error == "skip":
+        written.append(Path(rejects))  # type: ignore[arg-type]
+    for w in written:
+        refuse_existing(w, overwrite)  # type: ignore[arg-type]
+    for w in written:
+        if any(w.resolve() == p.resolve() for p in inputs):  # type: ignore[union-attr]
+            raise ValueError(f"output {w} is one of the inputs; write the selection to a new file")
+
     loaded = load_many(inputs, format=format, subset=subset, on_error=on_error,
                        rejects_path=rejects if on_error == "skip" else None)
     frame = loaded.frame
     if frame.height == 0:
         raise ValueError(f"no rows to select from in {', '.join(map(str, inputs))}")
+    if frame.select(pl.col("responses").list.eval(pl.element().str.strip_chars()).list.n_unique().max()).item() < 2:
+        raise ValueError(f"no prompt in {', '.join(map(str, inputs))} has two distinct responses: nothing to select")
 
     stats: Dict[str, Any] = {}
     if embeddings is not None:
