@@ -24,8 +24,10 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success move it onto ``path``
-    (atomically), on error remove it. Parent folders are created."""
+    """Yield a temporary path beside ``path``; on success flush it to disk and
+    move it onto ``path`` (atomically), on error remove it. Parent folders are
+    created; the file gets the usual permissions (0666 less the umask), not
+    the temporary file's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -33,10 +35,20 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.is_file():
+            with open(tmp_path, "rb") as f:  # the data reaches the disk before the rename makes it visible
+                os.fsync(f.fileno())
+            os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path: PathLike, text: str) -> Path:
