@@ -312,14 +312,15 @@ def test_dpo_deft_deepspeed_cpu(assets, tmp_path, zero, plain_two_steps):
     assert ck == ["step-1"]  # saved at step 1, not at the last step; keep 1
 
 
-@pytest.mark.slow  # two processes, ~20 s each on a shared 2-core CPU
+@pytest.mark.slow  # two processes, ~20-30 s each on a shared 2-core CPU
 @pytest.mark.skipif(not _deepspeed_available(), reason="deepspeed not installed")
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_deepspeed_two_processes_torchrun(assets, tmp_path, zero, plain_two_steps):
-    """`torchrun --nproc_per_node 2 -m deft train` (gloo on CPU): 2 ranks x 2
-    samples see the same 4 samples per step as one process with gradient
-    accumulation 2, so the metrics (averaged across ranks) and the weights match
-    the plain loop; only rank 0 writes."""
+@pytest.mark.parametrize("launcher,zero", [("torchrun", "zero2"), ("torchrun", "zero3"), ("deepspeed", "zero2")])
+def test_deepspeed_two_processes(assets, tmp_path, launcher, zero, plain_two_steps):
+    """`torchrun --nproc_per_node 2 -m deft train` and `deepspeed --num_gpus 2
+    --module deft train` (which passes --local_rank=N before the subcommand),
+    gloo on CPU: 2 ranks x 2 samples see the same 4 samples per step as one
+    process with gradient accumulation 2, so the metrics (averaged across ranks)
+    and the weights match the plain loop; only rank 0 writes."""
     env = dict(os.environ)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -331,8 +332,11 @@ def test_deepspeed_two_processes_torchrun(assets, tmp_path, zero, plain_two_step
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "deft", "train"] + [a for o in ov for a in ("--set", o)]
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), "-m", "deft", "train"]
+    else:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port), "--module", "deft", "train"]
+    cmd += [a for o in ov for a in ("--set", o)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
     assert "world 2" in r.stderr

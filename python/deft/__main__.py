@@ -1,4 +1,4 @@
-"""`python -m deft ...` runs the CLI (also used by launchers such as `deepspeed -m deft`)."""
+"""`python -m deft ...` runs the CLI (also used by launchers: `torchrun -m deft`, `deepspeed --module deft`)."""
 
 from deft.cli import main
 

@@ -467,7 +467,29 @@ def run_cmd(
     console.print(f"report: {res.report}")
 
 
+def _take_local_rank(argv: List[str]) -> List[str]:
+    """Remove ``--local_rank=N`` / ``--local-rank N`` (which the ``deepspeed``
+    launcher puts before the subcommand: ``python -m deft --local_rank=0 train
+    ...``) and export it as ``LOCAL_RANK``."""
+    import os
+
+    out: List[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+        elif a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            i += 1
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
 def main() -> None:
+    sys.argv[1:] = _take_local_rank(sys.argv[1:])
     app()
 
 

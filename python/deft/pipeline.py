@@ -34,7 +34,7 @@ trainer from its last checkpoint, scoring from its part files, evaluation from
 its generations file). A stage whose fingerprint changed (a parameter, an input
 or an upstream stage changed), or any stage at or after ``--from STAGE``, is
 cleared and run again. ``deft run`` runs in one process; for several GPUs run
-the stages one by one (``deepspeed -m deft train ...``).
+the stages one by one (``deepspeed --num_gpus N --module deft train ...``).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ Pipeline
    sizes, gradient clipping and bf16 are filled in from the ``train`` section)
    or a plain PyTorch loop (``train.deepspeed: null``, one process). One
    process works without a launcher (gloo on CPU); several via ``deepspeed
-   --num_gpus N -m deft train ...`` or ``torchrun``. A torch AdamW is the
+   --num_gpus N --module deft train ...`` or ``torchrun -m deft train``. A torch AdamW is the
    client optimizer unless the DeepSpeed config names an ``optimizer``.
 5. **Data order**: each epoch is a permutation seeded by ``(seed, epoch)``,
    padded by wrapping around to whole optimizer steps (every rank, every
