@@ -220,3 +220,47 @@ def test_pipeline_with_select_and_no_eval(slice_assets, tmp_path):
     assert [p["action"] for p in plan_pipeline(cfg)] == ["skip", "skip", "skip", "skip", "disabled"]
     with pytest.raises(ConfigError, match="select.fraction"):
         load_pipeline_config(None, [s for s in sets if s != "--set"] + ["select.fraction=1.5"])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_launch_command():
+    from deft.pipeline import launch_command
+
+    assert launch_command("torchrun --nproc_per_node 8", Path("c.yaml"), False) == \
+        ["torchrun", "--nproc_per_node", "8", "-m", "deft", "train", "--config", "c.yaml"]
+    assert launch_command("deepspeed --num_gpus 8 --num_nodes 2", Path("c.yaml"), True) == \
+        ["deepspeed", "--num_gpus", "8", "--num_nodes", "2", "--module", "deft", "train", "--config", "c.yaml", "--resume"]
+
+
+@pytest.mark.slow  # two training processes: ~40 s on a shared 2-core CPU
+def test_pipeline_train_stage_under_a_launcher(slice_assets, tmp_path):
+    """launcher: the train stage runs in two torchrun processes (gloo, ZeRO-2)
+    and ends with the weights of the one-process run (2 x 2 samples per step =
+    1 x 2 samples x 2 accumulation steps)."""
+    from safetensors.torch import load_file
+
+    from deft.pipeline import load_pipeline_config, run_pipeline
+
+    common = {"eval.enabled": False, "eval.files": [], "train.max_steps": 2, "data.max_samples": 8,
+              "train.deepspeed": str(REPO / "configs" / "deepspeed" / "zero2.json")}
+    one = load_pipeline_config(None, [s for s in _sets(slice_assets, tmp_path / "one", **common) if s != "--set"])
+    run_pipeline(one)
+    two = load_pipeline_config(None, [s for s in _sets(slice_assets, tmp_path / "two", **{
+        **common, "train.gradient_accumulation_steps": 1,
+        "launcher": f"{sys.executable} -m torch.distributed.run --nproc_per_node 2 --master_port {_free_port()}"})
+        if s != "--set"])
+    res = run_pipeline(two)
+    assert [r.action for r in res.stages] == ["disabled", "ran", "ran", "ran", "disabled"]
+    assert (tmp_path / "two/train/train_config.yaml").exists()
+    man = json.loads((tmp_path / "two/train/manifest.json").read_text())
+    assert man["world_size"] == 2
+    a, b = load_file(str(tmp_path / "one/train/model/model.safetensors")), load_file(str(tmp_path / "two/train/model/model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)

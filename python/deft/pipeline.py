@@ -33,8 +33,10 @@ same fingerprint, and whose outputs exist, is skipped. One that says
 trainer from its last checkpoint, scoring from its part files, evaluation from
 its generations file). A stage whose fingerprint changed (a parameter, an input
 or an upstream stage changed), or any stage at or after ``--from STAGE``, is
-cleared and run again. ``deft run`` runs in one process; for several GPUs run
-the stages one by one (``deepspeed --num_gpus N --module deft train ...``).
+cleared and run again. The stages run in the ``deft run`` process, except that
+with ``launcher`` (e.g. ``torchrun --nproc_per_node 8``) the train stage runs in
+the processes that command starts (it writes ``train/train_config.yaml`` and
+runs ``deft train`` under the launcher).
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ STAGE_FILE = "stage.json"
 PIPELINE_SCHEMA: Dict[str, Any] = {
     **copy.deepcopy(TRAIN_SCHEMA),
     "run_dir": Field("runs/pipeline", "str", help="every stage writes into a folder of this one"),
+    "launcher": Field(None, "str", nullable=True, help="run the train stage in processes started by this command, e.g. "
+                                                        "'torchrun --nproc_per_node 8' or 'deepspeed --num_gpus 8'; null: in this process"),
     "inputs": {
         "files": Field([], "list", help="the preference data to grade (any format deft reads)"),
         "on_error": Field("raise", "str", choices=("raise", "skip"), help="skip: bad rows go to grade/rejects.jsonl"),
@@ -383,9 +387,42 @@ class _Train(_Stage):
         return all(p.exists() for p in self.outputs().values())
 
     def run(self, resume: bool) -> None:
+        tcfg = _train_config(self.cfg, self.run_dir)
+        if self.cfg["launcher"]:
+            _launch_train(self.cfg["launcher"], tcfg, self.folder, resume)
+            return
         from deft.train import train
 
-        train(_train_config(self.cfg, self.run_dir), resume=resume)
+        train(tcfg, resume=resume)
+
+
+def launch_command(launcher: str, config_file: Path, resume: bool) -> List[str]:
+    """The command that runs `deft train` under ``launcher`` (torchrun and
+    ``python -m torch.distributed.run`` take ``-m deft``, the deepspeed launcher
+    ``--module deft``)."""
+    import shlex
+
+    cmd = shlex.split(launcher)
+    if not cmd:
+        raise ConfigError("launcher: empty command")
+    module_flag = "--module" if Path(cmd[0]).name == "deepspeed" or "deepspeed.launcher.runner" in cmd else "-m"
+    return cmd + [module_flag, "deft", "train", "--config", str(config_file)] + (["--resume"] if resume else [])
+
+
+def _launch_train(launcher: str, tcfg: Mapping[str, Any], folder: Path, resume: bool) -> None:
+    import subprocess
+
+    import yaml
+
+    from deft.io import write_text_atomic
+
+    config_file = folder / "train_config.yaml"
+    write_text_atomic(config_file, yaml.safe_dump(dict(tcfg), sort_keys=False))
+    cmd = launch_command(launcher, config_file, resume)
+    _log(f"train: {' '.join(cmd)}")
+    r = subprocess.run(cmd)
+    if r.returncode != 0:
+        raise PipelineError(f"the train stage under {launcher!r} exited with status {r.returncode}; rerun `deft run` to resume it")
 
 
 class _Eval(_Stage):
