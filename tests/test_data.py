@@ -822,3 +822,19 @@ def test_render_chat_smollm2(smollm2: Any) -> None:
     assert full == prompt + "No.<|im_end|>\n"
     # Without a system turn the template adds its own default system prompt.
     assert render_chat(CTX, smollm2).startswith("<|im_start|>system\nYou are a helpful AI assistant")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_lone_surrogate_is_a_row_error_naming_the_field(tmp_path, suffix):
+    """JSON can spell a lone UTF-16 surrogate ("\\ud800"), which no UTF-8 text can
+    hold: a row error naming file, line and field (skippable), not a crash; a
+    proper surrogate pair (an emoji) is fine."""
+    rows = ['{"prompt": "p", "chosen": "a\\ud800b", "rejected": "c"}',
+            '{"prompt": "p2", "chosen": "smile \\ud83d\\ude00", "rejected": "y"}']
+    path = tmp_path / f"s{suffix}"
+    path.write_text("\n".join(rows) + "\n" if suffix == ".jsonl" else "[" + ",\n".join(rows) + "]\n")
+    with pytest.raises(DataError, match=r"s\.json(l)?:1: field 'chosen': holds a lone UTF-16 surrogate escape \(\\ud800\)"):
+        load(path)
+    res = load(path, on_error="skip")
+    assert res.frame.height == 1 and res.frame["responses"][0].to_list() == ["smile \U0001F600", "y"]
+    assert [(r.line, r.field) for r in res.rejects] == [(1, "chosen")]

@@ -521,6 +521,36 @@ def _decode_line(raw: bytes, first: bool) -> Tuple[Optional[str], Optional[str]]
     return text.rstrip("\r\n"), None
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(value: object, path: str = "") -> Optional[Tuple[str, str]]:
+    """(field, character) of the first string holding a lone UTF-16 surrogate
+    (JSON ``"\\ud800"`` without its pair), which no UTF-8 text can hold."""
+    if isinstance(value, str):
+        m = _SURROGATE.search(value)
+        return (path or "(value)", m.group()) if m else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            hit = _lone_surrogate(v, f"{path}.{k}" if path else str(k))
+            if hit:
+                return hit
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            hit = _lone_surrogate(v, f"{path}[{i}]")
+            if hit:
+                return hit
+    return None
+
+
+def _surrogate_error(value: object) -> Optional[Tuple[Optional[str], str]]:
+    hit = _lone_surrogate(value)
+    if hit is None:
+        return None
+    field, ch = hit
+    return field, f"holds a lone UTF-16 surrogate escape (\\u{ord(ch):04x}), which is not valid Unicode text"
+
+
 def _jsonl_records(lines: Iterable[bytes], display: str) -> Iterator[_Record]:
     lineno = 0
     try:
@@ -536,6 +566,11 @@ def _jsonl_records(lines: Iterable[bytes], display: str) -> Iterator[_Record]:
             except json.JSONDecodeError as e:
                 yield _Record(lineno, text, error=(None, f"invalid JSON: {e}"))
                 continue
+            if "\\ud" in text or "\\uD" in text:  # a surrogate escape: paired (fine) or lone
+                bad = _surrogate_error(value)
+                if bad is not None:
+                    yield _Record(lineno, text, error=bad)
+                    continue
             yield _Record(lineno, text, value)
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(display, lineno + 1 if lineno else None, None, f"cannot read file: {e}") from e
@@ -573,6 +608,10 @@ def _json_records(path: Path, display: str, gz: bool) -> Iterator[_Record]:
             display, None, None, f"expected a top-level JSON array of objects, got {_type_name(value)}"
         )
     for i, item in enumerate(value, start=1):
+        bad = _surrogate_error(item)
+        if bad is not None:
+            yield _Record(i, json.dumps(item), error=bad)
+            continue
         yield _Record(i, json.dumps(item, ensure_ascii=False), item)
 
 
