@@ -70,6 +70,24 @@ def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+#: SHA-256 of files by "resolved path|size|mtime_ns" (see :func:`sha256_file_cached`); `deft run`
+#: persists it in RUN_DIR/.hashes.json.
+SHA256_MEMO: Dict[str, str] = {}
+
+
+def sha256_file_cached(path: PathLike) -> str:
+    """:func:`sha256_file`, remembered by path, size and modification time (as
+    make trusts them), so large files such as model weights are read once per
+    process -- or once per run directory, where `deft run` persists the memo."""
+    p = Path(path)
+    st = p.stat()
+    key = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    hit = SHA256_MEMO.get(key)
+    if hit is None:
+        hit = SHA256_MEMO[key] = sha256_file(p)
+    return hit
+
+
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 

@@ -139,43 +139,36 @@ def _h(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-#: SHA-256 of files by (resolved path, size, mtime_ns), persisted in RUN_DIR/.hashes.json so that
-#: a rerun does not read every weight file again (like make, it trusts size and modification time).
-_FILE_HASHES: Dict[str, str] = {}
+#: The file-hash memo (deft.io.SHA256_MEMO) is persisted in RUN_DIR/.hashes.json so that a rerun
+#: does not read every weight file again (like make, it trusts size and modification time).
 HASH_CACHE = ".hashes.json"
 
 
-def _hash_key(p: Path) -> str:
-    st = p.stat()
-    return f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-
-
 def _load_hash_cache(run_dir: Path) -> None:
+    from deft.io import SHA256_MEMO
+
     try:
         data = json.loads((run_dir / HASH_CACHE).read_text(encoding="utf-8"))
         if isinstance(data, dict):
-            _FILE_HASHES.update({str(k): str(v) for k, v in data.items()})
+            SHA256_MEMO.update({str(k): str(v) for k, v in data.items()})
     except (OSError, ValueError):
         pass  # no cache (or a torn one): hash again
 
 
 def _save_hash_cache(run_dir: Path) -> None:
-    from deft.io import write_json_atomic
+    from deft.io import SHA256_MEMO, write_json_atomic
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / HASH_CACHE, _FILE_HASHES)
+    write_json_atomic(run_dir / HASH_CACHE, SHA256_MEMO)
 
 
 def _file_hash(path: Any) -> Dict[str, Any]:
-    from deft.io import sha256_file
+    from deft.io import sha256_file_cached
 
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(2, "input file not found", str(p))
-    key = _hash_key(p)
-    if key not in _FILE_HASHES:
-        _FILE_HASHES[key] = sha256_file(p)
-    return {"path": str(p), "sha256": _FILE_HASHES[key]}
+    return {"path": str(p), "sha256": sha256_file_cached(p)}
 
 
 _WEIGHTS = (".safetensors", ".bin", ".gguf", ".pt", ".pth")

@@ -349,12 +349,12 @@ def _model_fingerprint(cfg: Mapping[str, Any]) -> str:
         names = sorted(f for f in p.iterdir() if f.is_file() and (f.suffix in (".safetensors", ".bin", ".gguf", ".pt") or f.name == "config.json"))
         if cfg.get("gguf_file"):
             names.append(p / cfg["gguf_file"])
-        from deft.io import sha256_file
+        from deft.io import sha256_file_cached  # `deft run` has hashed these already
 
         for f in names:
             if f.exists():
                 h.update(f.name.encode())
-                h.update(sha256_file(f).encode())
+                h.update(sha256_file_cached(f).encode())
     else:
         h.update(str(cfg["model"]).encode())
         try:
