@@ -507,17 +507,12 @@ def _resolve_dtype(dtype: Optional[str], device: str) -> str:
 
 
 def _load_tokenizer(spec: str, *, tokenizer: Optional[str], gguf_file: Optional[str], trust_remote_code: bool):
-    from transformers import AutoTokenizer
+    from deft._util import load_tokenizer
 
-    src = tokenizer or spec
-    kw: Dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if gguf_file and not tokenizer:
-        kw["gguf_file"] = gguf_file
     try:
-        tok = AutoTokenizer.from_pretrained(src, **kw)
+        return load_tokenizer(spec, tokenizer=tokenizer, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"tokenizer of model {src}: could not be loaded ({type(e).__name__}: {_first_line(e)})") from None
-    return tok
+        raise FileNotFoundError(f"tokenizer of model {tokenizer or spec}: could not be loaded ({type(e).__name__}: {_first_line(e)})") from None
 
 
 def _first_line(e: BaseException) -> str:
@@ -540,23 +535,17 @@ def load_policy(
     available) in ``dtype`` (default: bfloat16 on CUDA, float32 on CPU).
     Returns ``(model, tokenizer)``."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from deft._util import load_causal_lm
 
     _check_model_spec(model, gguf_file)
     dev = _resolve_device(device)
     dt = getattr(torch, _resolve_dtype(dtype, dev))
     tok = _load_tokenizer(model, tokenizer=tokenizer, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
-    kw: Dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": dt}
-    if gguf_file:
-        kw["gguf_file"] = gguf_file
     try:
-        lm = AutoModelForCausalLM.from_pretrained(model, **kw)
+        lm = load_causal_lm(model, dtype=dt, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"model {model}: could not be loaded ({type(e).__name__}: {_first_line(e)})") from None
-    if gguf_file:  # plain weights after dequantisation (see deft.train._load_model)
-        lm.hf_quantizer = None
-        if hasattr(lm.config, "quantization_config"):
-            del lm.config.quantization_config
     lm.to(dev)
     lm.eval()
     if hasattr(lm, "config"):

@@ -230,24 +230,17 @@ class Prepared:
     pad_token_id: int
 
 
-def _hf_tokenizer(spec: str, cfg: Mapping[str, Any]):
-    from transformers import AutoTokenizer
-
-    kw: Dict[str, Any] = {"trust_remote_code": cfg["trust_remote_code"]}
-    if cfg.get("gguf_file") and not cfg.get("tokenizer"):
-        kw["gguf_file"] = cfg["gguf_file"]
-    return AutoTokenizer.from_pretrained(spec, **kw)
-
-
 def prepare_data(cfg: Mapping[str, Any]) -> Prepared:
     """Load the graded data, the distribution and the tokenizer; tokenise."""
     import polars as pl
 
+    from deft._util import load_tokenizer
     from deft.distribution import PolicyTokenizer, load_distribution, resolve_template, response_prefix
     from deft.io import sha256_text
 
     spec = cfg["tokenizer"] or cfg["model"]
-    hf_tok = _hf_tokenizer(spec, cfg)
+    hf_tok = load_tokenizer(cfg["model"], tokenizer=cfg["tokenizer"], gguf_file=cfg.get("gguf_file"),
+                            trust_remote_code=cfg["trust_remote_code"])
     backend = getattr(hf_tok, "backend_tokenizer", None)
     if backend is None:
         raise ValueError(f"tokenizer {spec}: not a fast (tokenizers-based) tokenizer; deft needs its tokenizer.json")
@@ -594,21 +587,14 @@ def _git_commit() -> Optional[str]:
 
 def _load_model(cfg: Mapping[str, Any]):
     import torch
-    from transformers import AutoModelForCausalLM
 
-    kw: Dict[str, Any] = {"trust_remote_code": cfg["trust_remote_code"], "dtype": torch.float32}
-    if cfg.get("gguf_file"):
-        kw["gguf_file"] = cfg["gguf_file"]
+    from deft._util import load_causal_lm
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(cfg["model"], **kw)
+        model = load_causal_lm(cfg["model"], dtype=torch.float32, gguf_file=cfg.get("gguf_file"),
+                               trust_remote_code=cfg["trust_remote_code"])
     except OSError as e:
         raise FileNotFoundError(f"model {cfg['model']}: {e}") from None
-    if cfg.get("gguf_file"):
-        # transformers dequantises GGUF weights to float32 on load but keeps a
-        # quantizer attached that refuses save_pretrained; the weights are plain now
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
     if cfg["train"]["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
     if hasattr(model, "config"):
