@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 
 def find_sub(seq: Sequence[int], sub: Sequence[int]) -> int:
@@ -56,3 +56,14 @@ def load_tokenizer(model: str, *, tokenizer: Optional[str] = None, gguf_file: Op
         kw["gguf_file"] = gguf_file
     return AutoTokenizer.from_pretrained(tokenizer or model, **kw)
 
+
+def md_table(header: Sequence[Any], rows: Sequence[Sequence[Any]], left: int = 1) -> List[str]:
+    """Lines of a Markdown table: the first ``left`` columns left-aligned, the
+    rest right-aligned; ``|`` inside a cell is escaped."""
+    def esc(c: Any) -> str:
+        return str(c).replace("|", "\\|")
+
+    out = ["| " + " | ".join(esc(h) for h in header) + " |",
+           "|" + "|".join(":---" if i < left else "---:" for i in range(len(header))) + "|"]
+    out += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return out

@@ -99,7 +99,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import numpy as np
 
-from deft._util import is_oom
+from deft._util import is_oom, md_table
 
 __all__ = [
     "DEFAULT_TIE_MARGIN",
@@ -1058,21 +1058,19 @@ class EvalReport:
     manifest: Optional[Path] = None
     metrics: Optional[Path] = None
 
+    def _subset_table(self, columns: Sequence[Tuple[str, Callable[[Optional["SubsetScores"]], str]]]) -> Tuple[List[str], List[List[str]]]:
+        """Header and one row per run: for each subset, then "Total", one cell
+        per ``(label, format)`` column."""
+        groups = list(self.subsets) + ["Total"]
+        header = ["Model"] + [f"{g} {label}" for g in groups for label, _ in columns]
+        rows = [[r.name] + [cell(sc) for sc in [r.subsets.get(s) for s in self.subsets] + [r.total] for _, cell in columns]
+                for r in self.runs]
+        return header, rows
+
     def table(self) -> Tuple[List[str], List[List[str]]]:
         """The paper's Table 2 layout: header and one row per run."""
-        header = ["Model"]
-        for s in self.subsets:
-            header += [f"{s} BLEU", f"{s} Reward"]
-        header += ["Total BLEU", "Total Reward"]
-        rows = []
-        for r in self.runs:
-            row = [r.name]
-            for s in self.subsets:
-                sc = r.subsets.get(s)
-                row += [_fmt(sc.bleu if sc else None), _fmt(sc.reward if sc else None)]
-            row += [_fmt(r.total.bleu if r.total else None), _fmt(r.total.reward if r.total else None)]
-            rows.append(row)
-        return header, rows
+        return self._subset_table([("BLEU", lambda sc: _fmt(sc.bleu if sc else None)),
+                                   ("Reward", lambda sc: _fmt(sc.reward if sc else None))])
 
     def to_markdown(self) -> str:
         lines: List[str] = ["# deft eval", ""]
@@ -1080,22 +1078,10 @@ class EvalReport:
             rm = self.reward_model or {}
             lines += [f"BLEU: PRO-compatible (NLTK `sentence_bleu` over characters, x100); Reward: 100 * sigmoid(score) of "
                       f"`{rm.get('name', '?')}`; Total: mean over all samples.", ""]
-            header, rows = self.table()
-            lines += _md_table(header, rows)
+            lines += md_table(*self.table())
             lines += ["", "## Samples and sacreBLEU", ""]
-            h2 = ["Model"]
-            for s in self.subsets:
-                h2 += [f"{s} n", f"{s} sacreBLEU"]
-            h2 += ["Total n", "Total sacreBLEU"]
-            r2 = []
-            for r in self.runs:
-                row = [r.name]
-                for s in self.subsets:
-                    sc = r.subsets.get(s)
-                    row += [str(sc.samples) if sc else "-", _fmt(sc.sacrebleu if sc else None)]
-                row += [str(r.total.samples) if r.total else "-", _fmt(r.total.sacrebleu if r.total else None)]
-                r2.append(row)
-            lines += _md_table(h2, r2)
+            lines += md_table(*self._subset_table([("n", lambda sc: str(sc.samples) if sc else "-"),
+                                                   ("sacreBLEU", lambda sc: _fmt(sc.sacrebleu if sc else None))]))
         wtl = [r for r in self.runs if r.win_tie_lose is not None]
         if wtl:
             lines += ["", f"## Win / tie / lose (judged by the reward model; tie when the rewards differ by at most "
@@ -1107,7 +1093,7 @@ class EvalReport:
                 assert w is not None
                 r3.append([r.name, w.baseline, str(w.n), str(w.win), str(w.tie), str(w.lose),
                            f"{100 * w.win_rate:.1f}", f"{100 * w.tie_rate:.1f}", f"{100 * w.lose_rate:.1f}"])
-            lines += _md_table(h3, r3, left=2)
+            lines += md_table(h3, r3, left=2)
         mt = [r for r in self.runs if r.mt_bench_path is not None]
         if mt:
             lines += ["", "## MT-Bench answers (FastChat model_answer format)", ""]
@@ -1126,17 +1112,6 @@ class EvalReport:
             "runs": [r.to_dict() for r in self.runs],
             "notes": self.notes,
         }
-
-
-def _md_table(header: List[str], rows: List[List[str]], left: int = 1) -> List[str]:
-    """A Markdown table: the first ``left`` columns left-aligned, the rest right."""
-    def esc(c: str) -> str:
-        return c.replace("|", "\\|")
-
-    out = ["| " + " | ".join(esc(h) for h in header) + " |",
-           "|" + "|".join(":---" if i < left else "---:" for i in range(len(header))) + "|"]
-    out += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
-    return out
 
 
 # ---------------------------------------------------------------------------

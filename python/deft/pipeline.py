@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
+from deft._util import md_table
 from deft.config import SCHEMA as TRAIN_SCHEMA
 from deft.config import ConfigError, Field, read_config
 from deft.config import validate as validate_train
@@ -617,12 +618,6 @@ def plot_training_curves(metrics_path: Path, out: Path) -> Optional[Path]:
     return out
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(x) for x in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def write_report(run_dir: Path, cfg: Mapping[str, Any], results: Sequence[StageResult]) -> Path:
     """run_dir/report.md from what the stages left on disk."""
     from deft.io import write_text_atomic
@@ -634,8 +629,8 @@ def write_report(run_dir: Path, cfg: Mapping[str, Any], results: Sequence[StageR
                  f"{'DEFT-' if cfg['deft']['enabled'] else ''}{method.upper()}"
                  f"{' (omega ' + format(cfg['deft']['omega'], 'g') + ')' if cfg['deft']['enabled'] else ''}, "
                  f"trained on levels {', '.join(cfg['data']['levels'])}.")
-    parts += ["", _md_table(["stage", "action", "seconds", "folder"],
-                            [[r.name, r.action, f"{r.seconds:.1f}", f"`{r.folder}`"] for r in results]), ""]
+    parts += [""] + md_table(["stage", "action", "seconds", "folder"],
+                             [[r.name, r.action, f"{r.seconds:.1f}", f"`{r.folder}`"] for r in results], left=2) + [""]
 
     gman = run_dir / "grade" / "manifest.json"
     if gman.exists():
@@ -644,7 +639,7 @@ def write_report(run_dir: Path, cfg: Mapping[str, Any], results: Sequence[StageR
         parts += ["## Grading", "",
                   f"Reward model `{p.get('reward_model')}`, a = {p.get('a')}%, c = {p.get('c')}%, per subset: {p.get('per_subset')}.", ""]
         rows = [[k.split("/")[0], k.split("/")[1], v["samples"], v["q_pos"], v["q_neg"]] for k, v in sorted(m.get("counts", {}).items())]
-        parts += [_md_table(["subset", "level", "samples", "Q+ responses", "Q- responses"], rows), ""]
+        parts += md_table(["subset", "level", "samples", "Q+ responses", "Q- responses"], rows, left=2) + [""]
         if (run_dir / "grade" / "best_scores.png").exists():
             parts += ["![best scores](grade/best_scores.png)", ""]
 
@@ -659,7 +654,7 @@ def write_report(run_dir: Path, cfg: Mapping[str, Any], results: Sequence[StageR
             pos = top["positive"][i] if i < len(top["positive"]) else None
             neg = top["negative"][i] if i < len(top["negative"]) else None
             rows.append([f"`{pos['text']!r}` {pos['q_diff']:+.2e}" if pos else "", f"`{neg['text']!r}` {neg['q_diff']:+.2e}" if neg else ""])
-        parts += [_md_table(["most positive (Q+ side)", "most negative (Q- side)"], rows), ""]
+        parts += md_table(["most positive (Q+ side)", "most negative (Q- side)"], rows, left=2) + [""]
 
     metrics = run_dir / "train" / "metrics.jsonl"
     if metrics.exists():
@@ -669,8 +664,8 @@ def write_report(run_dir: Path, cfg: Mapping[str, Any], results: Sequence[StageR
         if rows:
             first, last = rows[0], rows[-1]
             keys = [k for k in ("loss", "L_m", "R_dis", "rewards/margins", "rewards/accuracy") if k in last]
-            parts += [_md_table(["", *keys], [["step " + str(first["step"]), *[f"{first[k]:.4g}" for k in keys]],
-                                               ["step " + str(last["step"]), *[f"{last[k]:.4g}" for k in keys]]]), ""]
+            parts += md_table(["", *keys], [["step " + str(first["step"]), *[f"{first[k]:.4g}" for k in keys]],
+                                            ["step " + str(last["step"]), *[f"{last[k]:.4g}" for k in keys]]]) + [""]
         if png is not None:
             parts += ["![training curves](train_curves.png)", ""]
 
