@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import textwrap
 from pathlib import Path
 from typing import Any, Iterable, List, Mapping, Sequence, Union
 
@@ -96,3 +97,19 @@ def save_tiny_reward_model(folder: Path, tokenizer=None, *, seed: int = 0, **con
     return folder
 
 
+
+
+#: Python source that SIGKILLs its own process while `deft.train` publishes its
+#: second checkpoint (a kill -9 mid-run); append the entry point to run.
+KILL_AT_SECOND_CHECKPOINT = textwrap.dedent("""
+    import os, signal, sys
+    import deft.train as t
+    calls = []
+    orig = t._finalize_checkpoint
+    def finalize(tmp, final):
+        calls.append(1)
+        if len(calls) == 2:  # killed while publishing the second checkpoint
+            os.kill(os.getpid(), signal.SIGKILL)
+        orig(tmp, final)
+    t._finalize_checkpoint = finalize
+""")

@@ -10,12 +10,11 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
-from conftest import shared_file
+from conftest import KILL_AT_SECOND_CHECKPOINT, shared_file
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -105,21 +104,7 @@ def _sets(a, run_dir: Path, **extra):
     return out
 
 
-KILLER = textwrap.dedent("""
-    import os, signal, sys
-    import deft.train as t
-    calls = []
-    orig = t._finalize_checkpoint
-    def finalize(tmp, final):
-        calls.append(1)
-        if len(calls) == 2:  # killed while publishing the second checkpoint
-            os.kill(os.getpid(), signal.SIGKILL)
-        orig(tmp, final)
-    t._finalize_checkpoint = finalize
-    from deft.cli import main
-    sys.argv = ["deft", "run"] + sys.argv[1:]
-    main()
-""")
+KILLER = KILL_AT_SECOND_CHECKPOINT + "from deft.cli import main\nsys.argv = [\"deft\", \"run\"] + sys.argv[1:]\nmain()\n"
 
 
 def _deft_run(args, cwd):

@@ -9,13 +9,12 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import shared_file
+from conftest import KILL_AT_SECOND_CHECKPOINT, shared_file
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -353,19 +352,7 @@ def test_deepspeed_two_processes(assets, tmp_path, launcher, zero, plain_two_ste
     assert sorted(p.name for p in ck.glob("rng_rank*.pt")) == ["rng_rank0.pt", "rng_rank1.pt"]
 
 
-KILLER = textwrap.dedent("""
-    import os, signal, sys
-    import deft.train as t
-    calls = []
-    orig = t._finalize_checkpoint
-    def finalize(tmp, final):
-        calls.append(1)
-        if len(calls) == 2:  # killed while writing the second checkpoint
-            os.kill(os.getpid(), signal.SIGKILL)
-        orig(tmp, final)
-    t._finalize_checkpoint = finalize
-    t.run(None, sys.argv[1:])
-""")
+KILLER = KILL_AT_SECOND_CHECKPOINT + "t.run(None, sys.argv[1:])\n"
 
 
 @pytest.mark.slow  # four fresh processes: ~60-100 s on a shared 2-core CPU
