@@ -117,6 +117,7 @@ from typing import (
 
 import polars as pl
 
+from deft.errors import DeftError
 from deft.io import atomic_path
 
 from deft.render import render_chat, render_hh, render_oasst
@@ -200,7 +201,7 @@ def _location(file: str, line: Optional[int], field: Optional[str], reason: str)
     return f"{where}: field '{field}': {reason}"
 
 
-class DataError(ValueError):
+class DataError(DeftError, ValueError):
     """A problem with input data, located as precisely as possible.
 
     ``str(err)`` is one line: ``"{file}:{line}: field '{field}': {reason}"``;
@@ -551,6 +552,15 @@ def _surrogate_error(value: object) -> Optional[Tuple[Optional[str], str]]:
     return field, f"holds a lone UTF-16 surrogate escape (\\u{ord(ch):04x}), which is not valid Unicode text"
 
 
+def _cr_hint(text: str, e: json.JSONDecodeError) -> str:
+    """A hint for JSON Lines whose records are separated by CR alone (old Mac
+    line endings), which read as one line holding several objects."""
+    if e.msg == "Extra data" and "\r" in text.rstrip("\r\n"):
+        return ("; the line holds carriage returns (CR) between records: the file seems to use CR-only line "
+                "endings, which JSON Lines does not allow; convert them to LF (e.g. tr '\\r' '\\n')")
+    return ""
+
+
 def _jsonl_records(lines: Iterable[bytes], display: str) -> Iterator[_Record]:
     lineno = 0
     try:
@@ -564,7 +574,7 @@ def _jsonl_records(lines: Iterable[bytes], display: str) -> Iterator[_Record]:
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as e:
-                yield _Record(lineno, text, error=(None, f"invalid JSON: {e}"))
+                yield _Record(lineno, text, error=(None, f"invalid JSON: {e}{_cr_hint(text, e)}"))
                 continue
             if "\\ud" in text or "\\uD" in text:  # a surrogate escape: paired (fine) or lone
                 bad = _surrogate_error(value)
@@ -764,6 +774,8 @@ def _assistant_reply(value: object, field: str) -> Tuple[str, Optional[str]]:
     joined with a blank line, and noted)."""
     if isinstance(value, str):
         return value, None
+    if not isinstance(value, (list, tuple)):
+        raise _RowError(field, f"expected a string or an array of assistant messages, got {_type_name(value)}")
     messages = _parse_messages(value, field)
     if not messages:
         raise _RowError(field, "empty message list: expected the assistant response")
@@ -1540,6 +1552,21 @@ _FAST_USED: Dict[str, Set[str]] = {
 # -- Ids, subsets, meta, notes ----------------------------------------------
 
 
+def _duplicate_notes(responses: Sequence[str], fields: Sequence[Optional[str]]) -> List[Tuple[Optional[str], str]]:
+    """A note for each response whose text repeats an earlier one of the same
+    sample: kept, but a preference between two copies of one text says
+    nothing, and with scores one text can land in both Q+ and Q-
+    (`deft grade --drop-duplicates` drops such samples)."""
+    first: Dict[str, int] = {}
+    out: List[Tuple[Optional[str], str]] = []
+    for i, text in enumerate(responses):
+        j = first.setdefault(text, i)
+        if j != i:
+            out.append((fields[i], f"response {i} is the same text as response {j}; kept "
+                                   "(`deft grade --drop-duplicates` drops such samples)"))
+    return out
+
+
 def _assemble(
     records: pl.DataFrame,
     built: _Built,
@@ -1596,17 +1623,21 @@ def _assemble(
         "meta": meta,
     }).cast(SCHEMA)  # type: ignore[arg-type]
 
-    # Notes, in the row path's order: the row parser's, then empty responses.
-    noted = sorted(set(built.row_notes) | set(has_empty.arg_true().to_list()))
+    # Notes, in the row path's order: the row parser's, then empty responses, then repeated ones.
+    has_dup = columns.select(pl.col("responses").list.n_unique() < pl.col("responses").list.len()).to_series()
+    noted = sorted(set(built.row_notes) | set(has_empty.arg_true().to_list()) | set(has_dup.arg_true().to_list()))
     notes: List[Note] = []
     if noted:
-        for row, line, flags in zip(noted, lines.gather(noted).to_list(), empty.gather(noted).to_list()):
+        texts = columns["responses"].gather(noted).to_list()
+        for row, line, flags, resp in zip(noted, lines.gather(noted).to_list(), empty.gather(noted).to_list(), texts):
             for f, reason in built.row_notes.get(row, []):
                 notes.append(Note(display, line, f, reason))
             for i, is_empty in enumerate(flags):
                 if is_empty:
                     reason = f"response {i} is empty; kept (an assistant reply that says nothing)"
                     notes.append(Note(display, line, built.response_field(i), reason))
+            fields = [built.response_field(i) for i in range(len(resp))]
+            notes.extend(Note(display, line, f, r) for f, r in _duplicate_notes(resp, fields))
     return _FastFile(frame, fmt, n, notes, lines)
 
 
@@ -1851,6 +1882,7 @@ class _Loader:
             if not allow_empty:
                 raise _RowError(where, f"response {i} is empty or whitespace-only")
             notes.append((where, f"response {i} is empty; kept (an assistant reply that says nothing)"))
+        notes.extend(_duplicate_notes(parsed.responses, parsed.response_fields))
         if row_id in self.seen_ids:
             f, l = self.seen_ids[row_id]
             raise _RowError("id", f"duplicate id {row_id!r}: already used by {f}:{l}")
