@@ -29,7 +29,7 @@ original index of each response: the source's order), ``norm_scores``,
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import polars as pl
@@ -197,6 +197,35 @@ def grade(
     return out
 
 
+def repeated_response_rows(frame: pl.DataFrame) -> pl.Series:
+    """Boolean per row: the sample holds one response text more than once."""
+    return frame.select(pl.col("responses").list.n_unique() < pl.col("responses").list.len()).to_series()
+
+
+def grade_warnings(graded: pl.DataFrame) -> List[str]:
+    """What a user should know about a graded frame before building Q_diff
+    from it: samples whose scores are all equal (they carry no preference and
+    give no Q+/Q- response) and samples where one text is in both Q+ and Q-
+    (a response repeated with different scores)."""
+    out: List[str] = []
+    flat = graded.select(pl.col("polarity").list.eval(pl.element() != 0).list.any().alias("any")).to_series()
+    n_equal = int((~flat).sum())
+    if n_equal:
+        out.append(f"{n_equal:,} of {graded.height:,} samples have all-equal scores: they carry no preference, "
+                   "so none of their responses is in Q+ or Q-")
+    rep = graded.filter(repeated_response_rows(graded))
+    both = 0
+    for resp, pol in zip(rep.get_column("responses").to_list(), rep.get_column("polarity").to_list()):
+        pos = {t for t, p in zip(resp, pol) if p == 1}
+        if any(p == -1 and t in pos for t, p in zip(resp, pol)):
+            both += 1
+    if rep.height:
+        out.append(f"{rep.height:,} samples hold the same response text twice"
+                   + (f"; in {both:,} of them one text is in both Q+ and Q-" if both else "")
+                   + " (pass --drop-duplicates to drop such samples)")
+    return out
+
+
 def summary(graded: pl.DataFrame) -> pl.DataFrame:
     """Per subset and level: samples, Q+/Q- responses, best-score quantiles."""
     return (
@@ -258,6 +287,10 @@ class GradeRun:
     plot_path: Any = None
     n_rejected: int = 0
     message: str = ""
+    #: samples dropped by ``drop_duplicates`` (one response text repeated)
+    n_dropped_duplicates: int = 0
+    #: see :func:`grade_warnings`
+    warnings: List[str] = field(default_factory=list)
 
 
 def grade_files(
@@ -281,11 +314,13 @@ def grade_files(
     rejects: Any = None,
     trust_remote_code: bool = False,
     progress: bool = True,
+    drop_duplicates: bool = False,
 ) -> GradeRun:
     """Load ``inputs``, score them (or use their scores), grade, and write
     ``graded.parquet``, ``manifest.json`` (and ``best_scores.png``) into
     ``output_dir``. Scoring is resumable: rerunning after an interruption
-    continues from the part files in ``output_dir/scores``."""
+    continues from the part files in ``output_dir/scores``. ``drop_duplicates``:
+    drop samples that hold one response text twice (before scoring)."""
     from pathlib import Path
 
     from deft.data import load_many
@@ -299,6 +334,12 @@ def grade_files(
     loaded = load_many([Path(p) for p in inputs], on_error=on_error, rejects_path=rejects)
     frame = loaded.frame
     run = GradeRun(output_dir=out, n_rejected=len(loaded.rejects))
+    if drop_duplicates:
+        rep = repeated_response_rows(frame)
+        run.n_dropped_duplicates = int(rep.sum())
+        frame = frame.filter(~rep)
+        if frame.height == 0:
+            raise ValueError(f"nothing to grade: all {rep.len():,} samples hold a repeated response (--drop-duplicates)")
     model_info: Dict[str, Any]
     if use_input_scores:
         _require_scores(frame)
@@ -321,6 +362,7 @@ def grade_files(
     if per_subset is None:  # the default of grade(), resolved here so the manifest records it
         per_subset = frame.get_column("subset").n_unique() > 1
     graded = grade(frame, a=a, c=c, per_subset=per_subset, thresholds=thresholds)
+    run.warnings = grade_warnings(graded)
     with atomic_path(graded_path) as tmp:
         graded.write_parquet(tmp)
     counts = {
@@ -338,11 +380,13 @@ def grade_files(
         parameters={
             **model_info, "a": a, "c": c, "per_subset": per_subset, "thresholds": thresholds.as_dict(),
             "level_rounding": "n_A = max(1, floor(n*a/100 + 0.5)); n_C = min(floor(n*c/100 + 0.5), n - n_A); ties by id",
-            "on_error": on_error,
+            "on_error": on_error, "drop_duplicates": drop_duplicates,
         },
         outputs={"graded": {"path": str(graded_path), "sha256": sha256_file(graded_path), "rows": graded.height},
                  "plot": str(run.plot_path) if run.plot_path else None},
         counts=counts,
         rejected=len(loaded.rejects),
+        dropped_duplicates=run.n_dropped_duplicates,
+        warnings=run.warnings,
     )
     return run

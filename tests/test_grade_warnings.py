@@ -1,0 +1,61 @@
+"""Grading tells the user about samples that cannot teach a preference: all-equal
+scores (no Q+/Q- at all) and one response text repeated (with scores, the same
+text can land in both Q+ and Q-), and ``--drop-duplicates`` drops the latter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+from typer.testing import CliRunner
+
+from conftest import shared_file
+from deft.cli import app
+from deft.data import load
+from deft.grade import grade, grade_files, grade_warnings, repeated_response_rows
+
+
+def _ranked(tmp_path: Path) -> Path:
+    p = tmp_path / "ranked.jsonl"
+    rows = [
+        {"id": "dup", "prompt": "q", "responses": ["same", "other", "same"], "scores": [3.0, 2.0, 1.0]},
+        {"id": "flat", "prompt": "q2", "responses": ["a", "b"], "scores": [1.0, 1.0]},
+        {"id": "ok", "prompt": "q3", "responses": ["x", "y"], "scores": [2.0, 0.0]},
+    ]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+def test_warnings_name_equal_scores_and_a_text_in_both_q_plus_and_q_minus(tmp_path: Path) -> None:
+    g = grade(load(_ranked(tmp_path), format="ranked").frame, a=34, c=30)
+    dup = g.filter(pl.col("id") == "dup").row(0, named=True)
+    assert dup["responses"] == ["same", "other", "same"] and dup["polarity"][0] == 1 and dup["polarity"][-1] == -1
+    w = grade_warnings(g)
+    assert w[0].startswith("1 of 3 samples have all-equal scores")
+    assert w[1].startswith("1 samples hold the same response text twice; in 1 of them one text is in both Q+ and Q-")
+
+
+def test_drop_duplicates_drops_them_before_grading(tmp_path: Path) -> None:
+    run = grade_files([_ranked(tmp_path)], tmp_path / "out", use_input_scores=True, a=34, c=30, drop_duplicates=True)
+    assert run.n_dropped_duplicates == 1
+    assert sorted(run.graded.get_column("id").to_list()) == ["flat", "ok"]
+    man = json.loads(run.manifest_path.read_text())
+    assert man["dropped_duplicates"] == 1 and man["parameters"]["drop_duplicates"] is True
+    assert man["warnings"] == run.warnings and run.warnings[0].startswith("1 of 2 samples have all-equal scores")
+
+
+def test_real_helpful_base_has_two_such_samples_and_the_cli_says_so(tmp_path: Path) -> None:
+    src = shared_file("data/pro-hh/test_helpful_base.jsonl.gz")
+    frame = load(src).frame
+    assert int(repeated_response_rows(frame).sum()) == 2
+    res = CliRunner().invoke(app, ["grade", "-i", str(src), "-o", str(tmp_path / "g"), "--use-input-scores"])
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.output.split())
+    assert "warning: 2 of 2,354 samples have all-equal scores" in out
+    assert "2 samples hold the same response text twice" in out
+    res = CliRunner().invoke(app, ["grade", "-i", str(src), "-o", str(tmp_path / "d"), "--use-input-scores", "--drop-duplicates"])
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.output.split())
+    assert "dropped 2 samples" in out and "same response text" not in out
+    assert pl.read_parquet(tmp_path / "d" / "graded.parquet").height == 2352
