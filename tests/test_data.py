@@ -74,7 +74,7 @@ def test_real_hh_loads_every_row(real_hh: LoadResult) -> None:
     assert (real_hh.format, real_hh.n_read, frame.height) == ("hh", 2312, 2312)
     assert real_hh.rejects == []
     validate_frame(frame)
-    assert frame["subset"].unique().to_list() == ["harmless-base"]
+    assert frame["subset"].unique().to_list() == ["harmless_base"]
     assert frame["ranked"].all() and frame["scores"].is_null().all() and frame["meta"].is_null().all()
     assert frame["id"][0] == "harmless-base-test.jsonl.gz:1"
     assert frame["source_line"].to_list() == list(range(1, 2313))
@@ -289,7 +289,7 @@ def test_format_in_container(case: str, container: str, tmp_path: Path) -> None:
             {"subset": "s2", "source_file": "orig.jsonl", "source_line": 9},
         ]
     else:
-        assert result.frame["subset"].to_list() == ["my-data", "my-data"]
+        assert result.frame["subset"].to_list() == ["my_data", "my_data"]
         assert result.frame["source_file"].to_list() == [str(path)] * 2
         assert result.frame["source_line"].to_list() == [1, 2]
 
@@ -330,13 +330,16 @@ def test_bad_arguments(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "name, subset",
     [
-        ("harmless-base-test.jsonl.gz", "harmless-base"),
+        ("harmless-base-test.jsonl.gz", "harmless_base"),  # HH-RLHF's name and PRO's give one subset
         ("test_harmless_base.jsonl.gz", "harmless_base"),
+        ("my-data.jsonl", "my_data"),
+        ("hh-rlhf/harmless-base/train.jsonl.gz", "harmless_base"),  # Anthropic's layout: the folder names it
+        ("helpful-base/test.jsonl", "helpful_base"),
+        ("test.jsonl", "test"),
         ("train_x.parquet", "x"),
         ("dev_y_dev.json", "y"),
         ("z-train.jsonl", "z"),
         ("plain.json.gz", "plain"),
-        ("test.jsonl", "test"),
         ("/some/dir/a_dev.jsonl", "a"),
     ],
 )

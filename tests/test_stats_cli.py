@@ -56,7 +56,7 @@ def test_stats_json_on_real_hh():
     r = run("stats", "--input", str(hh), "--tokenizer", str(tok), "--json", "--top", "5")
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
-    assert s["samples"] == 2312 and s["subsets"] == {"harmless-base": 2312}
+    assert s["samples"] == 2312 and s["subsets"] == {"harmless_base": 2312}
     assert s["responses_per_sample"] == {"2": 2312}
     assert len(s["top_response_tokens"]) == 5
     frame = load(hh).frame

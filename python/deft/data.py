@@ -18,8 +18,9 @@ One row per prompt, columns in this order (see :data:`SCHEMA`):
     of :func:`load_many`); a duplicated id is a row error on field ``id``.
 ``subset`` (Utf8)
     The record's ``subset`` field, else the ``subset=`` argument, else derived
-    from the file name by :func:`derive_subset` (``harmless-base-test.jsonl.gz``
-    -> ``harmless-base``, ``test_harmless_base.jsonl.gz`` -> ``harmless_base``).
+    from the file name by :func:`derive_subset` (``harmless-base-test.jsonl.gz``,
+    ``test_harmless_base.jsonl.gz`` and ``harmless-base/train.jsonl.gz`` all
+    give ``harmless_base``).
 ``context`` (List(Struct{role: Utf8, content: Utf8}))
     The conversation before the responses. Roles are ``system``, ``user`` and
     ``assistant`` (HH ``Human``/``Assistant``, OpenAssistant/PRO
@@ -460,12 +461,17 @@ _SUBSET_SUFFIXES = ("-test", "_test", "-train", "_train", "-dev", "_dev")
 def derive_subset(path: PathLike) -> str:
     """Subset name from a file name: the basename without its data extension,
     without a leading ``test_``/``train_``/``dev_`` and without a trailing
-    ``-test``/``_test``/``-train``/``_train``/``-dev``/``_dev``.
+    ``-test``/``_test``/``-train``/``_train``/``-dev``/``_dev``; hyphens become
+    underscores, so HH-RLHF's file names and PRO's name a subset alike. A file
+    named only by its split (``harmless-base/train.jsonl.gz``, Anthropic's
+    layout) takes the name of its folder.
 
     >>> derive_subset("data/harmless-base-test.jsonl.gz")
-    'harmless-base'
+    'harmless_base'
     >>> derive_subset("test_harmless_base.jsonl.gz")
     'harmless_base'
+    >>> derive_subset("hh-rlhf/helpful-base/test.jsonl.gz")
+    'helpful_base'
     """
     name = Path(path).name
     stem = name
@@ -482,7 +488,15 @@ def derive_subset(path: PathLike) -> str:
         if out.endswith(suffix):
             out = out[: -len(suffix)]
             break
-    return out or stem
+    out = out or stem
+    folder = Path(path).parent.name
+    if out.lower() in _SPLIT_NAMES and folder not in ("", ".", ".."):
+        out = folder
+    return out.replace("-", "_")
+
+
+#: File names that name a split, not a subset (the folder names the subset).
+_SPLIT_NAMES = ("train", "test", "dev", "valid", "validation", "eval")
 
 
 # ---------------------------------------------------------------------------
@@ -1594,7 +1608,7 @@ def _assemble(
     _declining_checks(given, {"blank id": (pl.col("id").str.strip_chars(_PY_WHITESPACE) == "").fill_null(False)})
     ids = given.select(pl.coalesce(pl.col("id"), pl.lit(f"{name}:") + pl.col("line").cast(pl.Utf8))).to_series()
     _require_fast(not ids.is_duplicated().any(), "duplicate id")
-    default_subset = subset if subset is not None else _derive_subset_cached(name)
+    default_subset = subset if subset is not None else _derive_subset_cached(f"{path.parent.name}/{name}")
     if "meta" in columns.columns:  # canonical records carry their own
         meta = columns["meta"]
     else:
@@ -1818,7 +1832,7 @@ class _Loader:
                     if detected is None:
                         raise DataError(display, rec.line, None, _unknown_format_reason(value))
                 try:
-                    self._add_row(value, detected, display, p.name, rec.line)
+                    self._add_row(value, detected, display, p.name, rec.line, f"{p.parent.name}/{p.name}")
                     continue
                 except _RowError as e:
                     problem = (e.field, e.reason)
@@ -1866,12 +1880,12 @@ class _Loader:
             self.chunks.append(_frame_from_columns(self.columns))
             self.columns = {name: [] for name in SCHEMA}
 
-    def _add_row(self, rec: Mapping[str, Any], fmt: str, display: str, name: str, line: int) -> None:
+    def _add_row(self, rec: Mapping[str, Any], fmt: str, display: str, name: str, line: int, subset_from: str) -> None:
         parsed = _PARSERS[fmt](rec)
         row_id = self._row_id(rec, name, line)
         subset = rec.get("subset")
         if subset is None:
-            subset = self.subset if self.subset is not None else _derive_subset_cached(name)
+            subset = self.subset if self.subset is not None else _derive_subset_cached(subset_from)
         elif not isinstance(subset, str):
             raise _RowError("subset", f"expected a string, got {_type_name(subset)}")
         allow_empty = self.allow_empty if self.allow_empty is not None else fmt in _EMPTY_OK_BY_DEFAULT
