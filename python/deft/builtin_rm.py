@@ -63,6 +63,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .errors import DeftError
 from .io import sha256_file
 from .render import render_hh
 
@@ -105,7 +106,7 @@ HELDOUT_PERCENT = 20
 Context = Sequence[Mapping[str, str]]
 
 
-class BuiltinRewardModelError(RuntimeError):
+class BuiltinRewardModelError(DeftError, RuntimeError):
     """The builtin reward model cannot be loaded (missing package or assets,
     or assets that do not match the installed encoder)."""
 

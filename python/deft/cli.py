@@ -309,6 +309,7 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Training YAML, e.g. configs/deft-dpo.yaml (keys: python/deft/config.py)."),
     set_: List[str] = typer.Option([], "--set", help="Override a config key, KEY=VALUE with VALUE parsed as YAML, e.g. --set train.lr=1e-6 --set deft.enabled=false; repeatable."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in train.output_dir from its newest checkpoint (same data order and RNG state)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load a policy whose weights are only pickles (pytorch_model.bin), which can run code when loaded; only for files you trust (same as --set allow_pickle=true)."),
     local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True, help="Set by the deepspeed launcher."),
 ) -> None:
     """Fine-tune a causal LM on level-A samples with L = L_m - omega * R_dis (DEFT) or the plain baseline."""
@@ -318,7 +319,7 @@ def train(
 
     if local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
-    res = run(str(config) if config is not None else None, set_, resume=resume)
+    res = run(str(config) if config is not None else None, [*set_, "allow_pickle=true"] if allow_pickle else set_, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:
         m = res.last_metrics
         console.print(
@@ -406,6 +407,7 @@ def eval_(
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard generations stored in OUTPUT_DIR instead of resuming from them."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the models' own Python code (off by default)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load policies whose weights are only pickles (pytorch_model.bin), which can run code when loaded; only for files you trust (refused by default; safetensors and GGUF need no flag)."),
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Generate greedily on test prompts and report BLEU and reward per subset (the PRO/DEFT Table 2), win/tie/lose against a baseline, and MT-Bench answers."""
@@ -416,7 +418,7 @@ def eval_(
         baseline=baseline, max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length, batch_size=batch_size,
         reward_batch_size=reward_batch_size, limit=limit, tie_margin=tie_margin, device=device, dtype=dtype,
         gguf_file=gguf_file, tokenizer=tokenizer, model_names=name or None, trust_remote_code=trust_remote_code,
-        mt_bench_max_new_tokens=mt_bench_max_new_tokens, overwrite=overwrite, progress=progress,
+        allow_pickle=allow_pickle, mt_bench_max_new_tokens=mt_bench_max_new_tokens, overwrite=overwrite, progress=progress,
     )
     if report.subsets:
         header, rows = report.table()
@@ -445,10 +447,13 @@ def run_cmd(
     set_: List[str] = typer.Option([], "--set", help="Override a config key, KEY=VALUE (VALUE parsed as YAML), e.g. --set model=PATH --set deft.omega=0; repeatable."),
     from_stage: Optional[str] = typer.Option(None, "--from", help="Rerun this stage and every later one even if up to date: select, grade, distribution, train, eval."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only print what each stage would do (skip, resume, run) and why."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Train and evaluate a policy whose weights are only pickles (pytorch_model.bin), which can run code when loaded; only for files you trust (same as --set allow_pickle=true)."),
 ) -> None:
     """Run the whole workflow (select -> grade -> distribution -> train -> eval -> report.md) from one config; rerunning resumes."""
     from deft.pipeline import load_pipeline_config, run_pipeline
 
+    if allow_pickle:
+        set_ = [*set_, "allow_pickle=true"]
     cfg = load_pipeline_config(str(config) if config is not None else None, set_)
     if dry_run:
         from deft.pipeline import plan_pipeline

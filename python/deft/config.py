@@ -18,12 +18,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from deft.errors import DeftError
+
 __all__ = ["SCHEMA", "METHODS", "ConfigError", "load_config", "apply_override", "defaults", "validate"]
 
 METHODS = ("sft", "dpo", "ipo", "pro", "rrhf")
 
 
-class ConfigError(ValueError):
+class ConfigError(DeftError, ValueError):
     """A bad config key or value (one line, names the key)."""
 
 
@@ -42,6 +44,8 @@ SCHEMA: Dict[str, Any] = {
     "gguf_file": Field(None, "str", nullable=True, help="GGUF file inside `model` (transformers dequantises it; needs `gguf`)"),
     "tokenizer": Field(None, "str", nullable=True, help="tokenizer (default: the model's)"),
     "trust_remote_code": Field(False, "bool"),
+    "allow_pickle": Field(False, "bool", help="load a policy whose weights are only pickles (pytorch_model.bin), which can run "
+                                                "code when loaded; only for files you trust (safetensors and GGUF need no opt-in)"),
     "data": {
         "graded": Field(None, "str", nullable=True, help="graded.parquet from `deft grade` (required)"),
         "levels": Field(["A"], "list", help="levels trained on; [A, B, C] is the paper's -D^A ablation"),

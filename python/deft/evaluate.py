@@ -528,22 +528,29 @@ def load_policy(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ):
     """Load a causal LM (a local Hugging Face folder or hub id; ``gguf_file``
     names a GGUF file in it, dequantised by transformers) and its tokenizer
     for generation: eval mode, KV cache on, on ``device`` (default: CUDA when
     available) in ``dtype`` (default: bfloat16 on CUDA, float32 on CPU).
+    Pickle-only weights (``pytorch_model.bin``) are refused unless
+    ``allow_pickle`` (:func:`deft._util.load_causal_lm`).
     Returns ``(model, tokenizer)``."""
     import torch
 
     from deft._util import load_causal_lm
+    from deft.errors import UnsafeWeightsError
 
     _check_model_spec(model, gguf_file)
     dev = _resolve_device(device)
     dt = getattr(torch, _resolve_dtype(dtype, dev))
     tok = _load_tokenizer(model, tokenizer=tokenizer, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     try:
-        lm = load_causal_lm(model, dtype=dt, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+        lm = load_causal_lm(model, dtype=dt, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
+                            allow_pickle=allow_pickle)
+    except UnsafeWeightsError:
+        raise
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"model {model}: could not be loaded ({type(e).__name__}: {_first_line(e)})") from None
     lm.to(dev)
@@ -1277,6 +1284,7 @@ def evaluate(
     tokenizer: Union[None, str, Sequence[Optional[str]]] = None,
     model_names: Optional[Sequence[str]] = None,
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
     mt_bench_max_new_tokens: int = 1024,
     mt_bench_max_prompt_length: int = 2048,
     overwrite: bool = False,
@@ -1291,7 +1299,9 @@ def evaluate(
     sequence-classification RM (``reward_template``: auto, oasst, chat,
     plain), or a loaded :class:`deft.score.RewardModel`. ``baseline``: a name in
     ``model_names``, an eval output folder, a run folder or a generations file.
-    A rerun with the same arguments resumes; ``overwrite`` discards stored
+    ``allow_pickle``: load policies whose weights are only pickles
+    (``pytorch_model.bin``; refused by default, as they can run code when
+    loaded). A rerun with the same arguments resumes; ``overwrite`` discards stored
     generations. Returns an :class:`EvalReport` (files written: ``eval_json``,
     ``eval_md``, ``manifest``, ``metrics`` and per run the paths in
     :class:`RunResult`).
@@ -1410,7 +1420,7 @@ def evaluate(
             if done:
                 _log(f"{name}: resuming; {len(done)} of {len(samples)} generations already in {gen_path}")
             lm, hf_tok = load_policy(spec, gguf_file=gguf, tokenizer=tok_spec, device=dev, dtype=dt_name,
-                                     trust_remote_code=trust_remote_code)
+                                     trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
             try:
                 if pending:
                     app = _Appender(gen_path)

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from deft._util import md_table
+from deft.errors import DeftError
 from deft.config import SCHEMA as TRAIN_SCHEMA
 from deft.config import ConfigError, Field, read_config
 from deft.config import validate as validate_train
@@ -108,7 +109,7 @@ PIPELINE_SCHEMA: Dict[str, Any] = {
 _FILLED = ("data.graded", "deft.distribution", "train.output_dir")
 
 
-class PipelineError(RuntimeError):
+class PipelineError(DeftError, RuntimeError):
     """A stage cannot run as configured."""
 
 
@@ -371,6 +372,7 @@ class _Train(_Stage):
             sec, k = key.split(".")
             tcfg[sec][k] = None
         tcfg["train"]["progress"] = tcfg["train"]["tensorboard"] = None  # do not change the result
+        tcfg.pop("allow_pickle", None)  # neither (and older runs' fingerprints stay valid)
         return {"config": tcfg, "model": _spec_hash(self.cfg["model"], gguf_file=self.cfg.get("gguf_file")),
                 "tokenizer": _spec_hash(self.cfg["tokenizer"], weights=False)}
 
@@ -467,7 +469,7 @@ def _run_eval(cfg: Mapping[str, Any], run_dir: Path, folder: Path) -> None:
              model_names=names, gguf_file=gguf, tokenizer=toks, template=cfg["data"]["template"],
              max_new_tokens=cfg["generation"]["max_new_tokens"], max_prompt_length=e["max_prompt_length"],
              batch_size=e["batch_size"], limit=e["limit"], device=e["device"], trust_remote_code=cfg["trust_remote_code"],
-             progress=cfg["train"]["progress"], **kw)
+             allow_pickle=cfg["allow_pickle"], progress=cfg["train"]["progress"], **kw)
 
 
 _STAGE_CLASSES = {"select": _Select, "grade": _Grade, "distribution": _Distribution, "train": _Train, "eval": _Eval}

@@ -98,7 +98,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Protocol, Seque
 import numpy as np
 import polars as pl
 
-from deft._util import find_sub, is_oom
+from deft._util import PICKLE_SUFFIXES, find_sub, is_oom
+from deft.errors import DeftError
 from deft.io import MetricsLog, atomic_path, write_json_atomic
 from deft.render import render_chat, render_hh, render_oasst
 
@@ -133,14 +134,14 @@ CUDA_BATCH_TOKENS = (2048, 65536)
 FLUSH_SECONDS = 30.0
 PLAN_VERSION = 1
 _PLAN_KEYS = ("version", "fingerprint", "rows", "pairs", "model", "revision", "template", "max_length", "shards", "shard_scheme")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_PICKLE_SUFFIXES = PICKLE_SUFFIXES
 
 
-class RewardModelError(ValueError):
+class RewardModelError(DeftError, ValueError):
     """A checkpoint that cannot be used as a reward model (and why)."""
 
 
-class PlanMismatchError(ValueError):
+class PlanMismatchError(DeftError, ValueError):
     """``work_dir`` holds scores of a different run (data, model, template...)."""
 
 
@@ -188,10 +189,11 @@ def _dtype_kwarg() -> str:
 
 
 def _check_local_weights(path: Path, name: str) -> None:
-    files = [p.name for p in path.iterdir() if p.is_file()]
-    if any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in files):
+    from deft._util import pickle_only_weights
+
+    if any(p.is_file() and p.name.endswith((".safetensors", ".safetensors.index.json")) for p in path.iterdir()):
         return
-    pickled = sorted(f for f in files if f.endswith(_PICKLE_SUFFIXES) or f.endswith(".bin.index.json"))
+    pickled = pickle_only_weights(path)
     if pickled:
         raise RewardModelError(
             f"reward model {name}: only pickled PyTorch weights found ({', '.join(pickled)}); deft loads "

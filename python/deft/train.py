@@ -592,7 +592,7 @@ def _load_model(cfg: Mapping[str, Any]):
 
     try:
         model = load_causal_lm(cfg["model"], dtype=torch.float32, gguf_file=cfg.get("gguf_file"),
-                               trust_remote_code=cfg["trust_remote_code"])
+                               trust_remote_code=cfg["trust_remote_code"], allow_pickle=cfg.get("allow_pickle", False))
     except OSError as e:
         raise FileNotFoundError(f"model {cfg['model']}: {e}") from None
     if cfg["train"]["gradient_checkpointing"]:
