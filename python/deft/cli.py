@@ -25,6 +25,28 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _hide_flag_types() -> None:
+    """Newer typer versions print ``<bool>`` after on/off flags in ``--help``
+    (``--json <bool>``), as if they took a value, which invites ``--json true``
+    (an error). Flags take no value: show no type for them."""
+    try:
+        from typer.core import TyperOption
+    except ImportError:  # pragma: no cover
+        return
+    orig = getattr(TyperOption, "display_type_rich", None)
+    if orig is None or getattr(orig, "_deft_flags", False):
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> Any:
+        return None if getattr(self, "is_flag", False) else orig(self, ctx)
+
+    display_type_rich._deft_flags = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_hide_flag_types()
 # Piped or captured output gets a fixed, wide layout (tables are not cut at 80 columns).
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 console = Console(width=None if sys.stdout.isatty() else 160)
