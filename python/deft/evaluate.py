@@ -126,6 +126,11 @@ __all__ = [
 PathLike = Union[str, "os.PathLike[str]"]
 
 FORMAT = "deft-eval-v1"
+def _points(x: float) -> str:
+    """``1 point``, ``0.5 points``."""
+    return f"{x:g} point" + ("" if x == 1 else "s")
+
+
 #: Tie margin of :func:`win_tie_lose`, in reward points (0-100 scale).
 DEFAULT_TIE_MARGIN = 1.0
 #: Plan keys whose change invalidates stored generations.
@@ -696,9 +701,24 @@ def _marker_stop(tokenizer: Any, prompt_len: int):
     return MarkerStop()
 
 
+def _step_ticker(on_step: Callable[[], None]):
+    """A stopping criterion that never stops: it calls ``on_step()`` after every
+    decoding step (progress within a batch)."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class Ticker(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            on_step()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return Ticker()
+
+
 def _generate_batch(model, tokenizer, batch: List[List[int]], *, pad_id: int, eos: List[int], max_new_tokens: int,
-                    stop_at_markers: bool) -> List[List[int]]:
-    """Greedy continuation ids of one left-padded batch (OOM: halves)."""
+                    stop_at_markers: bool, on_step: Optional[Callable[[], None]] = None) -> List[List[int]]:
+    """Greedy continuation ids of one left-padded batch (OOM: halves).
+    ``on_step()`` is called after each decoding step."""
     import torch
     from transformers import GenerationConfig, StoppingCriteriaList
 
@@ -711,7 +731,9 @@ def _generate_batch(model, tokenizer, batch: List[List[int]], *, pad_id: int, eo
         mask[i, T - len(x):] = 1
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id,
                            eos_token_id=eos if len(eos) > 1 else eos[0])
-    crit = StoppingCriteriaList([_marker_stop(tokenizer, T)]) if stop_at_markers else None
+    crit = StoppingCriteriaList([_marker_stop(tokenizer, T)] if stop_at_markers else [])
+    if on_step is not None:
+        crit.append(_step_ticker(on_step))
     # generate() fills every field `cfg` leaves unset from the model's own generation_config.json
     # (repetition_penalty, no_repeat_ngram_size, suppress_tokens, ...): swap in a blank one so the
     # decoding is plain greedy whatever the model ships
@@ -720,7 +742,7 @@ def _generate_batch(model, tokenizer, batch: List[List[int]], *, pad_id: int, eo
     try:
         with torch.inference_mode():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=cfg,
-                                 stopping_criteria=crit)
+                                 stopping_criteria=crit or None)
     except Exception as e:  # noqa: BLE001
         model.generation_config = saved
         if not is_oom(e) or len(batch) == 1:
@@ -728,7 +750,7 @@ def _generate_batch(model, tokenizer, batch: List[List[int]], *, pad_id: int, eo
         torch.cuda.empty_cache()
         half = len(batch) // 2
         _log(f"out of memory generating a batch of {len(batch)}; retrying as {half} + {len(batch) - half}")
-        kw = dict(pad_id=pad_id, eos=eos, max_new_tokens=max_new_tokens, stop_at_markers=stop_at_markers)
+        kw = dict(pad_id=pad_id, eos=eos, max_new_tokens=max_new_tokens, stop_at_markers=stop_at_markers, on_step=on_step)
         return _generate_batch(model, tokenizer, batch[:half], **kw) + _generate_batch(model, tokenizer, batch[half:], **kw)
     model.generation_config = saved
     res = []
@@ -737,6 +759,15 @@ def _generate_batch(model, tokenizer, batch: List[List[int]], *, pad_id: int, eo
         cut = next((j for j, t in enumerate(row) if t in eos_set), len(row))
         res.append(row[:cut])
     return res
+
+
+def _bar_ticker(bar: Any, done: int, n: int, max_new_tokens: int) -> Callable[[], None]:
+    """Move ``bar`` (in prompts) by ``n / max_new_tokens`` per decoding step of
+    a batch of ``n`` prompts, never past ``done + n``."""
+    def tick() -> None:
+        bar.update(min(n / max_new_tokens, done + n - bar.n))
+
+    return tick
 
 
 def generate(
@@ -784,13 +815,17 @@ def generate(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(prompts), desc=description, unit="prompt", dynamic_ncols=True)
+        # the bar counts prompts, moved a little at every decoding step (a batch of 8 x 128 new
+        # tokens can take minutes on a CPU) and set exactly when the batch is done
+        bar = tqdm(total=len(prompts), desc=description, unit="prompt", dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]")
     try:
         for b, start in enumerate(range(0, len(order), batch_size)):
             idx = order[start:start + batch_size]
             t0 = time.perf_counter()
+            on_step = _bar_ticker(bar, start, len(idx), max_new_tokens) if bar is not None else None
             new_ids = _generate_batch(model, tokenizer, [encoded[i] for i in idx], pad_id=pad, eos=eos,
-                                      max_new_tokens=max_new_tokens, stop_at_markers=stop_at_markers)
+                                      max_new_tokens=max_new_tokens, stop_at_markers=stop_at_markers, on_step=on_step)
             raw = [tokenizer.decode(x, skip_special_tokens=True) for x in new_ids]
             gens = [cut_generation(r) for r in raw]
             dt = time.perf_counter() - t0
@@ -804,7 +839,7 @@ def generate(
                             prompt_tokens=sum(len(encoded[i]) for i in idx), new_tokens=ntok,
                             seconds=round(dt, 4), new_tokens_per_s=ntok / max(dt, 1e-9))
             if bar is not None:
-                bar.update(len(idx))
+                bar.update(start + len(idx) - bar.n)
     finally:
         if bar is not None:
             bar.close()
@@ -1092,7 +1127,7 @@ class EvalReport:
         wtl = [r for r in self.runs if r.win_tie_lose is not None]
         if wtl:
             lines += ["", f"## Win / tie / lose (judged by the reward model; tie when the rewards differ by at most "
-                      f"{wtl[0].win_tie_lose.tie_margin:g} points)", ""]
+                      f"{_points(wtl[0].win_tie_lose.tie_margin)})", ""]
             h3 = ["Model", "Baseline", "n", "Win", "Tie", "Lose", "Win %", "Tie %", "Lose %"]
             r3 = []
             for r in wtl:

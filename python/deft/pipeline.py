@@ -639,7 +639,8 @@ def write_report(run_dir: Path, cfg: Mapping[str, Any], results: Sequence[StageR
         m = json.loads(gman.read_text(encoding="utf-8"))
         p = m.get("parameters", {})
         parts += ["## Grading", "",
-                  f"Reward model `{p.get('reward_model')}`, a = {p.get('a')}%, c = {p.get('c')}%, per subset: {p.get('per_subset')}.", ""]
+                  f"Reward model `{p.get('reward_model')}`, a = {p.get('a')}%, c = {p.get('c')}%, "
+                  f"{'each subset graded on its own' if p.get('per_subset') else 'all subsets graded together'}.", ""]
         rows = [[k.split("/")[0], k.split("/")[1], v["samples"], v["q_pos"], v["q_neg"]] for k, v in sorted(m.get("counts", {}).items())]
         parts += md_table(["subset", "level", "samples", "Q+ responses", "Q- responses"], rows, left=2) + [""]
         if (run_dir / "grade" / "best_scores.png").exists():
