@@ -196,6 +196,7 @@ def grade(
     on_error: str = OnError,
     rejects: Optional[Path] = typer.Option(None, "--rejects", help="Where skipped rows go with --on-error skip (default: OUTPUT_DIR/rejects.jsonl)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the reward model's own Python code (off by default)."),
+    drop_duplicates: bool = typer.Option(False, "--drop-duplicates", help="Drop samples that hold one response text twice (with scores, one text could land in both Q+ and Q-)."),
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Score every response with a reward model, grade samples into levels A/B/C and assign Q+/Q- polarity."""
@@ -214,8 +215,12 @@ def grade(
         per_subset=per_subset, thresholds=th, max_length=max_length, batch_size=batch_size, device=device, shard=shard_kn,
         plot=plot, overwrite=overwrite, on_error=on_error,
         rejects=(rejects or output_dir / "rejects.jsonl") if on_error == "skip" else None,
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=trust_remote_code, drop_duplicates=drop_duplicates,
     )
+    if run.n_dropped_duplicates:
+        err_console.print(f"[yellow]dropped {run.n_dropped_duplicates:,} samples[/] that hold one response text twice (--drop-duplicates)", highlight=False)
+    for w in run.warnings:
+        err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
     if run.n_rejected:
         err_console.print(f"[yellow]skipped {run.n_rejected} bad rows[/]; see {rejects or output_dir / 'rejects.jsonl'}", highlight=False)
     if run.graded is None:
