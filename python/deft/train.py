@@ -1040,9 +1040,16 @@ def _reference_logps(cfg, prep: Prepared, runner, device, autocast_dtype, d: Dis
     ref = torch.zeros((n, 2), dtype=torch.float64)
     runner.eval()
     t0 = time.perf_counter()
+    bar = None
+    if t["progress"] and d.rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(mine), desc="reference log-probs", unit="sample", dynamic_ncols=True)
     with torch.no_grad():
         for i in range(0, len(mine), bs):
             idx = mine[i:i + bs]
+            if bar is not None:
+                bar.update(len(idx))
             batch = collate([prep.examples[j] for j in idx], prep.pad_token_id)
             out = _forward(runner, batch, device, autocast_dtype, need_hidden=False)
             logp, _ = _seq_logps(out, batch, device)
@@ -1050,6 +1057,8 @@ def _reference_logps(cfg, prep: Prepared, runner, device, autocast_dtype, d: Dis
             for k, j in enumerate(idx):
                 if d.rank * per_rank + i + k < n:  # owned, not padding
                     ref[j] = vals[k]
+    if bar is not None:
+        bar.close()
     runner.train()
     if d.world > 1:
         import torch.distributed as td
