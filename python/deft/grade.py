@@ -197,6 +197,37 @@ def grade(
     return out
 
 
+#: the columns every reader of ``graded.parquet`` needs
+GRADED_COLUMNS = ("id", "subset", "context", "responses", "scores", "polarity", "level")
+
+
+def read_graded(path: Any, columns: Sequence[str] = GRADED_COLUMNS) -> pl.DataFrame:
+    """Read a ``graded.parquet`` written by `deft grade`, or raise a one-line
+    error naming the file: missing, not Parquet, or without the columns
+    `deft grade` writes."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(2, "graded file not found", str(p))
+    if p.is_dir():
+        hint = " (it holds graded.parquet)" if (p / "graded.parquet").exists() else ""
+        raise ValueError(f"{p}: is a folder, expected the graded.parquet file `deft grade` writes{hint}")
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PAR1":
+        raise ValueError(f"{p}: not a Parquet file; pass the graded.parquet that `deft grade` writes "
+                         "(grade a JSONL preference file first: deft grade --input FILE)")
+    try:
+        frame = pl.read_parquet(p)
+    except Exception as e:  # polars raises several types for corrupt files
+        raise ValueError(f"{p}: cannot read Parquet: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{p}: no column {', '.join(map(repr, missing))}; is it the output of `deft grade`?")
+    return frame
+
+
 def repeated_response_rows(frame: pl.DataFrame) -> pl.Series:
     """Boolean per row: the sample holds one response text more than once."""
     return frame.select(pl.col("responses").list.n_unique() < pl.col("responses").list.len()).to_series()

@@ -349,14 +349,13 @@ class _Distribution(_Stage):
         return {"qdiff": self.folder / "qdiff.safetensors", "top_tokens": self.folder / "top_tokens.json"}
 
     def run(self, resume: bool) -> None:
-        import polars as pl
-
         from deft.distribution import build_distribution, plot_top_tokens, resolve_tokenizer, save_distribution, top_tokens
+        from deft.grade import read_graded
         from deft.io import write_json_atomic
 
         graded = self.run_dir / "grade" / "graded.parquet"
         tok = resolve_tokenizer(_tokenizer_spec(self.cfg), trust_remote_code=self.cfg["trust_remote_code"])
-        dist = build_distribution(pl.read_parquet(graded), tok, template=self.cfg["data"]["template"], graded_path=graded)
+        dist = build_distribution(read_graded(graded, ("responses", "polarity")), tok, template=self.cfg["data"]["template"], graded_path=graded)
         save_distribution(dist, self.outputs()["qdiff"], overwrite=True)
         top = top_tokens(dist, tok, 20)
         plot_top_tokens(top, self.folder / "top_tokens.png")

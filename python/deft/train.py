@@ -272,12 +272,9 @@ def prepare_data(cfg: Mapping[str, Any]) -> Prepared:
     pad = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else eos
 
     graded_path = Path(cfg["data"]["graded"])
-    if not graded_path.exists():
-        raise FileNotFoundError(2, "graded file not found", str(graded_path))
-    frame = pl.read_parquet(graded_path)
-    for col in ("id", "context", "responses", "level"):
-        if col not in frame.columns:
-            raise ValueError(f"{graded_path}: no column {col!r}; is it the output of `deft grade`?")
+    from deft.grade import read_graded
+
+    frame = read_graded(graded_path, ("id", "context", "responses", "level"))
     levels = list(cfg["data"]["levels"])
     frame = frame.filter(pl.col("level").is_in(levels))
     if cfg["data"]["max_samples"] is not None:
