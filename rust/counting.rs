@@ -22,6 +22,8 @@ pub enum Side {
 pub enum CountError {
     #[error("row {row}: the tokenizer failed: {message}")]
     Encode { row: usize, message: String },
+    #[error("cannot allocate the token histograms ({threads} x {vocab} entries of 8 bytes)")]
+    Memory { threads: usize, vocab: usize },
     #[error(
         "row {row}: token id {id} is outside the histogram of {vocab} entries \
          (the tokenizer's vocabulary and added tokens)"
@@ -29,11 +31,42 @@ pub enum CountError {
     IdOutOfRange { row: usize, id: u32, vocab: usize },
 }
 
+/// A tokenizer as deft uses it: the file's own `padding` and `truncation`
+/// settings are dropped (a saved `enable_padding()` or a sentence-transformers
+/// `Fixed(128)` would otherwise add pad ids to every count and cut every
+/// response); deft counts and encodes unpadded, untruncated sequences and cuts
+/// them only where asked (`encode(max_length=...)`).
+pub fn for_deft(mut tok: Tokenizer) -> Tokenizer {
+    tok.with_padding(None);
+    // clearing truncation cannot fail (only a stride check on Some(..) can)
+    let _ = tok.with_truncation(None);
+    tok
+}
+
+/// Largest histogram deft accepts for a sparse id space (entries), and the
+/// sparsity factor beyond which a tokenizer is refused: a histogram longer than
+/// both `SPARSE_MIN_ENTRIES` and `SPARSE_FACTOR` x the token count would be
+/// mostly holes (e.g. a WordLevel `[UNK]` at id 4e9: 32 GB per thread).
+pub const SPARSE_MIN_ENTRIES: usize = 1 << 20;
+pub const SPARSE_FACTOR: usize = 2;
+
 /// Histogram length for a tokenizer: its vocabulary including added tokens,
-/// or the largest id + 1 when the id space has holes.
-pub fn histogram_len(tok: &Tokenizer) -> usize {
-    let max_id = tok.get_vocab(true).values().copied().max().map_or(0, |m| m as usize + 1);
-    tok.get_vocab_size(true).max(max_id)
+/// or the largest id + 1 when the id space has (small) holes. Refused (with a
+/// message saying why) when the id space is absurdly sparse.
+pub fn histogram_len(tok: &Tokenizer) -> Result<usize, String> {
+    let vocab = tok.get_vocab(true);
+    let tokens = vocab.len();
+    let max_id = vocab.values().copied().max().map_or(0, |m| m as usize + 1);
+    let len = tok.get_vocab_size(true).max(max_id);
+    if len > SPARSE_MIN_ENTRIES && len > SPARSE_FACTOR * tokens.max(1) {
+        let (tok_name, id) = vocab.iter().max_by_key(|(_, &id)| id).map(|(t, &i)| (t.clone(), i)).unwrap_or_default();
+        return Err(format!(
+            "the tokenizer's id space is too sparse to count: it has {tokens} tokens (vocabulary and added \
+             tokens) but its largest id is {id} (token {tok_name:?}), so a histogram would need {len} entries; \
+             renumber the vocabulary so ids are (nearly) contiguous from 0"
+        ));
+    }
+    Ok(len)
 }
 
 /// Rows per unit of parallel work: small enough to balance two threads on a
@@ -82,10 +115,19 @@ pub struct Histograms {
 
 impl Histograms {
     /// Histograms for the current rayon pool (call inside `pool.install` when
-    /// using a custom pool).
-    pub fn new(vocab: usize) -> Self {
+    /// using a custom pool). Allocation failure is an error, not an abort.
+    pub fn new(vocab: usize) -> Result<Self, CountError> {
         let n = rayon::current_num_threads().max(1);
-        Histograms { per_thread: (0..n).map(|_| Mutex::new(vec![0u64; vocab])).collect() }
+        let mut per_thread = Vec::new();
+        let oom = |_| CountError::Memory { threads: n, vocab };
+        per_thread.try_reserve_exact(n).map_err(oom)?;
+        for _ in 0..n {
+            let mut h: Vec<u64> = Vec::new();
+            h.try_reserve_exact(vocab).map_err(oom)?;
+            h.resize(vocab, 0);
+            per_thread.push(Mutex::new(h));
+        }
+        Ok(Histograms { per_thread })
     }
 
     pub fn vocab(&self) -> usize {
@@ -117,7 +159,7 @@ pub fn count_tokens(
     add_special: bool,
     vocab: usize,
 ) -> Result<Vec<u64>, CountError> {
-    let hists = Histograms::new(vocab);
+    let hists = Histograms::new(vocab)?;
     count_tokens_into(tok, texts, add_special, 0, &hists)?;
     Ok(hists.sum())
 }
@@ -243,7 +285,7 @@ mod tests {
     fn histogram_equals_sum_of_single_encodings() {
         for name in ["gpt2", "smollm2"] {
             let Some(tok) = shared_tokenizer(name) else { return };
-            let vocab = histogram_len(&tok);
+            let vocab = histogram_len(&tok).unwrap();
             let texts = corpus();
             let hist = count_tokens(&tok, &texts, false, vocab).unwrap();
             let mut want = vec![0u64; vocab];
@@ -262,9 +304,9 @@ mod tests {
     #[test]
     fn histogram_length_covers_every_id() {
         let Some(tok) = shared_tokenizer("gpt2") else { return };
-        assert_eq!(histogram_len(&tok), 50257);
+        assert_eq!(histogram_len(&tok), Ok(50257));
         let Some(tok) = shared_tokenizer("smollm2") else { return };
-        assert_eq!(histogram_len(&tok), 49152);
+        assert_eq!(histogram_len(&tok), Ok(49152));
     }
 
     #[test]
@@ -282,6 +324,74 @@ mod tests {
         assert_eq!(&l[..lo[1] as usize], &first[first.len() - 3..]);
         let (r, ro) = encode_batch(&tok, &texts, 0, false, Some(3), Side::Right).unwrap();
         assert_eq!(&r[..ro[1] as usize], &first[..3]);
+    }
+
+    #[test]
+    fn padding_and_truncation_of_the_file_are_ignored() {
+        use tokenizers::{PaddingParams, PaddingStrategy, TruncationParams};
+        for name in ["gpt2", "smollm2"] {
+            let Some(plain) = shared_tokenizer(name) else { return };
+            let mut padded = plain.clone();
+            padded.with_padding(Some(PaddingParams { strategy: PaddingStrategy::Fixed(128), pad_id: 7, ..Default::default() }));
+            padded.with_truncation(Some(TruncationParams { max_length: 4, ..Default::default() })).unwrap();
+            let padded: Tokenizer = padded.to_string(false).unwrap().parse().unwrap();
+            assert!(padded.get_padding().is_some() && padded.get_truncation().is_some());
+            let fixed = for_deft(padded);
+            assert!(fixed.get_padding().is_none() && fixed.get_truncation().is_none());
+            let vocab = histogram_len(&plain).unwrap();
+            assert_eq!(histogram_len(&fixed), Ok(vocab));
+            for add in [false, true] {
+                assert_eq!(
+                    count_tokens(&fixed, &corpus(), add, vocab).unwrap(),
+                    count_tokens(&plain, &corpus(), add, vocab).unwrap(),
+                    "{name} add_special={add}"
+                );
+                let a = encode_batch(&fixed, &corpus(), 0, add, None, Side::Right).unwrap();
+                let b = encode_batch(&plain, &corpus(), 0, add, None, Side::Right).unwrap();
+                assert_eq!(a, b, "{name} add_special={add}");
+                let (ids, off) = encode_batch(&fixed, &corpus(), 0, add, Some(2), Side::Right).unwrap();
+                assert_eq!(off[1], 2, "deft's own max_length still cuts");
+                assert_eq!(&ids[..2], &b.0[..2]);
+            }
+        }
+    }
+
+    fn word_level(vocab: &[(&str, u32)]) -> Tokenizer {
+        let json = serde_like_json(vocab);
+        json.parse().expect("word-level tokenizer")
+    }
+
+    fn serde_like_json(vocab: &[(&str, u32)]) -> String {
+        let entries: Vec<String> = vocab.iter().map(|(t, i)| format!("{t:?}: {i}")).collect();
+        format!(
+            r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
+            "pre_tokenizer":{{"type":"Whitespace"}},"post_processor":null,"decoder":null,
+            "model":{{"type":"WordLevel","vocab":{{{}}},"unk_token":"[UNK]"}}}}"#,
+            entries.join(",")
+        )
+    }
+
+    #[test]
+    fn absurdly_sparse_id_spaces_are_refused_small_holes_kept() {
+        for big in [4_000_000_000u32, 1 << 28, (1 << 20) + 5] {
+            let tok = word_level(&[("[UNK]", big), ("a", 0)]);
+            let e = histogram_len(&tok).unwrap_err();
+            assert!(e.contains("too sparse") && e.contains(&big.to_string()) && e.contains("2 tokens"), "{e}");
+        }
+        // a small id space with holes keeps largest id + 1
+        let tok = word_level(&[("[UNK]", 0), ("a", 1), ("b", 1000)]);
+        assert_eq!(histogram_len(&tok), Ok(1001));
+        let h = count_tokens(&tok, &Texts::Owned(vec![Some("b a zz".into())]), false, 1001).unwrap();
+        assert_eq!((h[0], h[1], h[1000], h.iter().sum::<u64>()), (1, 1, 1, 3));
+        // an id beyond a too-short histogram is an error naming the row, not a panic
+        let e = count_tokens(&tok, &Texts::Owned(vec![None, Some("b".into())]), false, 10).unwrap_err();
+        assert!(matches!(e, CountError::IdOutOfRange { row: 1, id: 1000, vocab: 10 }), "{e}");
+    }
+
+    #[test]
+    fn histogram_allocation_failure_is_an_error() {
+        let e = Histograms::new(usize::MAX / 4).err().expect("cannot allocate");
+        assert!(matches!(e, CountError::Memory { .. }), "{e}");
     }
 
     #[test]

@@ -11,14 +11,14 @@ mod texts;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use numpy::{PyArray1, PyArrayMethods};
-use pyo3::exceptions::{PyFileNotFoundError, PyTypeError, PyValueError};
+use numpy::{PyArray1, PyArrayDescrMethods, PyArrayMethods, PyUntypedArray, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyFileNotFoundError, PyMemoryError, PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyString;
 use pyo3_arrow::input::AnyArray;
 use tokenizers::Tokenizer as HfTokenizer;
 
-use crate::counting::{histogram_len, CountError, Histograms, Side};
+use crate::counting::{for_deft, histogram_len, CountError, Histograms, Side};
 use crate::texts::Texts;
 
 /// A tokenizer loaded once from `tokenizer.json` and reused across calls.
@@ -26,7 +26,8 @@ use crate::texts::Texts;
 struct PyTokenizer {
     inner: Arc<HfTokenizer>,
     source: String,
-    vocab: usize,
+    /// Histogram length, or why this tokenizer cannot be counted with.
+    vocab: Result<usize, String>,
 }
 
 fn load_tokenizer_file(path: &Path) -> PyResult<PyTokenizer> {
@@ -51,9 +52,14 @@ fn load_tokenizer_json(json: &str) -> PyResult<PyTokenizer> {
     Ok(PyTokenizer::wrap(tok, "<json text>".to_string()))
 }
 
+fn vocab_error(msg: &str) -> PyErr {
+    PyValueError::new_err(msg.to_string())
+}
+
 impl PyTokenizer {
     fn wrap(tok: HfTokenizer, source: String) -> Self {
-        let vocab = histogram_len(&tok);
+        let tok = for_deft(tok);
+        let vocab = histogram_len(&tok).map_err(|e| format!("tokenizer {source}: {e}"));
         PyTokenizer { inner: Arc::new(tok), source, vocab }
     }
 
@@ -80,10 +86,12 @@ impl PyTokenizer {
 fn resolve_tokenizer(obj: &Bound<'_, PyAny>) -> PyResult<(Arc<HfTokenizer>, usize)> {
     if let Ok(t) = obj.cast::<PyTokenizer>() {
         let t = t.get();
-        return Ok((t.inner.clone(), t.vocab));
+        let vocab = t.vocab.as_ref().map_err(|e| vocab_error(e))?;
+        return Ok((t.inner.clone(), *vocab));
     }
     let t = PyTokenizer::from_any(obj)?;
-    Ok((t.inner, t.vocab))
+    let vocab = t.vocab.map_err(|e| vocab_error(&e))?;
+    Ok((t.inner, vocab))
 }
 
 /// Texts as received from Python: Arrow data (read in place) or an iterator over
@@ -165,7 +173,10 @@ fn for_each_batch<'py>(
 }
 
 fn count_error(e: CountError) -> PyErr {
-    PyValueError::new_err(e.to_string())
+    match e {
+        CountError::Memory { .. } => PyMemoryError::new_err(e.to_string()),
+        _ => PyValueError::new_err(e.to_string()),
+    }
 }
 
 /// Run `f` without the GIL, on `pool` (or rayon's global pool).
@@ -202,7 +213,7 @@ fn count_impl<'py>(
 ) -> PyResult<Bound<'py, PyArray1<u64>>> {
     let pool = make_pool(num_threads)?;
     let input = extract_texts(texts)?;
-    let hists = run_parallel(py, pool.as_ref(), || Histograms::new(vocab));
+    let hists = run_parallel(py, pool.as_ref(), || Histograms::new(vocab)).map_err(count_error)?;
     for_each_batch(input, |batch, first| {
         run_parallel(py, pool.as_ref(), || {
             counting::count_tokens_into(&tok, batch, add_special_tokens, first, &hists)
@@ -232,8 +243,8 @@ impl PyTokenizer {
 
     /// Vocabulary size including added tokens (the length of `count_tokens` output).
     #[getter]
-    fn vocab_size(&self) -> usize {
-        self.vocab
+    fn vocab_size(&self) -> PyResult<usize> {
+        self.vocab.clone().map_err(|e| vocab_error(&e))
     }
 
     /// Where the tokenizer was loaded from.
@@ -250,7 +261,8 @@ impl PyTokenizer {
         add_special_tokens: bool,
         num_threads: Option<usize>,
     ) -> PyResult<Bound<'py, PyArray1<u64>>> {
-        count_impl(py, texts, self.inner.clone(), self.vocab, add_special_tokens, num_threads)
+        let vocab = *self.vocab.as_ref().map_err(|e| vocab_error(e))?;
+        count_impl(py, texts, self.inner.clone(), vocab, add_special_tokens, num_threads)
     }
 
     /// Encode every text. Returns `(ids, offsets)`: `ids` uint32 of all tokens
@@ -294,13 +306,11 @@ impl PyTokenizer {
         Ok((PyArray1::from_vec(py, ids), PyArray1::from_vec(py, offsets)))
     }
 
-    /// Decode ids to text.
+    /// Decode ids to text: any 1-D integer numpy array (any integer dtype,
+    /// any strides) or a sequence of ints.
     #[pyo3(signature = (ids, *, skip_special_tokens=false))]
     fn decode(&self, ids: &Bound<'_, PyAny>, skip_special_tokens: bool) -> PyResult<String> {
-        let ids: Vec<u32> = match ids.cast::<PyArray1<u32>>() {
-            Ok(a) => a.to_vec()?,
-            Err(_) => ids.extract()?,
-        };
+        let ids = decode_ids(ids)?;
         self.inner
             .decode(&ids, skip_special_tokens)
             .map_err(|e| PyValueError::new_err(format!("cannot decode: {e}")))
@@ -317,8 +327,77 @@ impl PyTokenizer {
     }
 
     fn __repr__(&self) -> String {
-        format!("Tokenizer(source={:?}, vocab_size={})", self.source, self.vocab)
+        match &self.vocab {
+            Ok(v) => format!("Tokenizer(source={:?}, vocab_size={v})", self.source),
+            Err(_) => format!("Tokenizer(source={:?}, vocab_size=<too sparse to count>)", self.source),
+        }
     }
+}
+
+fn id_error(index: usize, value: impl std::fmt::Display) -> PyErr {
+    PyValueError::new_err(format!(
+        "ids[{index}] = {value} is not a token id (ids must be integers in 0..2**32)"
+    ))
+}
+
+/// Token ids for `decode`: a 1-D numpy array of any integer dtype and any
+/// strides (copied), or any iterable of Python ints (numpy integer scalars too).
+fn decode_ids(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+    if let Ok(a) = obj.cast::<PyUntypedArray>() {
+        if a.ndim() != 1 {
+            return Err(PyValueError::new_err(format!(
+                "ids must be a 1-D array of token ids, got a {}-D array",
+                a.ndim()
+            )));
+        }
+        let kind = a.dtype().kind();
+        if kind != b'i' && kind != b'u' {
+            return Err(PyTypeError::new_err(format!(
+                "ids must be an integer array, got dtype {}",
+                a.dtype().str()?
+            )));
+        }
+        if let Ok(a) = obj.cast::<PyArray1<u32>>() {
+            if let Ok(v) = a.to_vec() {
+                return Ok(v);
+            }
+        }
+        let wide = a.call_method1(pyo3::intern!(obj.py(), "astype"), (if kind == b'i' { "int64" } else { "uint64" },))?;
+        return if kind == b'i' {
+            let w = wide.cast::<PyArray1<i64>>()?.readonly();
+            w.as_array().iter().enumerate().map(|(i, &v)| u32::try_from(v).map_err(|_| id_error(i, v))).collect()
+        } else {
+            let w = wide.cast::<PyArray1<u64>>()?.readonly();
+            w.as_array().iter().enumerate().map(|(i, &v)| u32::try_from(v).map_err(|_| id_error(i, v))).collect()
+        };
+    }
+    if obj.is_instance_of::<PyString>() || obj.is_instance_of::<pyo3::types::PyBytes>() {
+        return Err(PyTypeError::new_err(format!(
+            "ids must be a sequence of ints or a 1-D integer array, not {}",
+            obj.get_type().name()?
+        )));
+    }
+    let it = obj.try_iter().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "ids must be a sequence of ints or a 1-D integer array, not {}",
+            obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+        ))
+    })?;
+    let mut out = Vec::new();
+    for (i, item) in it.enumerate() {
+        let item = item?;
+        match item.extract::<i64>() {
+            Ok(v) => out.push(u32::try_from(v).map_err(|_| id_error(i, v))?),
+            Err(e) if e.is_instance_of::<PyOverflowError>(obj.py()) => return Err(id_error(i, item.str()?)),
+            Err(_) => {
+                return Err(PyTypeError::new_err(format!(
+                    "ids[{i}] is {}, expected an int",
+                    item.get_type().name()?
+                )))
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Count token ids over a corpus: `numpy.ndarray[uint64]` of length
@@ -363,17 +442,28 @@ fn list_rows<O: arrow_array::OffsetSizeTrait>(
                 arr.values().data_type()
             ))
         })?;
-    if values.null_count() > 0 {
-        return Err(PyValueError::new_err("field 'scores': contains null entries inside a list"));
-    }
+    // `value_offsets()` is already the (possibly sliced) array's own window
+    // into `values`, which may hold more (hidden) entries than the rows use:
+    // only the values a visible non-null row references are read or checked.
     let vals = values.values();
+    let nulls = values.nulls().filter(|n| n.null_count() > 0);
     let offs = arr.value_offsets();
     for i in 0..arr.len() {
         if arr.is_null(i) {
             f(first_row + i, None)?;
-        } else {
-            f(first_row + i, Some(&vals[offs[i].as_usize()..offs[i + 1].as_usize()]))?;
+            continue;
         }
+        let (a, b) = (offs[i].as_usize(), offs[i + 1].as_usize());
+        if let Some(n) = nulls {
+            if let Some(k) = (a..b).find(|&k| n.is_null(k)) {
+                return Err(PyValueError::new_err(format!(
+                    "row {}: field 'scores[{}]': null entry inside a list",
+                    first_row + i,
+                    k - a
+                )));
+            }
+        }
+        f(first_row + i, Some(&vals[a..b]))?;
     }
     Ok(())
 }
@@ -417,6 +507,9 @@ fn assign_polarity<'py>(
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     use arrow_array::{Array, Float64Array, Int8Array, UInt32Array, UInt8Array};
     use polarity::{PolarityError, Rule};
+    for (name, v) in [("a_pos", a_pos), ("a_neg", a_neg), ("b_pos", b_pos), ("b_neg", b_neg), ("c_pos", c_pos), ("c_neg", c_neg)] {
+        polarity::check_threshold(name, v).map_err(PyValueError::new_err)?;
+    }
     let rules = [
         Rule { pos: a_pos, neg: a_neg },
         Rule { pos: b_pos, neg: b_neg },

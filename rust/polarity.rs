@@ -35,6 +35,17 @@ pub enum PolarityError {
     BadLevel { row: usize, code: u8 },
 }
 
+/// Check one threshold the way `deft.grade.Thresholds.check` does: `None`, or
+/// a finite number in [0, 1] (normalised scores). The error names `name`.
+pub fn check_threshold(name: &str, value: Option<f64>) -> Result<(), String> {
+    match value {
+        Some(v) if !(0.0..=1.0).contains(&v) => {
+            Err(format!("threshold {name}={v} must be between 0 and 1 (normalised scores)"))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Assign one sample. Appends `scores.len()` entries to each output: `order`
 /// (original index of the k-th best response), `norm` and `polarity` (both in
 /// best-first order).
@@ -66,9 +77,13 @@ pub fn assign(
         polarity.extend(std::iter::repeat_n(0i8, n));
         return Ok(());
     }
-    let span = hi - lo;
+    // (s - lo) / (hi - lo); when hi - lo overflows (e.g. scores of +/-1e308)
+    // the same ratio on halved scores, which cannot overflow
+    let scale = if (hi - lo).is_finite() { 1.0 } else { 0.5 };
+    let (hi_s, lo_s) = (hi * scale, lo * scale);
+    let span = hi_s - lo_s;
     for k in 0..n {
-        let r = (scores[order[start + k] as usize] - lo) / span;
+        let r = (scores[order[start + k] as usize] * scale - lo_s) / span;
         let p = if k == 0 || rule.pos.is_some_and(|t| r > t) {
             1
         } else if k == n - 1 || rule.neg.is_some_and(|t| r < t) {
@@ -127,6 +142,31 @@ mod tests {
         assert_eq!(o, vec![0, 1, 2]);
         assert_eq!(n, vec![0.5; 3]);
         assert_eq!(p, vec![0; 3]);
+    }
+
+    #[test]
+    fn extreme_scores_normalise_without_overflow() {
+        let (o, n, p) = run(&[-1e308, 1e308, 0.0], 1);
+        assert_eq!(o, vec![1, 2, 0]);
+        assert_eq!(n, vec![1.0, 0.5, 0.0]);
+        assert_eq!(p, vec![1, 0, -1]);
+        let (o, n, p) = run(&[f64::MAX, -f64::MAX, f64::MAX, 1e307], 0);
+        assert_eq!(o, vec![0, 2, 3, 1]);
+        assert!(n.iter().all(|r| (0.0..=1.0).contains(r)), "{n:?}");
+        assert_eq!(p, vec![1, 1, 0, -1]);
+        // ordinary spans are unchanged (no halving)
+        assert_eq!(run(&[0.1, 0.7, 0.3], 0).1, vec![1.0, (0.3 - 0.1) / (0.7 - 0.1), 0.0]);
+    }
+
+    #[test]
+    fn thresholds_outside_0_1_or_nan_are_refused_by_name() {
+        assert!(check_threshold("a_pos", None).is_ok());
+        assert!(check_threshold("a_pos", Some(0.0)).is_ok());
+        assert!(check_threshold("a_pos", Some(1.0)).is_ok());
+        for bad in [-1.0, 1.5, f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let e = check_threshold("b_neg", Some(bad)).unwrap_err();
+            assert!(e.starts_with("threshold b_neg="), "{e}");
+        }
     }
 
     #[test]

@@ -222,3 +222,182 @@ def test_bad_arguments_say_what_is_wrong(tmp_path):
 def test_module_metadata():
     assert isinstance(_native.__version__, str)
     assert "Tokenizer" in repr(Tokenizer.from_str(PyTokenizer(__import__("tokenizers").models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")).to_str()))
+
+
+# --- issue 10: hardening -----------------------------------------------------
+
+
+def _padded_copy(name: str, tmp_path: Path) -> Path:
+    """The shared tokenizer.json re-saved with padding (Fixed 128) and truncation (64) switched on."""
+    t = PyTokenizer.from_file(str(tok_path(name)))
+    pad_id = t.token_to_id("<|endoftext|>")
+    t.enable_padding(length=128, pad_id=pad_id, pad_token="<|endoftext|>")
+    t.enable_truncation(64)
+    out = tmp_path / name / "tokenizer.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t.save(str(out))
+    assert '"padding": {' in out.read_text() or '"padding":{' in out.read_text()
+    return out
+
+
+@needs_shared
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_padding_and_truncation_in_the_tokenizer_file_are_ignored(name, tmp_path):
+    padded = _padded_copy(name, tmp_path)
+    texts = ["hello world", "", None, "word " * 300, "Ünïcödé 🎉 <|endoftext|> done"]
+    plain = tok_path(name)
+    for add in (False, True):
+        want = reference_counts(texts, plain, add_special_tokens=add)
+        for tk in (padded, padded.parent, padded.read_text(encoding="utf-8"), Tokenizer(padded), Tokenizer.from_str(padded.read_text())):
+            np.testing.assert_array_equal(count_tokens(texts, tk, add_special_tokens=add), want)
+        ids, off = Tokenizer(padded).encode(texts, add_special_tokens=add)
+        for i, t in enumerate(texts):
+            ref = reference(plain).encode(t, add_special_tokens=add).ids if t is not None else []
+            assert ids[off[i] : off[i + 1]].tolist() == ref
+    assert count_tokens(["hello world"], padded).sum() == 2
+    assert Tokenizer(padded).vocab_size == Tokenizer(plain).vocab_size
+    ids, off = Tokenizer(padded).encode(["word " * 300], max_length=100)
+    assert off.tolist() == [0, 100], "deft's own max_length still truncates"
+
+
+@needs_shared
+def test_distribution_from_a_padded_tokenizer_has_no_pad_counts(tmp_path):
+    from deft.distribution import build_distribution, resolve_tokenizer
+
+    padded = _padded_copy("smollm2", tmp_path)
+    graded = pl.DataFrame(
+        {
+            "responses": [["I am glad to help you.", "No."], ["Sure, here it is.", "Go away, I will not."]],
+            "polarity": [[1, -1], [1, -1]],
+        }
+    )
+    pad_id = reference(tok_path("smollm2")).token_to_id("<|endoftext|>")
+    dist = build_distribution(graded, resolve_tokenizer(padded), template="plain")
+    plain = build_distribution(graded, resolve_tokenizer(tok_path("smollm2")), template="plain")
+    assert dist.q_pos[pad_id] == 0 and dist.q_neg[pad_id] == 0
+    np.testing.assert_array_equal(dist.q_pos, plain.q_pos)
+    np.testing.assert_array_equal(dist.q_neg, plain.q_neg)
+    assert int(dist.q_pos.sum()) < 30  # unpadded: a few tokens per response, not 128
+
+
+_SPARSE_CHILD = """
+import sys
+from tokenizers import Tokenizer, models, pre_tokenizers
+from deft._native import Tokenizer as Native, count_tokens
+big = int(sys.argv[1])
+t = Tokenizer(models.WordLevel({"[UNK]": big, "a": 0}, unk_token="[UNK]"))
+t.pre_tokenizer = pre_tokenizers.Whitespace()
+js = t.to_str()
+ids, off = Native(js).encode(["a b"])
+assert ids.tolist() == [0, big], ids   # encoding is fine: only histograms are refused
+for call in (lambda: count_tokens(["a b", "a"], js), lambda: Native(js).count_tokens(["a"]), lambda: Native(js).vocab_size):
+    try:
+        call()
+    except ValueError as e:
+        print("ValueError:", e)
+    else:
+        print("no error")
+"""
+
+
+@pytest.mark.parametrize("big", [4_000_000_000, 2**28])
+def test_a_huge_token_id_is_a_clear_error_not_an_abort(big, tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "child.py"
+    script.write_text(_SPARSE_CHILD)
+    res = subprocess.run([sys.executable, str(script), str(big)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, f"child died with {res.returncode}: {res.stderr[-2000:]}"
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 3, res.stdout
+    for line in lines:
+        assert line.startswith("ValueError:") and "too sparse" in line and str(big) in line and "2 tokens" in line, line
+
+
+def test_small_holes_in_the_id_space_keep_largest_id_plus_one():
+    from tokenizers import models, pre_tokenizers
+
+    t = PyTokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 5000}, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk = Tokenizer(t.to_str())
+    assert tk.vocab_size == 5001
+    h = tk.count_tokens(["b a c b"])
+    assert h.shape == (5001,) and (h[0], h[1], h[5000]) == (1, 1, 2)
+
+
+@needs_shared
+def test_decode_accepts_any_1d_integer_array_or_sequence():
+    tk = native(tok_path("gpt2"))
+    ids, _ = tk.encode(["Hello there, General Kenobi! " * 3])
+    want = reference(tok_path("gpt2")).decode(ids[::2].tolist(), skip_special_tokens=False)
+    for x in (
+        ids[::2],
+        ids.astype(np.int64)[::2],
+        ids.astype(np.uint64)[::2],
+        ids.astype(np.int32)[::2].copy(),
+        ids[::-1][::-1][::2],
+        np.ascontiguousarray(ids[::2]).astype(">i8"),
+        ids[::2].tolist(),
+        tuple(ids[::2].tolist()),
+        list(ids[::2]),  # numpy scalars
+    ):
+        assert tk.decode(x) == want, type(x)
+    assert tk.decode(np.array([], dtype=np.int16)) == ""
+    assert tk.decode(np.asarray(ids[:4], dtype=np.uint16)) == reference(tok_path("gpt2")).decode(ids[:4].tolist())
+    for bad, exc, msg in (
+        ([1, -1], ValueError, r"ids\[1\] = -1"),
+        (np.array([3, -2], dtype=np.int8), ValueError, r"ids\[1\] = -2"),
+        ([2**32], ValueError, r"ids\[0\] = 4294967296"),
+        (np.array([2**40], dtype=np.uint64), ValueError, r"ids\[0\] = 1099511627776"),
+        ([2**80], ValueError, r"ids\[0\] = 1208925819614629174706176"),
+        (np.zeros((2, 2), dtype=np.int32), ValueError, "1-D"),
+        (np.array([1.0]), TypeError, "integer array"),
+        ("abc", TypeError, "not str"),
+        ([1, "a"], TypeError, r"ids\[1\] is str"),
+    ):
+        with pytest.raises(exc, match=msg):
+            tk.decode(bad)
+
+
+def _levels(*codes):
+    return pa.array(list(codes), type=pa.uint8())
+
+
+def test_assign_polarity_reads_sliced_list_arrays_and_ignores_hidden_nulls():
+    full = pa.array([[9.0, None], [1.0, 3.0], [2.0, 5.0, 1.0], [0.0, None, 1.0]], type=pa.list_(pa.float64()))
+    for typ in (pa.list_(pa.float64()), pa.large_list(pa.float64())):
+        arr = full.cast(typ)
+        order, norm, pol = _native.assign_polarity(arr[1:3], _levels(0, 1))
+        assert order.to_pylist() == [[1, 0], [1, 0, 2]]
+        assert norm.to_pylist() == [[1.0, 0.0], [1.0, 0.25, 0.0]]
+        assert pol.to_pylist() == [[1, -1], [1, 0, -1]]
+        # sliced chunks inside a chunked array, and a sliced levels array
+        chunked = pa.chunked_array([arr[1:2], arr[2:3]])
+        assert _native.assign_polarity(chunked, _levels(9, 0, 1)[1:])[0].to_pylist() == [[1, 0], [1, 0, 2]]
+        # a null the visible rows do reference is still an error naming row and index
+        with pytest.raises(ValueError, match=r"row 1: field 'scores\[1\]': null entry inside a list"):
+            _native.assign_polarity(arr[2:4], _levels(0, 0))
+    # Polars slices too
+    s = pl.Series([[9.0, None], [1.0, 3.0], [2.0, 5.0, 1.0]])
+    assert _native.assign_polarity(s.slice(1), _levels(0, 1))[0].to_pylist() == [[1, 0], [1, 0, 2]]
+
+
+@pytest.mark.parametrize("name", ["a_pos", "a_neg", "b_pos", "b_neg", "c_pos", "c_neg"])
+@pytest.mark.parametrize("value", [-1.0, 1.0000001, float("nan"), float("inf"), -float("inf")])
+def test_assign_polarity_validates_thresholds_like_grade(name, value):
+    arr = pa.array([[1.0, 2.0, 3.0]], type=pa.list_(pa.float64()))
+    with pytest.raises(ValueError, match=rf"threshold {name}=.* must be between 0 and 1"):
+        _native.assign_polarity(arr, _levels(0), **{name: value})
+    for ok in (None, 0.0, 1.0, 0.5):
+        _native.assign_polarity(arr, _levels(0), **{name: ok})
+
+
+def test_assign_polarity_extreme_scores_do_not_overflow_to_nan():
+    arr = pa.array([[1e308, -1e308, 0.0], [-1.7976931348623157e308, 1.7976931348623157e308], [5e307, -1e308, 1e308, 1e308]], type=pa.list_(pa.float64()))
+    order, norm, pol = _native.assign_polarity(arr, _levels(1, 0, 0))
+    assert order.to_pylist() == [[0, 2, 1], [1, 0], [2, 3, 0, 1]]
+    norm = norm.to_pylist()
+    assert norm[0] == [1.0, 0.5, 0.0] and norm[1] == [1.0, 0.0]
+    assert all(0.0 <= r <= 1.0 for row in norm for r in row), norm
+    assert pol.to_pylist() == [[1, 0, -1], [1, -1], [1, 1, 0, -1]]

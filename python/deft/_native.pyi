@@ -9,7 +9,11 @@ strings. Null entries are skipped by counting and encode to empty sequences.
 
 Tokenizers (``TokenizerLike``) may be a path (``str`` or ``os.PathLike``) to a
 ``tokenizer.json`` file or to a folder holding one, the JSON text itself, or a
-loaded :class:`Tokenizer`.
+loaded :class:`Tokenizer`. A ``tokenizer.json``'s own ``padding`` and
+``truncation`` settings (e.g. a sentence-transformers ``Fixed(128)`` padding,
+or what ``enable_padding()`` + ``save()`` leaves) are ignored: deft always
+counts and encodes unpadded, untruncated sequences (cut only by
+``encode(max_length=...)``), so results equal the unpadded tokenizer's.
 
 All work runs with the GIL released on a rayon thread pool: all cores by
 default, or ``num_threads`` threads. Token ids equal those of the Python
@@ -38,7 +42,12 @@ class Tokenizer:
     def from_str(json: str) -> "Tokenizer": ...
     @property
     def vocab_size(self) -> int:
-        """Vocabulary size including added tokens: the length of ``count_tokens`` output."""
+        """Vocabulary size including added tokens: the length of ``count_tokens`` output.
+
+        The largest id + 1 when the id space has small holes. Raises
+        ``ValueError`` for an absurdly sparse id space (largest id + 1 above
+        both 2**20 and twice the number of tokens), which cannot be counted.
+        """
     @property
     def source(self) -> str:
         """Where the tokenizer was loaded from (a path, or ``"<json text>"``)."""
@@ -67,7 +76,14 @@ class Tokenizer:
         longer sequence is cut (after special tokens were added) on the
         ``truncation_side`` (``"right"`` keeps the start, ``"left"`` the end).
         """
-    def decode(self, ids: Union[Sequence[int], npt.NDArray[np.uint32]], *, skip_special_tokens: bool = False) -> str: ...
+    def decode(self, ids: Union[Sequence[int], npt.NDArray[np.integer[Any]]], *, skip_special_tokens: bool = False) -> str:
+        """Decode token ids: a 1-D numpy array of any integer dtype (any
+        strides, e.g. ``ids[::2]``; copied when needed) or a sequence of ints.
+
+        Raises ``ValueError`` naming the position for a negative id or one
+        that does not fit in uint32, or for an array that is not 1-D, and
+        ``TypeError`` for non-integer data.
+        """
     def id_to_token(self, id: int) -> Optional[str]: ...
     def token_to_id(self, token: str) -> Optional[int]: ...
 
@@ -85,8 +101,11 @@ def count_tokens(
     one histogram and no token ids are kept after they are counted.
 
     Raises ``TypeError`` for texts that are not strings, ``FileNotFoundError``
-    for a missing tokenizer file and ``ValueError`` for a tokenizer that cannot
-    be parsed or a text it cannot encode (naming the row).
+    for a missing tokenizer file, ``ValueError`` for a tokenizer that cannot
+    be parsed, whose id space is absurdly sparse (see
+    :attr:`Tokenizer.vocab_size`), or a text it cannot encode or that yields an
+    id outside the histogram (naming the row), and ``MemoryError`` when the
+    per-thread histograms cannot be allocated.
     """
 
 def assign_polarity(
@@ -105,10 +124,13 @@ def assign_polarity(
     ``scores``: an Arrow ``list<double>`` column (Polars Series, pyarrow array
     or PyCapsule exporter), one list of >= 2 finite scores per sample.
     ``levels``: Arrow ``uint8`` codes, 0 = A, 1 = B, 2 = C, one per sample.
+    Sliced arrays are read through their own offsets; values outside the
+    visible rows are neither read nor checked.
 
     Per sample, responses are sorted best-first by score (stable: ties keep
     their original order) and scores min-max normalised, r = (s - min) / (max -
-    min). The best response gets +1 (Q+), the worst -1 (Q-); any other response
+    min) (computed on halved scores when max - min would overflow, so r stays
+    in [0, 1] even for scores near +/-1.8e308). The best response gets +1 (Q+), the worst -1 (Q-); any other response
     with r > ``<level>_pos`` gets +1, else with r < ``<level>_neg`` gets -1
     (``None``: the level has no such rule), else 0. A sample whose scores are
     all equal has r = 0.5 and polarity 0 everywhere.
@@ -116,5 +138,8 @@ def assign_polarity(
     Returns three pyarrow ``large_list`` arrays, all in best-first order:
     ``order`` (uint32 original index of each response), ``normalised``
     (float64) and ``polarity`` (int8). Raises ``ValueError`` naming the row
-    for a null, short or non-finite score list.
+    for a null, short or non-finite score list or a null score inside a list,
+    and ``ValueError`` naming the parameter for a threshold that is not
+    ``None`` or a number in [0, 1] (NaN included), as
+    ``deft.grade.Thresholds.check`` does.
     """

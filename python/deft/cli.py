@@ -15,6 +15,8 @@ from typing import Any, Callable, List, Optional, TypeVar
 
 import typer
 from rich.console import Console
+
+from deft.io import locked_output
 from rich.table import Table
 
 app = typer.Typer(
@@ -254,6 +256,7 @@ def _print_top(top: dict, title: str) -> None:
 @_friendly_errors
 def distribution(
     ctx: typer.Context,
+@locked_output("distribution", "output", beside=True)
     graded: Optional[Path] = typer.Option(None, "--graded", "-g", help="graded.parquet from `deft grade`."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help="The policy's tokenizer: tokenizer.json, its folder, or a model folder / hub name."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write the .safetensors file."),
@@ -271,28 +274,30 @@ def distribution(
     missing = [n for n, v in (("--graded", graded), ("--tokenizer", tokenizer), ("--output", output)) if v is None]
     if missing:
         raise ValueError(f"missing {', '.join(missing)} (usage: deft distribution --graded graded.parquet --tokenizer PATH --output qdiff.safetensors)")
-    import polars as pl
-
     from deft.distribution import build_distribution, plot_top_tokens, resolve_tokenizer, save_distribution, top_tokens
-    from deft.io import refuse_existing
+    from deft.grade import read_graded
+    from deft.io import begin_publication, check_publication
 
     assert graded is not None and tokenizer is not None and output is not None
-    refuse_existing(output, overwrite)
+    check_publication(output, [output], overwrite)
     if not graded.exists():
         raise FileNotFoundError(2, "graded file not found", str(graded))
     tok = resolve_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
-    dist = build_distribution(pl.read_parquet(graded), tok, template=template, num_threads=num_threads, graded_path=graded)
-    save_distribution(dist, output, overwrite=overwrite)
+    dist = build_distribution(read_graded(graded, ("responses", "polarity")), tok, template=template, num_threads=num_threads, graded_path=graded)
+    tt = top_tokens(dist, tok, top)
+    pub = begin_publication(output, [plot], overwrite=overwrite, refuse=[output])  # the file is the commit record: plot first
+    if plot:
+        plot_top_tokens(tt, plot)
+    save_distribution(dist, output, overwrite=True)
+    pub.done()
     m = dist.metadata
     console.print(
         f"Q+: {int(m['pos_tokens']):,} tokens from {int(m['pos_responses']):,} responses; "
         f"Q-: {int(m['neg_tokens']):,} tokens from {int(m['neg_responses']):,} responses; "
         f"vocabulary {dist.vocab_size:,}; template {m['template']} -> {output}"
     )
-    tt = top_tokens(dist, tok, top)
     _print_top(tt, str(output))
     if plot:
-        plot_top_tokens(tt, plot)
         console.print(f"plot: {plot}")
 
 

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import numpy as np
 import polars as pl
 
-from deft.io import atomic_path, refuse_existing, sha256_file, sha256_text
+from deft.io import atomic_path, check_publication, locked_output, sha256_file, sha256_text
 
 FORMAT = "deft-qdiff-v1"
 TEMPLATES = ("auto", "plain", "chat")
@@ -200,11 +200,15 @@ def build_distribution(
     return Distribution(q_pos, q_neg, q_diff, meta)
 
 
+@locked_output("distribution", "path", beside=True)
 def save_distribution(dist: Distribution, path: Union[str, Path], *, overwrite: bool = False) -> Path:
+    """Write ``dist`` to ``path`` (safetensors), atomically, under the file's
+    output lock; an existing file is refused unless ``overwrite`` or its
+    publication (`deft distribution`: the plot, then this file) was interrupted."""
     from safetensors.numpy import save_file
 
     path = Path(path)
-    refuse_existing(path, overwrite)
+    check_publication(path, [path], overwrite)
     with atomic_path(path) as tmp:
         save_file({"q_pos": dist.q_pos, "q_neg": dist.q_neg, "q_diff": dist.q_diff}, str(tmp), metadata=dist.metadata)
     return path

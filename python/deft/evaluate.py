@@ -100,6 +100,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import numpy as np
 
 from deft._util import is_oom, md_table
+from deft.io import locked_output
 
 __all__ = [
     "DEFAULT_TIE_MARGIN",
@@ -1297,6 +1298,7 @@ def _check_plan(run_dir: Path, plan: Dict[str, Any], overwrite: bool) -> None:
     write_json_atomic(path, plan)
 
 
+@locked_output("eval", "output_dir")
 def evaluate(
     models: Sequence[str],
     data: Sequence[PathLike],
@@ -1499,7 +1501,10 @@ def evaluate(
         run_records[name] = done
         runs.append(result)
 
-    # ---- reward, BLEU, baseline
+    # ---- reward, BLEU, baseline; publication: samples files, eval.json, eval.md, then manifest.json (the commit record)
+    from deft.io import begin_publication
+
+    pub = begin_publication(out / "manifest.json", [out / "eval.json", out / "eval.md"], overwrite=True)
     rm_id: Optional[Dict[str, Any]] = None
     rm_spec: Optional[str] = None
     if samples:
@@ -1609,6 +1614,7 @@ def evaluate(
                  "runs": {r.name: r.to_dict()["files"] for r in runs}},
         reward_model=rm_id, runs=[{"name": n, "model": m, "fingerprint": _model_fingerprint(m, g)} for n, m, g in zip(names, models, ggufs)],
     )
+    pub.done()
     return report
 
 

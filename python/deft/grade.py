@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import polars as pl
+
+from deft.io import locked_output
 
 LEVELS = ("A", "B", "C")
 
@@ -324,6 +326,17 @@ class GradeRun:
     warnings: List[str] = field(default_factory=list)
 
 
+def _unsharded(a: Mapping[str, Any]) -> bool:
+    """Whether a grade_files call scores everything itself; sharded runs
+    share the folder (each shard has its own lock in scores/)."""
+    if a["use_input_scores"]:
+        return True
+    from deft.score import resolve_shard
+
+    return resolve_shard(a["shard"])[1] == 1
+
+
+@locked_output("grade", "output_dir", when=_unsharded)
 def grade_files(
     inputs: Sequence[Any],
     output_dir: Any,
@@ -355,13 +368,13 @@ def grade_files(
     from pathlib import Path
 
     from deft.data import load_many
-    from deft.io import atomic_path, input_record, refuse_existing, sha256_file, write_manifest
+    from deft.io import atomic_path, begin_publication, check_publication, input_record, sha256_file, write_manifest
 
     thresholds.check()
     check_percentages(a, c)
     out = Path(output_dir)
     graded_path = out / "graded.parquet"
-    refuse_existing(graded_path, overwrite)
+    check_publication(out / "manifest.json", [graded_path], overwrite)  # manifest.json: the commit record, written last
     loaded = load_many([Path(p) for p in inputs], on_error=on_error, rejects_path=rejects)
     frame = loaded.frame
     run = GradeRun(output_dir=out, n_rejected=len(loaded.rejects))
@@ -394,6 +407,8 @@ def grade_files(
         per_subset = frame.get_column("subset").n_unique() > 1
     graded = grade(frame, a=a, c=c, per_subset=per_subset, thresholds=thresholds)
     run.warnings = grade_warnings(graded)
+    pub = begin_publication(out / "manifest.json", [graded_path, out / "best_scores.png" if plot else None, rejects],
+                            overwrite=overwrite, refuse=[graded_path])  # rejects: written while loading; its stale temporaries go
     with atomic_path(graded_path) as tmp:
         graded.write_parquet(tmp)
     counts = {
@@ -420,4 +435,5 @@ def grade_files(
         dropped_duplicates=run.n_dropped_duplicates,
         warnings=run.warnings,
     )
+    pub.done()
     return run

@@ -147,3 +147,260 @@ class MetricsLog:
         fields.setdefault("time", round(time.time(), 3))
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(fields, ensure_ascii=False) + "\n")
+
+
+# ---------------------------------------------------------------------------
+# Output locks and publications
+#
+# Every stage holds an *output lock* while it runs: ``.deft.lock`` in its
+# output folder, or ``.NAME.lock`` beside an output file (`deft select`, `deft
+# distribution`). The lock is an ``fcntl.flock`` on that file, so the kernel
+# drops it when the holder dies: a lock file a killed process leaves behind
+# never blocks a rerun. The file names the holder (pid, host, start time,
+# command) for the one-line error of a second run, and is removed on release.
+#
+# A stage that writes several files *publishes* them: :func:`begin_publication`
+# checks the existing outputs (refused unless ``overwrite``, as
+# :func:`refuse_existing`), writes a marker ``.COMMIT.pending`` beside the
+# commit record (the file written last, usually ``manifest.json``) and removes
+# the old commit record; the stage then writes its outputs (each atomically),
+# the commit record last, and calls :meth:`Publication.done`, which removes the
+# marker. A folder whose marker is present holds an interrupted publication
+# (the process died between two of its files): the same command replaces it
+# without ``--overwrite``. A commit record without a marker describes a
+# complete set of outputs.
+
+import fcntl
+import functools
+import glob
+import inspect
+import socket
+import threading
+from typing import Callable, List, Sequence
+
+LOCK_NAME = ".deft.lock"
+
+
+class OutputLockedError(FileExistsError):
+    """Another process holds the output lock of a folder or file (a
+    FileExistsError, so the CLI reports it as one line and exits 2)."""
+
+    def __init__(self, target: Path, holder: Mapping[str, Any]):
+        self.target, self.holder = target, dict(holder)
+        who = ", ".join(f"{k} {holder[k]}" for k in ("pid", "host", "started") if holder.get(k) is not None) or "holder unknown"
+        stage = holder.get("stage")
+        super().__init__(f"{target} is in use by another deft {stage + ' ' if stage else ''}run ({who}); "
+                         "wait for it to finish or choose another output")
+
+
+_HELD: Dict[str, List[Any]] = {}  # lock file (resolved) -> [fd, depth, created folders]
+_HELD_GUARD = threading.RLock()
+
+
+def lock_path(target: PathLike, *, beside: bool = False) -> Path:
+    """The lock file of an output folder (``FOLDER/.deft.lock``) or, with
+    ``beside``, of an output file (``.NAME.lock`` in the file's folder)."""
+    t = Path(target)
+    return t.with_name(f".{t.name}.lock") if beside else t / LOCK_NAME
+
+
+def read_lock_holder(path: PathLike) -> Dict[str, Any]:
+    """What a lock file says about its holder ({} when empty or unreadable)."""
+    for _ in range(5):  # the holder may be between truncating and writing it
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+            if text.strip():
+                doc = json.loads(text)
+                return doc if isinstance(doc, dict) else {}
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    return {}
+
+
+def _mkdirs(folder: Path) -> List[Path]:
+    """mkdir -p; returns the folders it created, deepest first."""
+    created: List[Path] = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        created.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _acquire(lp: Path, target: Path, stage: str, wait: bool) -> List[Any]:
+    created = _mkdirs(lp.parent)
+    while True:
+        fd = os.open(lp, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666 & ~_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputLockedError(target, read_lock_holder(lp)) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:  # the previous holder may have removed the file between our open and flock: lock the file now there
+            same = os.stat(lp).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    holder = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stage": stage, "command": sys.argv}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(holder) + "\n").encode("utf-8"), 0)
+    return [fd, 1, created]
+
+
+def _release(lp: Path, entry: List[Any]) -> None:
+    fd, _, created = entry
+    try:
+        lp.unlink(missing_ok=True)  # while still holding it: see the inode check in _acquire
+    finally:
+        os.close(fd)
+    for d in created:  # folders only this lock created (a run that failed early leaves none behind)
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+@contextlib.contextmanager
+def output_lock(target: PathLike, stage: str, *, beside: bool = False, wait: bool = False) -> Iterator[Path]:
+    """Hold the output lock of ``target`` (a folder, or with ``beside`` a
+    file) for the block; raise :class:`OutputLockedError` at once when another
+    process holds it (``wait``: block until it is free). Re-entrant within a
+    process. On an error, publications begun under it that wrote nothing lose
+    their marker."""
+    target = Path(target)
+    lp = lock_path(target, beside=beside)
+    key = os.path.abspath(lp)
+    with _HELD_GUARD:
+        entry = _HELD.get(key)
+        if entry is not None:
+            entry[1] += 1
+        else:
+            entry = _HELD[key] = _acquire(lp, target, stage, wait)
+    try:
+        yield lp
+    except BaseException:
+        _abandon_publications(lp.parent)
+        raise
+    finally:
+        with _HELD_GUARD:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _HELD[key]
+                _release(lp, entry)
+
+
+def locked_output(stage: str, target: Union[str, Callable[[Mapping[str, Any]], Any]], *, beside: bool = False,
+                  when: Optional[Callable[[Mapping[str, Any]], bool]] = None) -> Callable:
+    """Decorator: run the function under :func:`output_lock`. ``target``: the
+    name of the argument holding the output path, or a function of the bound
+    arguments; no lock when it is None or ``when(arguments)`` is false."""
+
+    def deco(fn: Callable) -> Callable:
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            t = a.get(target) if isinstance(target, str) else target(a)
+            if t is None or (when is not None and not when(a)):
+                return fn(*args, **kwargs)
+            with output_lock(t, stage, beside=beside):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return deco
+
+
+def publication_marker(commit: PathLike) -> Path:
+    """The marker of an unfinished publication whose commit record is ``commit``."""
+    c = Path(commit)
+    return c.with_name(f".{c.name}.pending")
+
+
+def interrupted_publication(commit: PathLike) -> bool:
+    """Whether a publication with this commit record began and did not finish
+    (in a process that is gone, when the output lock is held)."""
+    return publication_marker(commit).exists()
+
+
+def check_publication(commit: PathLike, outputs: Sequence[PathLike], overwrite: bool, what: str = "output") -> None:
+    """:func:`refuse_existing` for each of ``outputs``, except after an
+    interrupted publication (which the same command completes)."""
+    if overwrite or interrupted_publication(commit):
+        return
+    for p in outputs:
+        refuse_existing(p, False, what)
+
+
+class Publication:
+    """A publication in progress (see :func:`begin_publication`)."""
+
+    def __init__(self, commit: Path, outputs: Sequence[Path]):
+        self.commit, self.outputs, self.marker = commit, list(outputs), publication_marker(commit)
+
+    def done(self) -> None:
+        """Every output and the commit record are written: the set is complete."""
+        self.marker.unlink(missing_ok=True)
+        _discard(self)
+
+    def abandon(self) -> None:
+        """The stage failed: keep the marker only if some output was written."""
+        if not any(p.exists() for p in self.outputs + [self.commit]):
+            self.marker.unlink(missing_ok=True)
+        _discard(self)
+
+
+_ACTIVE: List[Publication] = []
+
+
+def _discard(pub: Publication) -> None:
+    with _HELD_GUARD:
+        if pub in _ACTIVE:
+            _ACTIVE.remove(pub)
+
+
+def _abandon_publications(folder: Path) -> None:
+    with _HELD_GUARD:
+        pubs = [p for p in _ACTIVE if os.path.abspath(p.marker.parent) == os.path.abspath(folder)]
+    for p in pubs:
+        p.abandon()
+
+
+def begin_publication(commit: PathLike, outputs: Sequence[Optional[PathLike]] = (), *, overwrite: bool = False,
+                      refuse: Optional[Sequence[PathLike]] = None, what: str = "output") -> Publication:
+    """Start publishing ``outputs`` with the commit record ``commit`` (written
+    last by the caller): refuse existing ones (``refuse``, default ``outputs``
+    and ``commit``) unless ``overwrite`` or a previous publication was
+    interrupted, write the marker, remove stale temporaries of these files and
+    the old commit record. Call :meth:`Publication.done` after writing
+    ``commit``. Hold the output lock around it."""
+    commit = Path(commit)
+    outs = [Path(p) for p in outputs if p is not None]
+    check_publication(commit, [Path(p) for p in refuse] if refuse is not None else outs + [commit], overwrite, what)
+    pub = Publication(commit, outs)
+    pub.marker.parent.mkdir(parents=True, exist_ok=True)
+    with open(pub.marker, "w", encoding="utf-8") as f:  # its existence is the record (a torn one still counts)
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                            "commit": str(commit), "outputs": [str(p) for p in outs]}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    for p in outs + [commit]:  # temporaries of atomic writes a kill interrupted
+        if p.parent.is_dir():
+            for tmp in p.parent.glob(f".{glob.escape(p.name)}.*.tmp"):
+                tmp.unlink(missing_ok=True)
+    commit.unlink(missing_ok=True)
+    with _HELD_GUARD:
+        _ACTIVE.append(pub)
+    return pub

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from deft._util import md_table
+from deft.io import locked_output
 from deft.errors import DeftError
 from deft.config import SCHEMA as TRAIN_SCHEMA
 from deft.config import ConfigError, Field, read_config
@@ -523,6 +524,7 @@ def _check_from(from_stage: Optional[str]) -> None:
         raise ConfigError(f"--from {from_stage!r}: not a stage; stages: {', '.join(STAGES)}")
 
 
+@locked_output("run", lambda a: a["cfg"]["run_dir"])  # RUN_DIR/.deft.lock; each stage locks its own folder
 def run_pipeline(cfg: Mapping[str, Any], *, from_stage: Optional[str] = None, config_path: Optional[str] = None,
                  overrides: Sequence[str] = (), on_stage: Optional[Callable[[StageResult], None]] = None) -> PipelineResult:
     """Run (or resume) every stage of a validated pipeline config; write

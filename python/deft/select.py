@@ -104,6 +104,7 @@ import numpy as np
 import polars as pl
 
 from deft._util import find_sub
+from deft.io import locked_output
 
 __all__ = [
     "STRATEGIES",
@@ -1009,6 +1010,7 @@ def plot_similarity(result: SelectResult, path: PathLike, title: Optional[str] =
     return Path(path)
 
 
+@locked_output("select", "output", beside=True)
 def select_files(
     inputs: Sequence[PathLike],
     output: PathLike,
@@ -1045,7 +1047,7 @@ def select_files(
     :func:`embed_responses`); no model is loaded then and the manifest records
     the embedder as ``"precomputed"``."""
     from deft.data import load_many, save
-    from deft.io import input_record, refuse_existing, sha256_file, write_manifest
+    from deft.io import begin_publication, check_publication, input_record, sha256_file, write_manifest
 
     _check_strategy(strategy)
     fraction = _check_fraction(fraction)
@@ -1067,11 +1069,12 @@ def select_files(
     written = [paths[k] for k in ("output", "selection", "manifest", "plot") if paths[k] is not None]
     if on_error == "skip":
         written.append(Path(rejects))  # type: ignore[arg-type]
-    for w in written:
-        refuse_existing(w, overwrite)  # type: ignore[arg-type]
+    check_publication(paths["manifest"], written, overwrite)  # type: ignore[arg-type]
     for w in written:
         if any(w.resolve() == p.resolve() for p in inputs):  # type: ignore[union-attr]
             raise ValueError(f"output {w} is one of the inputs; write the selection to a new file")
+    # NAME.manifest.json is the commit record (written last); the rejects file is written while loading
+    pub = begin_publication(paths["manifest"], written, overwrite=overwrite)  # type: ignore[arg-type]
 
     loaded = load_many(inputs, format=format, subset=subset, on_error=on_error,
                        rejects_path=rejects if on_error == "skip" else None)
@@ -1126,4 +1129,5 @@ def select_files(
         counts={**res.counts(), "rejected": res.n_rejected},
         similarity=res.similarity,
     )
+    pub.done()
     return res

@@ -69,6 +69,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from deft.config import load_config
+from deft.io import locked_output
 from deft.losses import IGNORE_INDEX
 
 __all__ = ["Example", "encode_examples", "select_responses", "prepare_data", "train", "TrainResult"]
@@ -634,6 +635,7 @@ def _zero_stage(ds: Mapping[str, Any]) -> int:
     return int((ds.get("zero_optimization") or {}).get("stage", 0))
 
 
+@locked_output("train", lambda a: a["cfg"]["train"]["output_dir"], when=lambda a: int(os.environ.get("RANK", "0")) == 0)
 def train(cfg: Mapping[str, Any], *, resume: bool = False) -> TrainResult:
     """Run a training job described by a validated config (see :mod:`deft.config`)."""
     import torch
@@ -670,6 +672,12 @@ def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method
 
     # refuse to clobber a run
     existing = list_checkpoints(out_dir)
+    from deft.io import interrupted_publication
+
+    if not resume and interrupted_publication(out_dir / "manifest.json"):
+        # the run finished but died publishing model/ and manifest.json: the same command completes it
+        _log(f"{out_dir}: the final save of the previous run was interrupted; continuing from its newest checkpoint")
+        resume = True
     if not resume and (existing or (out_dir / "model").exists()):  # every rank sees the same (shared) folder
         raise FileExistsError(f"{out_dir} already holds a run (checkpoints or model); pass --resume to continue it or choose another train.output_dir")
     if d.rank == 0:
@@ -990,6 +998,9 @@ def _save_final(cfg, out_dir: Path, engine, module, prep: Prepared, d: Dist, mod
             "tokenizer": {"source": prep.policy_tokenizer.source, "sha256": prep.policy_tokenizer.sha256,
                           "vocab_hash": prep.policy_tokenizer.vocab_hash, "eos_token_id": prep.eos_token_id},
             "reference_cache": str(ref_path) if ref_path else None,
+        from deft.io import begin_publication
+
+        pub = begin_publication(out_dir / "manifest.json", [model_dir], overwrite=True)  # model/, then manifest.json
             "world_size": d.world,
             "global_step": step,
             "total_steps": total,
@@ -1025,6 +1036,7 @@ def _reference_logps(cfg, prep: Prepared, runner, device, autocast_dtype, d: Dis
                                      "max_length": cfg["data"]["max_length"]}, sort_keys=True).encode()).hexdigest()
     cache_dir = Path(t["ref_cache_dir"] or Path(t["output_dir"]) / "ref_cache")
     path = cache_dir / f"ref-{key[:24]}.safetensors"
+        pub.done()
     if path.exists():
         ref = load_file(str(path))["ref_logps"]
         if ref.shape == (len(prep.examples), 2):

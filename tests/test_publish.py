@@ -1,0 +1,351 @@
+"""Publication and output locks (deft.io): a stage killed between two of its
+output files is completed by the same command (no --overwrite), and two runs
+into one output stop the second at once with a one-line error naming the
+holder; a lock left by a killed process never blocks.
+
+The crash-consistency matrix (benches/README.md) is ``test_crash_matrix``:
+every publication point (each ``os.replace`` into the output) of grade,
+distribution and select is SIGKILLed in a subprocess, the same command rerun,
+and the outputs compared with an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+from conftest import shared_file
+from deft.io import (
+    OutputLockedError,
+    begin_publication,
+    check_publication,
+    interrupted_publication,
+    lock_path,
+    output_lock,
+    publication_marker,
+)
+
+N_ROWS = 40
+
+#: Python source run in a subprocess: os.replace into DEFT_TEST_ROOT is counted
+#: (the list goes to DEFT_COUNT_FILE at exit) and the DEFT_KILL_AT-th one
+#: SIGKILLs the process before (or with DEFT_KILL_MODE=after, after) it
+#: happens; then the entry point in DEFT_ENTRY runs: "cli" (argv DEFT_ARGV) or
+#: "select" (select_files with fixed embeddings, DEFT_ARGV = [input, output]).
+HOOK = textwrap.dedent("""
+    import atexit, json, os, signal, sys
+    root = os.path.abspath(os.environ["DEFT_TEST_ROOT"])
+    kill_at = int(os.environ.get("DEFT_KILL_AT", "0"))
+    mode = os.environ.get("DEFT_KILL_MODE", "before")
+    calls = []
+    _replace = os.replace
+    def replace(src, dst, *a, **k):
+        if not os.path.abspath(os.fspath(dst)).startswith(root):
+            return _replace(src, dst, *a, **k)
+        calls.append(os.path.relpath(os.path.abspath(os.fspath(dst)), root))
+        if len(calls) == kill_at and mode == "before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        r = _replace(src, dst, *a, **k)
+        if len(calls) == kill_at and mode == "after":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return r
+    os.replace = replace
+    if os.environ.get("DEFT_COUNT_FILE"):
+        atexit.register(lambda: open(os.environ["DEFT_COUNT_FILE"], "w").write(json.dumps(calls)))
+    argv = json.loads(os.environ["DEFT_ARGV"])
+    if os.environ["DEFT_ENTRY"] == "cli":
+        from deft.cli import main
+        sys.argv = ["deft"] + argv
+        main()
+    else:
+        import numpy as np
+        from deft.data import load
+        from deft.select import select_files
+        sys.argv = ["deft-select-test"]
+        frame = load(argv[0], on_error="skip").frame
+        n = int(sum(len(r) for r in frame["responses"].to_list()))
+        emb = np.random.default_rng(0).normal(size=(n, 8)).astype(np.float32)
+        select_files([argv[0]], argv[1], strategy="easy", fraction=0.5, embeddings=emb, plot=True,
+                     on_error="skip", progress=False)
+""")
+
+
+def _run(entry: str, argv: List[str], root: Path, *, kill_at: int = 0, mode: str = "before",
+         count_file: Optional[Path] = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DEFT_TEST_ROOT": str(root), "DEFT_KILL_AT": str(kill_at), "DEFT_KILL_MODE": mode,
+           "DEFT_ENTRY": entry, "DEFT_ARGV": json.dumps(argv)}
+    env.pop("DEFT_COUNT_FILE", None)
+    if count_file is not None:
+        env["DEFT_COUNT_FILE"] = str(count_file)
+    return subprocess.run([sys.executable, "-c", HOOK], env=env, capture_output=True, text=True, timeout=300)
+
+
+def _snapshot(root: Path) -> Dict[str, object]:
+    """Every file under ``root``: bytes; for manifests the JSON without its creation time, for
+    safetensors files the metadata and tensors."""
+    out: Dict[str, object] = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            rel = str(p.relative_to(root))
+            if p.name.endswith("manifest.json"):
+                doc = json.loads(p.read_text())
+                doc.pop("created", None)
+                out[rel] = doc
+            elif p.suffix == ".safetensors":  # the header's key order is not fixed: compare metadata and tensors
+                from safetensors import safe_open
+
+                with safe_open(str(p), framework="numpy") as f:
+                    out[rel] = (f.metadata(), {k: f.get_tensor(k).tobytes() for k in f.keys()})
+            else:
+                out[rel] = p.read_bytes()
+    return out
+
+
+@pytest.fixture(scope="module")
+def pro_slice(tmp_path_factory) -> Path:
+    """The first N_ROWS rows of PRO's HH harmless test file, plus one bad line (a rejects file with --on-error skip)."""
+    src = shared_file("data/pro-hh/test_harmless_base.jsonl.gz")
+    lines = gzip.open(src, "rt", encoding="utf-8").read().splitlines()[:N_ROWS]
+    path = tmp_path_factory.mktemp("publish_data") / "harmless.jsonl"
+    path.write_text("\n".join(lines + ["{not json"]) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def graded_file(pro_slice, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("publish_graded")
+    r = _run("cli", ["grade", "-i", str(pro_slice), "--use-input-scores", "--on-error", "skip", "-o", str(out)], out)
+    assert r.returncode == 0, r.stderr
+    return out / "graded.parquet"
+
+
+def _stage_command(stage: str, pro_slice: Path, graded: Path, root: Path):
+    """(entry, argv) of a stage writing under ``root``."""
+    if stage == "grade":
+        return "cli", ["grade", "-i", str(pro_slice), "--use-input-scores", "--on-error", "skip",
+                       "--rejects", str(root / "out" / "rejects.jsonl"), "--plot", "-o", str(root / "out")]
+    if stage == "distribution":
+        return "cli", ["distribution", "-g", str(graded), "-t", str(shared_file("tokenizers/gpt2")),
+                       "-o", str(root / "out" / "qdiff.safetensors"), "--plot", str(root / "out" / "top.png"), "--top", "3"]
+    assert stage == "select"
+    return "select", [str(pro_slice), str(root / "out" / "easy.parquet")]
+
+
+# --------------------------------------------------------------------------- the mechanism
+
+
+def test_lock_reentrant_removed_and_folder_cleaned(tmp_path):
+    target = tmp_path / "new" / "out"
+    with output_lock(target, "grade") as lp:
+        assert lp == target / ".deft.lock" and lp.exists()
+        assert json.loads(lp.read_text())["pid"] == os.getpid()
+        with output_lock(target, "grade"):  # the same process: re-entrant
+            pass
+        assert lp.exists()
+    assert not lp.exists()
+    assert not (tmp_path / "new").exists()  # folders only the lock created go again
+    (tmp_path / "f").mkdir()
+    with output_lock(tmp_path / "f" / "sel.parquet", "select", beside=True) as lp:
+        assert lp == tmp_path / "f" / ".sel.parquet.lock"
+    assert sorted(os.listdir(tmp_path / "f")) == []
+
+
+def test_publication_marker_rules(tmp_path):
+    out, man = tmp_path / "data.parquet", tmp_path / "manifest.json"
+    out.write_text("old")
+    man.write_text("{}")
+    with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
+        begin_publication(man, [out])  # a complete set: refused as before
+    pub = begin_publication(man, [out], overwrite=True)
+    assert interrupted_publication(man) and not man.exists()  # the old commit record no longer describes the files
+    # a kill here: the next run needs no --overwrite
+    check_publication(man, [out], overwrite=False)
+    out.write_text("new")
+    man.write_text("{}")
+    pub.done()
+    assert not publication_marker(man).exists()
+    with pytest.raises(FileExistsError):
+        check_publication(man, [out], overwrite=False)
+
+
+def test_failed_stage_that_wrote_nothing_leaves_no_marker(tmp_path):
+    with pytest.raises(RuntimeError):
+        with output_lock(tmp_path, "grade"):
+            begin_publication(tmp_path / "manifest.json", [tmp_path / "graded.parquet"])
+            raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == []
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from deft.io import output_lock
+    with output_lock(sys.argv[1], sys.argv[2], beside=sys.argv[3] == "1"):
+        print("locked", flush=True)
+        time.sleep(120)
+""")
+
+
+def _hold(target: Path, stage: str, beside: bool = False) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(target), stage, "1" if beside else "0"],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stdout.readline().strip() == "locked"
+    return p
+
+
+def _kill(p: subprocess.Popen) -> None:
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+
+
+def test_second_grade_stops_with_one_line_naming_the_holder_and_stale_lock_does_not_block(pro_slice, tmp_path):
+    out = tmp_path / "grade"
+    holder = _hold(out, "grade")
+    try:
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "deft", "grade", "-i", str(pro_slice), "--use-input-scores",
+                            "--on-error", "skip", "-o", str(out)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr
+        assert time.monotonic() - t0 < 60
+        lines = [l for l in r.stderr.splitlines() if l.strip()]
+        assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+        assert str(out) in lines[0] and f"pid {holder.pid}" in lines[0] and "started" in lines[0], lines[0]
+        assert not (out / "graded.parquet").exists()
+    finally:
+        _kill(holder)
+    assert (out / ".deft.lock").exists()  # left behind by the SIGKILLed holder
+    r = subprocess.run([sys.executable, "-m", "deft", "grade", "-i", str(pro_slice), "--use-input-scores",
+                        "--on-error", "skip", "-o", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (out / "graded.parquet").exists() and not (out / ".deft.lock").exists()
+
+
+def test_every_stage_refuses_a_locked_output(graded_file, tmp_path):
+    """select, distribution, eval, train and `deft run` stop before any work when their output is locked."""
+    from deft.distribution import save_distribution
+    from deft.evaluate import evaluate
+    from deft.pipeline import run_pipeline
+    from deft.select import select_files
+    from deft.train import train
+
+    sel = tmp_path / "sel" / "easy.parquet"
+    (tmp_path / "sel").mkdir()
+    holders = [_hold(sel, "select", beside=True), _hold(tmp_path / "q.safetensors", "distribution", beside=True),
+               _hold(tmp_path / "eval", "eval"), _hold(tmp_path / "train", "train"), _hold(tmp_path / "run", "run")]
+    try:
+        calls = [
+            lambda: select_files([graded_file], sel, strategy="easy"),
+            lambda: save_distribution(None, tmp_path / "q.safetensors"),  # type: ignore[arg-type]
+            lambda: evaluate(["no-such-model"], [graded_file], tmp_path / "eval"),
+            lambda: train({"train": {"output_dir": str(tmp_path / "train")}}),
+            lambda: run_pipeline({"run_dir": str(tmp_path / "run")}),
+        ]
+        for call, h in zip(calls, holders):
+            with pytest.raises(OutputLockedError, match=f"pid {h.pid}"):
+                call()
+        r = subprocess.run([sys.executable, "-m", "deft", "distribution", "-g", str(graded_file), "-t",
+                            str(shared_file("tokenizers/gpt2")), "-o", str(tmp_path / "q.safetensors")],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert str(tmp_path / "q.safetensors") in r.stderr and f"pid {holders[1].pid}" in r.stderr
+    finally:
+        for h in holders:
+            _kill(h)
+
+
+def test_train_lock_only_on_rank_zero(tmp_path, monkeypatch):
+    """Under torchrun only rank 0 writes (and locks); the other ranks never contend for the lock."""
+    from deft.train import train
+
+    holder = _hold(tmp_path / "train", "train")
+    try:
+        monkeypatch.setenv("RANK", "1")
+        with pytest.raises(Exception) as e:
+            train({"train": {"output_dir": str(tmp_path / "train")}})
+        assert not isinstance(e.value, OutputLockedError)
+    finally:
+        _kill(holder)
+
+
+def test_lock_path_is_hidden_and_not_an_output(tmp_path):
+    assert lock_path(tmp_path).name.startswith(".") and lock_path(tmp_path / "x.parquet", beside=True).name == ".x.parquet.lock"
+
+
+# --------------------------------------------------------------------------- item 3: the kill between two outputs
+
+
+def test_grade_killed_between_graded_and_manifest_is_completed_by_the_same_command(pro_slice, graded_file, tmp_path):
+    entry, argv = _stage_command("grade", pro_slice, graded_file, tmp_path)
+    r = _run(entry, argv, tmp_path)
+    assert r.returncode == 0, r.stderr
+    ref = _snapshot(tmp_path / "out")
+    shutil.rmtree(tmp_path / "out")
+    counted = tmp_path / "count.json"
+    # kill right before manifest.json is moved into place: graded.parquet (and the plot) are there, no manifest
+    _run(entry, argv, tmp_path, count_file=counted)
+    calls = json.loads(counted.read_text())
+    shutil.rmtree(tmp_path / "out")
+    n = calls.index(os.path.join("out", "manifest.json")) + 1
+    r = _run(entry, argv, tmp_path, kill_at=n)
+    assert r.returncode == -signal.SIGKILL
+    assert (tmp_path / "out" / "graded.parquet").exists() and not (tmp_path / "out" / "manifest.json").exists()
+    r = _run(entry, argv, tmp_path)  # the same command, no --overwrite
+    assert r.returncode == 0, r.stderr
+    assert _snapshot(tmp_path / "out") == ref
+    r = _run(entry, argv, tmp_path)  # complete now: refused as before
+    assert r.returncode == 2 and "already exists; pass --overwrite" in r.stderr
+
+
+def test_overwrite_killed_midway_is_completed_without_overwrite(pro_slice, graded_file, tmp_path):
+    """`deft grade --overwrite` killed after replacing graded.parquet: the old manifest is gone (it no longer
+    describes the files) and the same command without --overwrite completes."""
+    entry, argv = _stage_command("grade", pro_slice, graded_file, tmp_path)
+    assert _run(entry, argv, tmp_path).returncode == 0
+    ref = _snapshot(tmp_path / "out")
+    counted = tmp_path / "count.json"
+    assert _run(entry, argv + ["--overwrite", "--a", "10"], tmp_path, count_file=counted).returncode == 0
+    n = json.loads(counted.read_text()).index(os.path.join("out", "graded.parquet")) + 1
+    r = _run(entry, argv + ["--overwrite", "--a", "10"], tmp_path, kill_at=n, mode="after")
+    assert r.returncode == -signal.SIGKILL
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    r = _run(entry, argv, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert _snapshot(tmp_path / "out") == ref
+
+
+# --------------------------------------------------------------------------- item 11: the crash-consistency matrix
+
+
+@pytest.mark.parametrize("stage", ["grade", "distribution", "select"])
+def test_crash_matrix(stage, pro_slice, graded_file, tmp_path):
+    """kill -9 at each publication point (before each os.replace into the output, and after the last one),
+    then the same command: the outputs equal those of an uninterrupted run, with no temporaries, markers or locks."""
+    entry, argv = _stage_command(stage, pro_slice, graded_file, tmp_path)
+    counted = tmp_path / "count.json"
+    r = _run(entry, argv, tmp_path, count_file=counted)
+    assert r.returncode == 0, r.stderr
+    points = json.loads(counted.read_text())
+    assert len(points) >= 2, points
+    ref = _snapshot(tmp_path / "out")
+    assert not any(Path(k).name.startswith(".") for k in ref), sorted(ref)
+    shutil.rmtree(tmp_path / "out")
+    matrix = []
+    for n, mode in [(i + 1, "before") for i in range(len(points))] + [(len(points), "after")]:
+        r = _run(entry, argv, tmp_path, kill_at=n, mode=mode)
+        assert r.returncode == -signal.SIGKILL, (n, mode, r.stderr)
+        r = _run(entry, argv, tmp_path)
+        assert r.returncode == 0, (n, mode, r.stderr)
+        assert _snapshot(tmp_path / "out") == ref, (n, mode)
+        matrix.append(f"{stage}: kill {mode} {points[n - 1]} -> rerun ok, outputs identical")
+        shutil.rmtree(tmp_path / "out")
+    print("\n" + "\n".join(matrix))
