@@ -57,15 +57,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _friendly_errors(fn: F) -> F:
-    """Report expected errors as one line and exit 2."""
+    """Report expected errors as one line and exit 2: every :class:`deft.errors.DeftError`
+    (data, config, pipeline, scoring work dir, checkpoint, unsafe weights) and the
+    argument/file errors below; anything else is a bug and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from deft.data import DataError
+        from deft.errors import DeftError
 
         try:
             return fn(*args, **kwargs)
-        except (DataError, FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
+        except (DeftError, FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
             msg = str(e) if not isinstance(e, FileNotFoundError) or not e.filename else f"no such file: {e.filename}"
             err_console.print(f"[bold red]error:[/] {msg}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(2) from None

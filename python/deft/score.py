@@ -109,6 +109,7 @@ __all__ = [
     "HFRewardModel",
     "RewardModelError",
     "PlanMismatchError",
+    "ScoreWorkError",
     "TEMPLATES",
     "load_reward_model",
     "score_frame",
@@ -143,6 +144,10 @@ class RewardModelError(DeftError, ValueError):
 
 class PlanMismatchError(DeftError, ValueError):
     """``work_dir`` holds scores of a different run (data, model, template...)."""
+
+
+class ScoreWorkError(DeftError, RuntimeError):
+    """The scoring work dir is in use by another process or its part files are corrupt."""
 
 
 @runtime_checkable
@@ -543,7 +548,17 @@ def read_parts(shard_dir: PathLike) -> pl.DataFrame:
     files = sorted(Path(shard_dir).glob("part-*.parquet"))
     if not files:
         return pl.DataFrame(schema=_PART_SCHEMA)
-    return pl.concat([pl.read_parquet(f) for f in files], how="vertical")
+    frames = []
+    for f in files:
+        try:
+            frames.append(pl.read_parquet(f))
+        except (pl.exceptions.PolarsError, OSError) as e:
+            raise ScoreWorkError(f"{f}: unreadable part file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                                 "the work dir is corrupt: delete the file (or the folder) to rescore its pairs") from None
+    try:
+        return pl.concat(frames, how="vertical")
+    except pl.exceptions.PolarsError as e:
+        raise ScoreWorkError(f"{shard_dir}: part files do not share the part schema ({str(e).splitlines()[0]}); the work dir is corrupt") from None
 
 
 def _write_part(shard_dir: Path, index: int, rows: List[int], ids: List[str], resp: List[int],
@@ -565,7 +580,7 @@ def _shard_lock(shard_dir: Path, what: str) -> Iterator[None]:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise RuntimeError(f"{what} in {shard_dir.parent} is being scored by another process") from None
+            raise ScoreWorkError(f"{what} in {shard_dir.parent} is being scored by another process") from None
         try:
             yield
         finally:
@@ -736,10 +751,10 @@ def _score_shard(frame: pl.DataFrame, model: RewardModel, ids: List[str], n_resp
     done = read_parts(shard_dir)
     keys = done.select((pl.col("row") * _KEY + pl.col("response")).alias("k")).get_column("k")
     if keys.n_unique() != done.height:
-        raise RuntimeError(f"{shard_dir}: part files hold duplicate pairs; the work dir is corrupt")
+        raise ScoreWorkError(f"{shard_dir}: part files hold duplicate pairs; the work dir is corrupt")
     bad = done.filter((pl.col("row") % n != k) | (pl.col("row") >= len(ids)))
     if bad.height:
-        raise RuntimeError(f"{shard_dir}: part files hold rows that are not in shard {k}/{n}")
+        raise ScoreWorkError(f"{shard_dir}: part files hold rows that are not in shard {k}/{n}")
     done_keys = set(keys.to_list())
     next_part = 1 + max((int(f.stem.split("-")[1]) for f in shard_dir.glob("part-*.parquet")), default=-1)
 
@@ -832,7 +847,7 @@ def _score_shard(frame: pl.DataFrame, model: RewardModel, ids: List[str], n_resp
     # Check the shard before marking it complete.
     final = read_parts(shard_dir)
     if final.height != total or final.select((pl.col("row") * _KEY + pl.col("response")).n_unique()).item() != total:
-        raise RuntimeError(f"{shard_dir}: expected {total} scored pairs, found {final.height} (with duplicates?)")
+        raise ScoreWorkError(f"{shard_dir}: expected {total} scored pairs, found {final.height} (with duplicates?)")
     write_json_atomic(shard_dir / "done.json", {**summary, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     log.info("shard %d/%d done: %d pairs in %.1f s (%.1f pairs/s)", k, n, pairs_done, elapsed, summary["pairs_per_s"])
 
@@ -846,9 +861,9 @@ def _merge(frame: pl.DataFrame, ids: List[str], n_resp: List[int], work: Path, n
                             schema={"row": pl.Int64, "response": pl.Int32})
     parts = parts.sort(["row", "response"])
     if parts.height != total or not parts.select("row", "response").equals(expected):
-        raise RuntimeError(f"{work}: the shards' parts do not hold each of the {total} pairs exactly once "
+        raise ScoreWorkError(f"{work}: the shards' parts do not hold each of the {total} pairs exactly once "
                            f"(found {parts.height} rows)")
     if parts.get_column("id").to_list() != list(np.repeat(np.asarray(ids, dtype=object), n_resp)):
-        raise RuntimeError(f"{work}: part ids do not match the frame's ids")
+        raise ScoreWorkError(f"{work}: part ids do not match the frame's ids")
     scores = parts.group_by("row", maintain_order=True).agg(pl.col("score")).get_column("score")
     return frame.with_columns(scores.cast(pl.List(pl.Float64)).alias("scores"))

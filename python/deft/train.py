@@ -64,7 +64,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -754,7 +754,7 @@ def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method
         cks = list_checkpoints(out_dir)
         if cks:
             step, ck = cks[-1]
-            state = json.loads((ck / "trainer_state.json").read_text())
+            state = _load_checkpoint_file(ck / "trainer_state.json", lambda f: json.loads(f.read_text(encoding="utf-8")))
             if state["data_hash"] != prep.data_hash:
                 raise ValueError(f"cannot resume from {ck}: the training data differ (tokenised data hash changed)")
             if state["model_fingerprint"] != model_fp:
@@ -769,13 +769,14 @@ def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method
             else:
                 from safetensors.torch import load_file
 
-                model.load_state_dict(load_file(str(ck / "model.safetensors")), strict=True)
-                other = torch.load(ck / "optimizer.pt", map_location=device, weights_only=True)  # no arbitrary unpickling
-                optimizer.load_state_dict(other["optimizer"])
-                scheduler.load_state_dict(other["scheduler"])
+                _load_checkpoint_file(ck / "model.safetensors", lambda f: model.load_state_dict(load_file(str(f)), strict=True))
+                # weights_only: no arbitrary unpickling (a foreign pickle is refused, as a CheckpointError)
+                other = _load_checkpoint_file(ck / "optimizer.pt", lambda f: torch.load(f, map_location=device, weights_only=True))
+                _load_checkpoint_file(ck / "optimizer.pt", lambda f: (optimizer.load_state_dict(other["optimizer"]),
+                                                                       scheduler.load_state_dict(other["scheduler"])))
             rng_file = ck / f"rng_rank{d.rank}.pt"
             if rng_file.exists():
-                _set_rng_state(torch.load(rng_file, weights_only=True))
+                _load_checkpoint_file(rng_file, lambda f: _set_rng_state(torch.load(f, weights_only=True)))
             global_step = resumed_from = step
             _trim_metrics(out_dir / "metrics.jsonl", step)
             _log(f"resumed from {ck} (step {step})")
@@ -903,6 +904,28 @@ def _mean_across(row: Dict[str, float], d: Dist) -> Dict[str, float]:
         v = v.cuda()
     td.all_reduce(v)
     return {k: float(x) / d.world for k, x in zip(keys, v.cpu().tolist())}
+
+
+def _load_checkpoint_file(path: Path, load: Callable[[Path], Any]) -> Any:
+    """``load(path)`` for a file of a checkpoint ``--resume`` reads; a file that
+    is missing, truncated, foreign or refused by ``torch.load(weights_only=True)``
+    (a pickle that would run code) becomes one :class:`deft.errors.CheckpointError`
+    naming the file."""
+    import pickle
+
+    from deft.errors import CheckpointError
+
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover
+        SafetensorError = OSError  # type: ignore[assignment,misc]
+    try:
+        return load(path)
+    except (pickle.UnpicklingError, EOFError, OSError, RuntimeError, KeyError, TypeError, ValueError, AttributeError,
+            SafetensorError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"checkpoint {path} is not a deft checkpoint or is unsafe to load: {type(e).__name__}"
+                              f"{': ' + first if first else ''}; delete the checkpoint folder to resume from an earlier one") from None
 
 
 def _trim_metrics(path: Path, step: int) -> None:
