@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import textwrap
 import sys
 from pathlib import Path
 
@@ -388,3 +389,68 @@ def test_resume_after_kill_matches_uninterrupted(assets, tmp_path):
     assert steps == list(range(1, 8))
     assert [s for s, _ in list_checkpoints(out)] == [3, 6]
     assert not any(p.name.startswith(".tmp") for p in (out / "checkpoints").iterdir())
+
+
+KILL_AFTER_STEP_2 = textwrap.dedent("""
+    import os, signal, sys
+    import deft.io as io
+    orig = io.MetricsLog.log
+    def log(self, **fields):
+        orig(self, **fields)
+        if fields.get("step") == 2:  # killed after logging step 2, before the first checkpoint (step 3)
+            os.kill(os.getpid(), signal.SIGKILL)
+    io.MetricsLog.log = log
+    import deft.train as t
+    t.run(None, sys.argv[1:])
+""")
+
+
+def test_resume_before_the_first_checkpoint_starts_metrics_over(assets, tmp_path):
+    """--resume of a run killed before its first checkpoint starts over, and
+    metrics.jsonl holds each step once, as an uninterrupted run's does (issue 10, item 7)."""
+    from deft.train import list_checkpoints, run
+
+    extra = {"train.max_steps": 4, "train.save_steps": 3, "train.ref_cache_dir": str(tmp_path / "rc")}
+    env = dict(os.environ)
+    out = tmp_path / "killed"
+    r = subprocess.run([sys.executable, "-c", KILL_AFTER_STEP_2] + overrides(assets, out, **extra), env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    assert list_checkpoints(out) == []
+    assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    res = run(None, overrides(assets, out, **extra), resume=True)
+    assert res.resumed_from is None and res.global_step == 4
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    full = run(None, overrides(assets, tmp_path / "full", **extra))
+    assert steps == [json.loads(l)["step"] for l in (full.output_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+class _RunsCode:
+    """Unpickling this runs ``touch PATH`` (what weights_only=True must refuse)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_resume_refuses_an_unsafe_optimizer_pickle_in_one_line(assets, tmp_path):
+    """A malicious optimizer.pt in the newest checkpoint: torch.load(weights_only=True)
+    blocks it, and `deft train --resume` says so in one line naming the file, exit 2 (issue 10, item 6)."""
+    import pickle
+
+    from deft.train import list_checkpoints, run
+
+    out = tmp_path / "run"
+    extra = {"train.max_steps": 2, "train.save_steps": 1, "train.ref_cache_dir": str(tmp_path / "rc")}
+    run(None, overrides(assets, out, **extra))
+    (_, ck), = list_checkpoints(out)  # step 1 (none is written at the last step)
+    marker = tmp_path / "pwned"
+    (ck / "optimizer.pt").write_bytes(pickle.dumps(_RunsCode(marker)))
+    cmd = [sys.executable, "-m", "deft", "train", "--resume"] + [a for o in overrides(assets, out, **extra) for a in ("--set", o)]
+    r = subprocess.run(cmd, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and not marker.exists()
+    last = r.stderr.rstrip().splitlines()[-1]
+    assert last.startswith("error: checkpoint ") and str(ck / "optimizer.pt") in last and "unsafe to load" in last, r.stderr[-2000:]

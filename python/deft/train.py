@@ -778,10 +778,13 @@ def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method
             if rng_file.exists():
                 _load_checkpoint_file(rng_file, lambda f: _set_rng_state(torch.load(f, weights_only=True)))
             global_step = resumed_from = step
-            _trim_metrics(out_dir / "metrics.jsonl", step)
             _log(f"resumed from {ck} (step {step})")
         else:
             _log("--resume: no checkpoint yet; starting from the beginning")
+    # Whenever the run (re)starts at global_step, metric lines of later steps are
+    # stale: those an interrupted run logged after its checkpoint, or all of them
+    # when it starts over (killed before its first checkpoint).
+    _trim_metrics(out_dir / "metrics.jsonl", global_step)
     if d.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
     from deft.io import MetricsLog
@@ -885,13 +888,14 @@ def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method
 
 
 def _tensorboard(out_dir: Path, global_step: int):
-    """A SummaryWriter on OUTPUT_DIR/tensorboard; on resume, events logged after
-    the checkpoint by the interrupted run are purged (``purge_step``)."""
+    """A SummaryWriter on OUTPUT_DIR/tensorboard; events an interrupted run
+    logged after the step this one starts from (all of them when it starts over)
+    are purged (``purge_step``)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
         raise ImportError(f"train.tensorboard: true needs the tensorboard package (pip install tensorboard): {e}") from None
-    return SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=global_step + 1 if global_step > 0 else None)
+    return SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=global_step + 1)
 
 
 def _mean_across(row: Dict[str, float], d: Dist) -> Dict[str, float]:
@@ -929,7 +933,8 @@ def _load_checkpoint_file(path: Path, load: Callable[[Path], Any]) -> Any:
 
 
 def _trim_metrics(path: Path, step: int) -> None:
-    """Drop metric lines of steps after the checkpoint a run resumes from."""
+    """Drop metric lines of steps after ``step``, the one a run (re)starts from
+    (0: starting over drops them all)."""
     if int(os.environ.get("RANK", "0")) != 0 or not path.exists():
         return
     from deft.io import write_text_atomic
