@@ -256,9 +256,9 @@ def _print_top(top: dict, title: str) -> None:
 
 @distribution_app.callback(invoke_without_command=True)
 @_friendly_errors
+@locked_output("distribution", "output", beside=True)
 def distribution(
     ctx: typer.Context,
-@locked_output("distribution", "output", beside=True)
     graded: Optional[Path] = typer.Option(None, "--graded", "-g", help="graded.parquet from `deft grade`."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", "-t", help="The policy's tokenizer: tokenizer.json, its folder, or a model folder / hub name."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write the .safetensors file."),

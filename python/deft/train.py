@@ -998,6 +998,9 @@ def _save_final(cfg, out_dir: Path, engine, module, prep: Prepared, d: Dist, mod
         state_dict = engine._zero3_consolidated_16bit_state_dict()
     model_dir = out_dir / "model"
     if d.rank == 0:
+        from deft.io import begin_publication
+
+        pub = begin_publication(out_dir / "manifest.json", [model_dir], overwrite=True)  # model/, then manifest.json
         tmp = out_dir / ".tmp-model"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -1026,9 +1029,6 @@ def _save_final(cfg, out_dir: Path, engine, module, prep: Prepared, d: Dist, mod
             "tokenizer": {"source": prep.policy_tokenizer.source, "sha256": prep.policy_tokenizer.sha256,
                           "vocab_hash": prep.policy_tokenizer.vocab_hash, "eos_token_id": prep.eos_token_id},
             "reference_cache": str(ref_path) if ref_path else None,
-        from deft.io import begin_publication
-
-        pub = begin_publication(out_dir / "manifest.json", [model_dir], overwrite=True)  # model/, then manifest.json
             "world_size": d.world,
             "global_step": step,
             "total_steps": total,
@@ -1036,6 +1036,7 @@ def _save_final(cfg, out_dir: Path, engine, module, prep: Prepared, d: Dist, mod
             "versions": versions(),
             "git_commit": _git_commit(),
         })
+        pub.done()
     _barrier(d)
     return model_dir
 
@@ -1064,7 +1065,6 @@ def _reference_logps(cfg, prep: Prepared, runner, device, autocast_dtype, d: Dis
                                      "max_length": cfg["data"]["max_length"]}, sort_keys=True).encode()).hexdigest()
     cache_dir = Path(t["ref_cache_dir"] or Path(t["output_dir"]) / "ref_cache")
     path = cache_dir / f"ref-{key[:24]}.safetensors"
-        pub.done()
     if path.exists():
         ref = load_file(str(path))["ref_logps"]
         if ref.shape == (len(prep.examples), 2):
