@@ -26,6 +26,7 @@ from typing import Dict, List, Optional
 import pytest
 
 from conftest import shared_file
+from test_train import assets  # noqa: F401 - the tiny Llama, graded file and distribution of the train tests
 from deft.io import (
     OutputLockedError,
     begin_publication,
@@ -48,13 +49,14 @@ HOOK = textwrap.dedent("""
     root = os.path.abspath(os.environ["DEFT_TEST_ROOT"])
     kill_at = int(os.environ.get("DEFT_KILL_AT", "0"))
     mode = os.environ.get("DEFT_KILL_MODE", "before")
+    kill_name = os.environ.get("DEFT_KILL_NAME")
     calls = []
     _replace = os.replace
     def replace(src, dst, *a, **k):
         if not os.path.abspath(os.fspath(dst)).startswith(root):
             return _replace(src, dst, *a, **k)
         calls.append(os.path.relpath(os.path.abspath(os.fspath(dst)), root))
-        if len(calls) == kill_at and mode == "before":
+        if (len(calls) == kill_at or calls[-1] == kill_name) and mode == "before":
             os.kill(os.getpid(), signal.SIGKILL)
         r = _replace(src, dst, *a, **k)
         if len(calls) == kill_at and mode == "after":
@@ -82,9 +84,9 @@ HOOK = textwrap.dedent("""
 
 
 def _run(entry: str, argv: List[str], root: Path, *, kill_at: int = 0, mode: str = "before",
-         count_file: Optional[Path] = None) -> subprocess.CompletedProcess:
+         count_file: Optional[Path] = None, kill_name: str = "") -> subprocess.CompletedProcess:
     env = {**os.environ, "DEFT_TEST_ROOT": str(root), "DEFT_KILL_AT": str(kill_at), "DEFT_KILL_MODE": mode,
-           "DEFT_ENTRY": entry, "DEFT_ARGV": json.dumps(argv)}
+           "DEFT_ENTRY": entry, "DEFT_ARGV": json.dumps(argv), "DEFT_KILL_NAME": kill_name}
     env.pop("DEFT_COUNT_FILE", None)
     if count_file is not None:
         env["DEFT_COUNT_FILE"] = str(count_file)
@@ -349,3 +351,42 @@ def test_crash_matrix(stage, pro_slice, graded_file, tmp_path):
         matrix.append(f"{stage}: kill {mode} {points[n - 1]} -> rerun ok, outputs identical")
         shutil.rmtree(tmp_path / "out")
     print("\n" + "\n".join(matrix))
+
+
+# --------------------------------------------------------------------------- train: the final save
+
+
+@pytest.mark.slow  # five fresh training processes: ~1-2 min on a shared 2-core CPU
+def test_train_killed_in_its_final_publication_is_completed_by_the_same_command(assets, tmp_path):
+    """kill -9 before model/ is renamed into place, and between model/ and manifest.json: `deft train` (the
+    same command, no --resume) continues from the newest checkpoint and publishes bitwise the same weights."""
+    import torch
+
+    from test_train import load_weights, overrides
+
+    extra = {"train.max_steps": 4, "train.save_steps": 3, "train.ref_cache_dir": str(tmp_path / "rc")}
+
+    def argv(out):
+        return ["train"] + [a for o in overrides(assets, out, **extra) for a in ("--set", o)]
+
+    full = tmp_path / "full"
+    r = _run("cli", argv(full), full)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for point in ("model", "manifest.json"):
+        out = tmp_path / f"killed-{point}"
+        r = _run("cli", argv(out), out, kill_name=point)
+        assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+        assert not (out / "manifest.json").exists() and interrupted_publication(out / "manifest.json")
+        r = _run("cli", argv(out), out)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "final save of the previous run was interrupted" in r.stderr
+        a, b = load_weights(full / "model"), load_weights(out / "model")
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+        assert (out / "manifest.json").exists() and not interrupted_publication(out / "manifest.json")
+        assert not (out / ".tmp-model").exists() and not (out / ".deft.lock").exists()
+        steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+        assert steps == [1, 2, 3, 4]
+        r = _run("cli", argv(out), out)  # complete now: refused as before
+        assert r.returncode == 2 and "already holds a run" in r.stderr
+
