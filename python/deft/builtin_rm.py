@@ -63,6 +63,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ._util import chars_per_token, tokenize_clipped
 from .errors import DeftError
 from .io import sha256_file
 from .render import render_hh
@@ -304,8 +305,12 @@ class MiniLMFeaturizer:
                 raise ValueError(f"response {i}: expected a string, got {type(r).__name__}")
         texts = [render_hh(c) for c in contexts]
         unique = list(dict.fromkeys(texts))
-        ctx_ids = dict(zip(unique, self._tokenize(unique)))
-        resp_ids = self._tokenize(responses)
+        # Either side keeps at most max_length - 3 tokens (the context its tail,
+        # the response its head): huge texts are cut to that before tokenising,
+        # with the same kept tokens (deft._util.tokenize_clipped).
+        keep, cpt = self.max_length - 3, chars_per_token(self.tokenizer)
+        ctx_ids = dict(zip(unique, tokenize_clipped(self._tokenize, unique, keep, "left", cpt)))
+        resp_ids = tokenize_clipped(self._tokenize, responses, keep, "right", cpt)
         items = []
         for text, r_ids in zip(texts, resp_ids):
             c, r = truncate_pair(ctx_ids[text], r_ids, self.max_length, self.context_reserve)

@@ -646,21 +646,32 @@ def _encoder(tokenizer: Any) -> Callable[[Sequence[str], int], List[List[int]]]:
 
 
 def _make_encoder(tokenizer: Any) -> Callable[[Sequence[str], int], List[List[int]]]:
+    from deft._util import chars_per_token, tokenize_clipped
+
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         from deft._native import Tokenizer
 
         native = Tokenizer.from_str(backend.to_str())
+        cpt = chars_per_token(native)
+
+        def tokenize(texts: List[str]) -> List[Any]:
+            ids, off = native.encode(texts, add_special_tokens=False)
+            ids = ids.astype(np.int64)
+            return [ids[off[i]:off[i + 1]] for i in range(len(texts))]
 
         def enc(texts: Sequence[str], max_len: int) -> List[List[int]]:
-            ids, off = native.encode(list(texts), add_special_tokens=False, max_length=max_len, truncation_side="left")
-            ids = ids.astype(np.int64)
-            return [ids[off[i]:off[i + 1]].tolist() for i in range(len(texts))]
+            # a huge prompt is cut to what its last max_len tokens need first (same tokens)
+            return [x[len(x) - max_len:].tolist() if len(x) > max_len else x.tolist()
+                    for x in tokenize_clipped(tokenize, list(texts), max_len, "left", cpt)]
 
         return enc
 
     def enc_hf(texts: Sequence[str], max_len: int) -> List[List[int]]:
-        return [list(x)[-max_len:] for x in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+        def tokenize(batch: List[str]) -> List[Any]:
+            return tokenizer(batch, add_special_tokens=False)["input_ids"]
+
+        return [list(x)[-max_len:] for x in tokenize_clipped(tokenize, list(texts), max_len, "left", chars_per_token(tokenizer))]
 
     return enc_hf
 

@@ -98,7 +98,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Protocol, Seque
 import numpy as np
 import polars as pl
 
-from deft._util import PICKLE_SUFFIXES, find_sub, is_oom
+from deft._util import PICKLE_SUFFIXES, chars_per_token, clip_text, find_sub, is_oom, tokenize_clipped
 from deft.errors import DeftError
 from deft.io import MetricsLog, atomic_path, write_json_atomic
 from deft.render import render_chat, render_hh, render_oasst
@@ -338,7 +338,23 @@ class HFRewardModel:
         out: List[np.ndarray] = []
         if not texts:
             return out
-        ids_list = self.tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        # At most max_length tokens of each text's end are kept: a huge text is
+        # cut to that before tokenising, keeping the same tokens
+        # (deft._util.tokenize_clipped); a leading BOS of the chat template stays.
+        bos_text = self.tokenizer.bos_token if self.template == "chat" else None
+        cpt = chars_per_token(self.tokenizer)
+        heads = [bos_text if bos_text and t.startswith(bos_text) and clip_text(t, self.max_length, "left", cpt) is not t
+                 else "" for t in texts]  # only texts that are cut lose their start
+
+        def tokenize(batch: List[str]) -> List[Sequence[int]]:
+            return self.tokenizer(batch, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+
+        bodies = tokenize_clipped(tokenize, [t[len(h):] for t, h in zip(texts, heads)], self.max_length, "left", cpt)
+        if any(heads):
+            bos_ids = tokenize([bos_text])[0]
+            ids_list = [list(bos_ids) + list(b) if h else b for h, b in zip(heads, bodies)]
+        else:
+            ids_list = bodies
         bos = self.tokenizer.bos_token_id
         for ids in ids_list:
             prefix, suffix = self._prefix, self._suffix

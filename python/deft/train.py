@@ -139,21 +139,30 @@ def encode_examples(
     """Tokenise rendered prompts and their responses; see the module docstring."""
     if max_length <= max_prompt_length:
         raise ValueError(f"max_length ({max_length}) must exceed max_prompt_length ({max_prompt_length})")
-    p_ids, p_off = native_tokenizer.encode(list(prompts), add_special_tokens=False, max_length=max_prompt_length,
-                                           truncation_side="left", num_threads=num_threads)
+    from deft._util import chars_per_token, tokenize_clipped
+
+    def tokenize(texts: List[str]) -> List[np.ndarray]:
+        ids, off = native_tokenizer.encode(texts, add_special_tokens=False, num_threads=num_threads)
+        ids = ids.astype(np.int64)
+        return [ids[off[j]:off[j + 1]] for j in range(len(texts))]
+
+    # Huge prompts and responses are cut to what is kept (the prompt's last
+    # max_prompt_length tokens, a response's first max_length) before
+    # tokenising, with the same kept tokens (deft._util.tokenize_clipped).
+    cpt = chars_per_token(native_tokenizer)
+    p_list = [p[len(p) - max_prompt_length:] if len(p) > max_prompt_length else p
+              for p in tokenize_clipped(tokenize, list(prompts), max_prompt_length, "left", cpt)]
     flat = [response_prefix + r for rs in responses for r in rs]
-    r_ids, r_off = native_tokenizer.encode(flat, add_special_tokens=False, num_threads=num_threads)
-    p_ids = p_ids.astype(np.int64)
-    r_ids = r_ids.astype(np.int64)
+    r_list = tokenize_clipped(tokenize, flat, max_length, "right", cpt)
     eos = np.array([eos_token_id], dtype=np.int64)
     out: List[Example] = []
     k = 0
     for i, rs in enumerate(responses):
-        prompt = p_ids[p_off[i]:p_off[i + 1]]
+        prompt = p_list[i]
         budget = max_length - len(prompt)
         seqs = []
         for _ in rs:
-            resp = np.concatenate([r_ids[r_off[k]:r_off[k + 1]], eos])[:budget]
+            resp = np.concatenate([r_list[k], eos])[:budget]
             seqs.append(np.concatenate([prompt, resp]))
             k += 1
         out.append(Example(id=str(ids[i]), input_ids=seqs, prompt_len=len(prompt), rewards=[float(x) for x in rewards[i]]))
