@@ -59,3 +59,16 @@ def test_real_helpful_base_has_two_such_samples_and_the_cli_says_so(tmp_path: Pa
     out = " ".join(res.output.split())
     assert "dropped 2 samples" in out and "same response text" not in out
     assert pl.read_parquet(tmp_path / "d" / "graded.parquet").height == 2352
+
+
+def test_python_and_native_polarity_agree_on_scores_near_the_float_limit() -> None:
+    """max - min overflows for scores near +/-1.8e308; both paths halve first
+    (plain min-max would give NaN)."""
+    from deft.grade import _polarity_native, _polarity_python, Thresholds
+
+    frame = pl.DataFrame({"scores": [[1e308, -1e308, 0.0], [-1.7976931348623157e308, 1.7976931348623157e308], [5e307, -1e308, 1e308]],
+                          "level": ["B", "A", "C"]})
+    py, nat = _polarity_python(frame, Thresholds()), _polarity_native(frame, Thresholds())
+    assert py.equals(nat)
+    assert py["norm_scores"].to_list()[0] == [1.0, 0.5, 0.0]
+    assert py["polarity"].to_list() == [[1, 0, -1], [1, -1], [1, 0, -1]]

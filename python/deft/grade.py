@@ -132,8 +132,10 @@ def polarity_reference(scores: Sequence[float], level: str, thresholds: Threshol
         return order, [0.5] * len(scores), [0] * len(scores)
     pos, neg = thresholds.rule(level)
     norm, pol = [], []
+    # halve when max - min overflows (scores near +/-1.8e308), as the native path does
+    scale = 1.0 if math.isfinite(hi - lo) else 0.5
     for k, i in enumerate(order):
-        r = (scores[i] - lo) / (hi - lo)
+        r = (scores[i] * scale - lo * scale) / (hi * scale - lo * scale)
         if k == 0 or (pos is not None and r > pos):
             p = 1
         elif k == len(order) - 1 or (neg is not None and r < neg):
