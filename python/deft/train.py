@@ -772,7 +772,8 @@ def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method
                 raise ValueError(f"cannot resume from {ck}: global batch {state['world_size']}x{state['micro_batch_size']}x"
                                  f"{state['gradient_accumulation_steps']} differs from {d.world}x{mbs}x{gas}")
             if engine is not None:
-                path, _ = engine.load_checkpoint(str(ck), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True)
+                path, _ = _load_checkpoint_file(ck / "ds", lambda f: engine.load_checkpoint(
+                    str(ck), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True))
                 if path is None:
                     raise ValueError(f"cannot resume: DeepSpeed could not load {ck}")
             else:
