@@ -114,3 +114,14 @@ def test_unexpected_failure_keeps_its_traceback(tmp_path):
     assert r.returncode == 1, r.stderr[-3000:]
     assert "Traceback" in r.stderr and "RuntimeError: an unexpected bug" in r.stderr
     assert not any(l.startswith("error:") for l in r.stderr.splitlines())
+
+
+def test_a_multi_line_message_is_printed_on_one_line(tmp_path):
+    code = ("import sys, deft.stats as s\n"
+            "from deft.errors import DeftError\n"
+            "def boom(*a, **k):\n    raise DeftError('first line\\n\\n  second line\\n')\n"
+            "s.compute_stats = boom\n"
+            "from deft.cli import main\nsys.argv = ['deft', 'stats'] + sys.argv[1:]\nmain()\n")
+    _rows(tmp_path / "d.jsonl", 3)
+    r = _deft("-i", "d.jsonl", "-t", str(shared_file("tokenizers/gpt2")), cwd=tmp_path, code=code)
+    assert assert_one_line_error(r) == "error: first line; second line"

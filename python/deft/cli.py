@@ -69,6 +69,7 @@ def _friendly_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except (DeftError, FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
             msg = str(e) if not isinstance(e, FileNotFoundError) or not e.filename else f"no such file: {e.filename}"
+            msg = "; ".join(l.strip() for l in msg.splitlines() if l.strip()) or type(e).__name__  # one line
             err_console.print(f"[bold red]error:[/] {msg}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(2) from None
 
