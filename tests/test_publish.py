@@ -100,9 +100,13 @@ def _snapshot(root: Path) -> Dict[str, object]:
     for p in sorted(root.rglob("*")):
         if p.is_file():
             rel = str(p.relative_to(root))
-            if p.name.endswith("manifest.json"):
+            if p.name == "metrics.jsonl":  # timings (eval): not an output to compare
+                continue
+            if p.name.endswith(("manifest.json", "eval.json")):
                 doc = json.loads(p.read_text())
                 doc.pop("created", None)
+                for r in doc.get("runs", []) if p.name == "eval.json" else []:
+                    r.pop("generated", None), r.pop("reused", None)  # a resumed eval reuses its stored generations
                 out[rel] = doc
             elif p.suffix == ".safetensors":  # the header's key order is not fixed: compare metadata and tensors
                 from safetensors import safe_open
@@ -140,8 +144,30 @@ def _stage_command(stage: str, pro_slice: Path, graded: Path, root: Path):
     if stage == "distribution":
         return "cli", ["distribution", "-g", str(graded), "-t", str(shared_file("tokenizers/gpt2")),
                        "-o", str(root / "out" / "qdiff.safetensors"), "--plot", str(root / "out" / "top.png"), "--top", "3"]
+    if stage == "eval":
+        clean = root.parent / "harmless.jsonl"  # without the bad line
+        clean.write_text("".join(pro_slice.read_text(encoding="utf-8").splitlines(keepends=True)[:N_ROWS]), encoding="utf-8")
+        return "cli", ["eval", "--model", str(_tiny_llama(root.parent)), "--data", str(clean), "--limit", "3",
+                       "--max-new-tokens", "4", "--device", "cpu", "--no-progress", "-o", str(root / "out")]
     assert stage == "select"
     return "select", [str(pro_slice), str(root / "out" / "easy.parquet")]
+
+
+def _tiny_llama(folder: Path) -> Path:
+    """A tiny random Llama with the SmolLM2 tokenizer (as in test_evaluate)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    model_dir = folder / "tiny-llama"
+    if not model_dir.exists():
+        tok = AutoTokenizer.from_pretrained(str(shared_file("tokenizers/smollm2")))
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+                          eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+        LlamaForCausalLM(cfg).save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+    return model_dir
 
 
 # --------------------------------------------------------------------------- the mechanism
@@ -328,11 +354,15 @@ def test_overwrite_killed_midway_is_completed_without_overwrite(pro_slice, grade
 # --------------------------------------------------------------------------- item 11: the crash-consistency matrix
 
 
-@pytest.mark.parametrize("stage", ["grade", "distribution", "select"])
+@pytest.mark.parametrize("stage", ["grade", "distribution", "select",
+                                   pytest.param("eval", marks=pytest.mark.slow)])  # eval: ~15 processes of ~15 s
 def test_crash_matrix(stage, pro_slice, graded_file, tmp_path):
     """kill -9 at each publication point (before each os.replace into the output, and after the last one),
     then the same command: the outputs equal those of an uninterrupted run, with no temporaries, markers or locks."""
-    entry, argv = _stage_command(stage, pro_slice, graded_file, tmp_path)
+    root = tmp_path / "run"  # the tiny model (eval) lives outside the compared folder
+    root.mkdir()
+    entry, argv = _stage_command(stage, pro_slice, graded_file, root)
+    tmp_path = root
     counted = tmp_path / "count.json"
     r = _run(entry, argv, tmp_path, count_file=counted)
     assert r.returncode == 0, r.stderr

@@ -1433,6 +1433,9 @@ def evaluate(
     for spec, name, gguf, tok_spec in zip(models, names, ggufs, toks):
         run_dir = out / name
         run_dir.mkdir(parents=True, exist_ok=True)
+        from deft.io import remove_stale_temporaries
+
+        remove_stale_temporaries(run_dir)  # of writes a killed run did not finish (plan.json, samples)
         hf_tok = _load_tokenizer(spec, tokenizer=tok_spec, gguf_file=gguf, trust_remote_code=trust_remote_code)
         tmpl = _resolve_prompt_template(template, spec, hf_tok)
         plan = {"version": PLAN_VERSION, "model": spec, "fingerprint": _model_fingerprint(spec, gguf), "tokenizer": tok_spec,
@@ -1441,6 +1444,7 @@ def evaluate(
                 "dtype": dt_name, "decoding": "greedy", "cut": "pro-v1"}
         _check_plan(run_dir, plan, overwrite)
         mt_path = out / "mt_bench" / "model_answer" / f"{name}.jsonl"
+        remove_stale_temporaries(mt_path.parent)
         if overwrite:
             mt_path.unlink(missing_ok=True)
         from deft.train import render_prompt

@@ -377,6 +377,16 @@ def _abandon_publications(folder: Path) -> None:
         p.abandon()
 
 
+def remove_stale_temporaries(folder: PathLike) -> None:
+    """Remove the temporaries (``.NAME.*.tmp``) of :func:`atomic_path` writes a
+    kill interrupted in ``folder``; only under the folder's output lock."""
+    f = Path(folder)
+    if f.is_dir():
+        for tmp in f.glob(".*.tmp"):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+
+
 def begin_publication(commit: PathLike, outputs: Sequence[Optional[PathLike]] = (), *, overwrite: bool = False,
                       refuse: Optional[Sequence[PathLike]] = None, what: str = "output") -> Publication:
     """Start publishing ``outputs`` with the commit record ``commit`` (written

@@ -694,6 +694,9 @@ def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method
             for p in (out_dir / CHECKPOINTS).iterdir():
                 if p.name.startswith(".tmp-"):
                     shutil.rmtree(p, ignore_errors=True)  # a checkpoint a killed run did not finish
+        from deft.io import remove_stale_temporaries
+
+        remove_stale_temporaries(out_dir)  # e.g. manifest.json or metrics.jsonl writes a kill cut short
     _barrier(d)
 
     _seed_all(t["seed"])
