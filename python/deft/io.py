@@ -3,7 +3,10 @@
 Every stage writes its outputs through :func:`atomic_path` (a temporary file in
 the same folder, then ``os.replace``), so a killed process never leaves a
 half-written artifact behind, and records a JSON manifest (inputs and their
-hashes, parameters, versions) beside them.
+hashes, parameters, versions) beside them. While it runs it holds its output's
+lock (:func:`output_lock`), and it publishes a set of files with
+:func:`begin_publication` so that a kill between two of them leaves a state the
+same command completes (see "Output locks and publications" below).
 """
 
 from __future__ import annotations
