@@ -125,3 +125,30 @@ def test_a_multi_line_message_is_printed_on_one_line(tmp_path):
     _rows(tmp_path / "d.jsonl", 3)
     r = _deft("-i", "d.jsonl", "-t", str(shared_file("tokenizers/gpt2")), cwd=tmp_path, code=code)
     assert assert_one_line_error(r) == "error: first line; second line"
+
+
+def test_checkpoint_errors_name_the_file_but_device_failures_and_bugs_pass_through(tmp_path) -> None:
+    """A file --resume cannot load is one CheckpointError line; an out-of-memory or
+    CUDA/NCCL failure, or a plain bug, is not blamed on the checkpoint."""
+    import pickle
+
+    import pytest
+
+    from deft.errors import CheckpointError
+    from deft.train import _load_checkpoint_file
+
+    f = tmp_path / "optimizer.pt"
+
+    def raising(e):
+        def load(_):
+            raise e
+        return load
+
+    for e in (pickle.UnpicklingError("Weights only load failed"), RuntimeError("PytorchStreamReader failed reading zip archive"),
+              EOFError(), FileNotFoundError(2, "No such file"), KeyError("optimizer"), ValueError("loaded state dict has a different number of parameter groups")):
+        with pytest.raises(CheckpointError, match="optimizer.pt is not a deft checkpoint or is unsafe to load"):
+            _load_checkpoint_file(f, raising(e))
+    for e in (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), RuntimeError("NCCL error in: ProcessGroupNCCL.cpp"),
+              TypeError("unsupported operand"), AttributeError("'NoneType' object has no attribute 'load'")):
+        with pytest.raises(type(e)):
+            _load_checkpoint_file(f, raising(e))

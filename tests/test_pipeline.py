@@ -137,6 +137,8 @@ def test_pipeline_run_kill_resume_same_artifacts(slice_assets, tmp_path):
     for heading in ("## Grading", "## Discrepancy distribution", "## Training", "## Evaluation"):
         assert heading in report
     assert "deft-dpo" in report and "base" in report and "helpful" in report
+    assert "per subset:" not in report and ("subsets graded together" in report or "subset graded on its own" in report)
+    assert "tie when the rewards differ by at most 1 point)" in report  # not "1 points"
 
     # killed while training, then the same command again: train resumes, the rest follows
     killed = tmp_path / "killed"

@@ -224,6 +224,36 @@ def test_dpo_deft_plain_loop_and_ref_cache(assets, tmp_path):
         run(None, overrides(assets, out, **{"train.max_steps": 1, "train.ref_cache_dir": str(cache)}))
 
 
+def test_reference_pass_shows_progress(assets, tmp_path, monkeypatch):
+    """The reference log-prob pass (minutes for a real model on a CPU) has a bar,
+    moved after each batch is computed, ending at the number of samples."""
+    import tqdm.auto
+
+    from deft.train import run
+
+    import deft.train as train_mod
+
+    seen, forwards = [], []
+    real_forward = train_mod._forward
+
+    def counting_forward(*a, **k):
+        forwards.append(1)
+        return real_forward(*a, **k)
+
+    class Recorder(tqdm.auto.tqdm):
+        def update(self, n=1):
+            out = super().update(n)
+            seen.append((self.desc, self.n, self.total, len(forwards)))
+            return out
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
+    monkeypatch.setattr(train_mod, "_forward", counting_forward)
+    run(None, overrides(assets, tmp_path / "run", **{"train.max_steps": 1, "train.progress": True, "data.max_samples": 6,
+                                                      "train.ref_batch_size": 2}))
+    ref = [(n, total, f) for desc, n, total, f in seen if desc == "reference log-probs"]
+    assert ref == [(2, 6, 1), (4, 6, 2), (6, 6, 3)]  # each move after its batch's forward pass
+
+
 @pytest.mark.parametrize("method", ["sft", "ipo", "pro", "rrhf"])
 def test_other_methods_one_step(assets, tmp_path, method):
     from deft.train import run

@@ -15,9 +15,9 @@ from typing import Any, Callable, List, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from deft.io import locked_output
-from rich.table import Table
 
 app = typer.Typer(
     name="deft",

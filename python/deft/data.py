@@ -1608,7 +1608,7 @@ def _assemble(
     _declining_checks(given, {"blank id": (pl.col("id").str.strip_chars(_PY_WHITESPACE) == "").fill_null(False)})
     ids = given.select(pl.coalesce(pl.col("id"), pl.lit(f"{name}:") + pl.col("line").cast(pl.Utf8))).to_series()
     _require_fast(not ids.is_duplicated().any(), "duplicate id")
-    default_subset = subset if subset is not None else _derive_subset_cached(f"{path.parent.name}/{name}")
+    default_subset = subset if subset is not None else _derive_subset_cached(f"{path.resolve().parent.name}/{name}")
     if "meta" in columns.columns:  # canonical records carry their own
         meta = columns["meta"]
     else:
@@ -1832,7 +1832,7 @@ class _Loader:
                     if detected is None:
                         raise DataError(display, rec.line, None, _unknown_format_reason(value))
                 try:
-                    self._add_row(value, detected, display, p.name, rec.line, f"{p.parent.name}/{p.name}")
+                    self._add_row(value, detected, display, p.name, rec.line, f"{p.resolve().parent.name}/{p.name}")
                     continue
                 except _RowError as e:
                     problem = (e.field, e.reason)

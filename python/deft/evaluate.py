@@ -127,6 +127,8 @@ __all__ = [
 PathLike = Union[str, "os.PathLike[str]"]
 
 FORMAT = "deft-eval-v1"
+
+
 def _points(x: float) -> str:
     """``1 point``, ``0.5 points``."""
     return f"{x:g} point" + ("" if x == 1 else "s")

@@ -930,6 +930,7 @@ def _load_checkpoint_file(path: Path, load: Callable[[Path], Any]) -> Any:
     naming the file."""
     import pickle
 
+    from deft._util import is_oom
     from deft.errors import CheckpointError
 
     try:
@@ -938,8 +939,11 @@ def _load_checkpoint_file(path: Path, load: Callable[[Path], Any]) -> Any:
         SafetensorError = OSError  # type: ignore[assignment,misc]
     try:
         return load(path)
-    except (pickle.UnpicklingError, EOFError, OSError, RuntimeError, KeyError, TypeError, ValueError, AttributeError,
-            SafetensorError) as e:
+    except (pickle.UnpicklingError, EOFError, OSError, RuntimeError, KeyError, ValueError, SafetensorError) as e:
+        # a device or communication failure (out of memory, CUDA, NCCL) says nothing about the file: keep it
+        if isinstance(e, RuntimeError) and not isinstance(e, pickle.UnpicklingError) and (
+                is_oom(e) or any(k in str(e) for k in ("CUDA", "NCCL", "cuDNN", "HIP", "XPU"))):
+            raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(f"checkpoint {path} is not a deft checkpoint or is unsafe to load: {type(e).__name__}"
                               f"{': ' + first if first else ''}; delete the checkpoint folder to resume from an earlier one") from None
@@ -1098,8 +1102,6 @@ def _reference_logps(cfg, prep: Prepared, runner, device, autocast_dtype, d: Dis
     with torch.no_grad():
         for i in range(0, len(mine), bs):
             idx = mine[i:i + bs]
-            if bar is not None:
-                bar.update(len(idx))
             batch = collate([prep.examples[j] for j in idx], prep.pad_token_id)
             out = _forward(runner, batch, device, autocast_dtype, need_hidden=False)
             logp, _ = _seq_logps(out, batch, device)
@@ -1107,6 +1109,8 @@ def _reference_logps(cfg, prep: Prepared, runner, device, autocast_dtype, d: Dis
             for k, j in enumerate(idx):
                 if d.rank * per_rank + i + k < n:  # owned, not padding
                     ref[j] = vals[k]
+            if bar is not None:
+                bar.update(len(idx))
     if bar is not None:
         bar.close()
     runner.train()
