@@ -16,6 +16,37 @@ import pytest
 CONTAINERS = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 
 
+# --- no silent skips in CI ----------------------------------------------------
+#
+# With DEFT_NO_SKIPS=1 (set by .ci/run) a skipped test fails the run: CI installs
+# every dependency the tests need and has ../shared, so a skip there means a
+# missing install step or data folder, not an optional feature.
+
+_SKIPPED: List[str] = []
+
+
+def pytest_runtest_logreport(report) -> None:  # noqa: ANN001
+    if report.skipped and not hasattr(report, "wasxfail"):
+        _SKIPPED.append(f"{report.nodeid}: {report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr}")
+
+
+def pytest_collectreport(report) -> None:  # noqa: ANN001
+    if report.skipped:
+        _SKIPPED.append(f"{report.nodeid}: {report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr}")
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:  # noqa: ANN001
+    import os
+
+    if os.environ.get("DEFT_NO_SKIPS") == "1" and _SKIPPED:
+        tr = session.config.pluginmanager.get_plugin("terminalreporter")
+        if tr is not None:
+            tr.write_sep("=", f"DEFT_NO_SKIPS=1: {len(_SKIPPED)} test(s) skipped, which CI does not allow", red=True)
+            for s in _SKIPPED:
+                tr.write_line(f"  {s}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def shared_dir() -> Path:
     """``../shared`` relative to the repository root (where CI keeps the real
     data and tokenizers)."""

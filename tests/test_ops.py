@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -342,14 +341,13 @@ def test_torch_compile_smoke():
         c = torch.ops.deft.rdis_hidden(h, w, qp, None, 0.0, 0)
         return (a * m).sum() + (c * m).sum()
 
-    start = time.perf_counter()
-    try:
-        compiled = torch.compile(raw, fullgraph=True)
-        got = compiled(z, h, w)
-    except Exception as exc:  # no working C++ toolchain for inductor
-        if time.perf_counter() - start > 120:
-            raise
-        pytest.skip(f"torch.compile unavailable on this machine: {type(exc).__name__}: {exc}")
+    import shutil
+
+    # inductor compiles C++ on CPU: without a compiler the test cannot run; any other failure is a failure
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        pytest.skip("torch.compile needs a C++ compiler (g++/clang++) for the CPU inductor backend; none on PATH")
+    compiled = torch.compile(raw, fullgraph=True)
+    got = compiled(z, h, w)
     torch.testing.assert_close(got, raw(z, h, w))
     g1 = torch.autograd.grad(got, (z, h, w))
     g2 = torch.autograd.grad(raw(z, h, w), (z, h, w))

@@ -365,7 +365,8 @@ RESUME_SCRIPT = """
 import sys, time
 import torch
 torch.set_num_threads(1)
-sys.path.insert(0, {python!r})
+import deft
+print("DEFT_FROM", deft.__file__, flush=True)  # the installed package, not the source tree
 from deft.data import load
 from deft.score import HFRewardModel, score_frame
 
@@ -387,7 +388,7 @@ def test_resume_after_sigkill(base_rm, rm_dir, hh, tmp_path):
     work = tmp_path / "killed"
     script = tmp_path / "run.py"
     script.write_text(RESUME_SCRIPT.format(
-        python=str(ROOT / "python"), data=str(shared_file("data/hh-rlhf/harmless-base-test.jsonl.gz")),
+        data=str(shared_file("data/hh-rlhf/harmless-base-test.jsonl.gz")),
         rows=rows, model=str(rm_dir), work=str(work)))
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -403,6 +404,8 @@ def test_resume_after_sigkill(base_rm, rm_dir, hh, tmp_path):
         proc.kill()
         out, _ = proc.communicate()
     assert proc.returncode == -signal.SIGKILL and b"FINISHED" not in out
+    origin = out.decode().split("DEFT_FROM ", 1)[1].split()[0]
+    assert not Path(origin).is_relative_to(ROOT / "python"), f"the child ran the source tree: {origin}"
     assert not (shard / "done.json").exists()
     before = read_parts(shard)
     assert 0 < before.height < 2 * rows
