@@ -420,3 +420,75 @@ def test_train_killed_in_its_final_publication_is_completed_by_the_same_command(
         r = _run("cli", argv(out), out)  # complete now: refused as before
         assert r.returncode == 2 and "already holds a run" in r.stderr
 
+
+
+# --------------------------------------------------------------------------- select: the publication begins at the first write
+
+
+def _select_embeddings(path: Path):
+    import numpy as np
+
+    from deft.data import load
+
+    frame = load(path, on_error="skip").frame
+    n = int(sum(len(r) for r in frame["responses"].to_list()))
+    return np.random.default_rng(0).normal(size=(n, 8)).astype(np.float32)
+
+
+def _no_pair_input(folder: Path, bad_line: bool = True) -> Path:
+    """One prompt whose two responses are the same text (nothing to select), and (``bad_line``) one bad line."""
+    path = folder / "no_pair.jsonl"
+    path.write_text(json.dumps({"id": "E", "prompt": "Repeat.", "ranked": True, "responses": ["again", "again"]})
+                    + ("\n{not json\n" if bad_line else "\n"), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("failure", ["bad input", "no distinct pair", "embedder load"])
+def test_failed_select_overwrite_leaves_the_earlier_selection_complete(failure, pro_slice, tmp_path, monkeypatch):
+    """`deft select --overwrite` failing before its first output write (bad input, the embedder): the earlier
+    selection keeps its manifest, no marker is left, and a later run without --overwrite is still refused."""
+    import deft.select as select_mod
+    from deft.select import select_files
+
+    out = tmp_path / "sel" / "easy.parquet"
+    select_files([pro_slice], out, strategy="easy", embeddings=_select_embeddings(pro_slice), plot=True,
+                 on_error="skip", progress=False)
+    ref = _snapshot(tmp_path / "sel")
+    assert "easy.manifest.json" in ref and "easy.rejects.jsonl" in ref
+    if failure == "bad input":  # on_error="raise": the bad line stops the load
+        with pytest.raises(ValueError, match="invalid JSON"):
+            select_files([_no_pair_input(tmp_path)], out, strategy="easy", plot=True, progress=False, overwrite=True,
+                         embeddings=_select_embeddings(pro_slice))
+    elif failure == "no distinct pair":
+        with pytest.raises(ValueError, match="two distinct responses"):
+            select_files([_no_pair_input(tmp_path, bad_line=False)], out, strategy="easy", plot=True, progress=False, overwrite=True,
+                         embeddings=_select_embeddings(pro_slice))
+    else:
+        def broken(*a, **k):
+            raise RuntimeError("no embedder here")
+
+        monkeypatch.setattr(select_mod.ResponseEmbedder, "load", broken)
+        with pytest.raises(RuntimeError, match="no embedder here"):
+            select_files([pro_slice], out, strategy="easy", plot=True, on_error="skip", progress=False, overwrite=True)
+    assert not interrupted_publication(out.with_name("easy.manifest.json"))
+    assert _snapshot(tmp_path / "sel") == ref  # outputs, manifest and rejects as they were; no marker, no lock
+    with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
+        select_files([pro_slice], out, strategy="hard", embeddings=_select_embeddings(pro_slice), on_error="skip",
+                     progress=False)
+
+
+def test_first_select_failing_with_on_error_skip_leaves_no_marker(pro_slice, tmp_path):
+    """A first `deft select --on-error skip` that fails after writing its rejects file leaves no marker, and the
+    rejects file does not block the next run (it is not a refused output)."""
+    from deft.select import select_files
+
+    out = tmp_path / "sel" / "easy.parquet"
+    with pytest.raises(ValueError, match="two distinct responses"):
+        select_files([_no_pair_input(tmp_path)], out, strategy="easy", on_error="skip", progress=False,
+                     embeddings=_select_embeddings(pro_slice))
+    assert out.with_name("easy.rejects.jsonl").exists()  # written while loading: it says what was skipped
+    assert not interrupted_publication(out.with_name("easy.manifest.json"))
+    assert sorted(os.listdir(out.parent)) == ["easy.rejects.jsonl"]
+    res = select_files([pro_slice], out, strategy="easy", embeddings=_select_embeddings(pro_slice), on_error="skip",
+                       progress=False)  # no --overwrite needed
+    assert res.manifest_path.exists() and not interrupted_publication(res.manifest_path)

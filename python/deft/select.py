@@ -1072,15 +1072,14 @@ def select_files(
     paths = output_paths(output, plot)
     if on_error == "skip" and rejects is None:
         rejects = paths["rejects"]
-    written = [paths[k] for k in ("output", "selection", "manifest", "plot") if paths[k] is not None]
-    if on_error == "skip":
-        written.append(Path(rejects))  # type: ignore[arg-type]
-    check_publication(paths["manifest"], written, overwrite)  # type: ignore[arg-type]
+    # refused when present (unless overwrite); the rejects file is not: it is written while loading, before
+    # the publication begins, like grade's (a failed run that only wrote it must not block the same command)
+    refused = [paths[k] for k in ("output", "selection", "manifest", "plot") if paths[k] is not None]
+    written = refused + ([Path(rejects)] if on_error == "skip" else [])  # type: ignore[arg-type]
+    check_publication(paths["manifest"], refused, overwrite)  # type: ignore[arg-type]
     for w in written:
         if any(w.resolve() == p.resolve() for p in inputs):  # type: ignore[union-attr]
             raise ValueError(f"output {w} is one of the inputs; write the selection to a new file")
-    # NAME.manifest.json is the commit record (written last); the rejects file is written while loading
-    pub = begin_publication(paths["manifest"], written, overwrite=overwrite)  # type: ignore[arg-type]
 
     loaded = load_many(inputs, format=format, subset=subset, on_error=on_error,
                        rejects_path=rejects if on_error == "skip" else None)
@@ -1108,6 +1107,10 @@ def select_files(
     assert sel_path is not None and out_path is not None and man_path is not None
     from deft.io import atomic_path
 
+    # NAME.manifest.json is the commit record (written last). The publication begins only now, before the
+    # first output write: a failure while loading, embedding or selecting leaves an earlier selection (and
+    # its manifest) as it was, with no marker
+    pub = begin_publication(man_path, written, overwrite=overwrite, refuse=refused)  # type: ignore[arg-type]
     with atomic_path(sel_path) as tmp:
         res.selection.write_parquet(tmp)
     if paths["plot"] is not None:
