@@ -492,3 +492,28 @@ def test_first_select_failing_with_on_error_skip_leaves_no_marker(pro_slice, tmp
     res = select_files([pro_slice], out, strategy="easy", embeddings=_select_embeddings(pro_slice), on_error="skip",
                        progress=False)  # no --overwrite needed
     assert res.manifest_path.exists() and not interrupted_publication(res.manifest_path)
+
+
+# --------------------------------------------------------------------------- sharded grade: the merge publishes under the lock
+
+
+def test_sharded_grade_publishes_under_the_folder_lock(pro_slice, tmp_path):
+    """Shards score without the folder lock (concurrently with its holder); the shard that merges grades and
+    publishes under it: refused with OutputLockedError while another process holds it, nothing published."""
+    from deft.grade import grade_files
+
+    out = tmp_path / "grade"
+    kw = dict(reward_model="builtin", on_error="skip", progress=False, batch_size=16)
+    holder = _hold(out, "grade")
+    try:
+        first = grade_files([pro_slice], out, shard=(0, 2), **kw)  # scores its part only: no folder lock needed
+        assert first.graded is None and (out / "scores").is_dir()
+        with pytest.raises(OutputLockedError, match=f"pid {holder.pid}"):
+            grade_files([pro_slice], out, shard=(1, 2), **kw)  # the last shard: merges, then would publish
+        assert not (out / "graded.parquet").exists() and not (out / "manifest.json").exists()
+        assert not interrupted_publication(out / "manifest.json")
+    finally:
+        _kill(holder)
+    run = grade_files([pro_slice], out, shard=(1, 2), **kw)  # the lock is free: the merge publishes
+    assert run.graded is not None and (out / "manifest.json").exists() and not interrupted_publication(out / "manifest.json")
+    assert not (out / ".deft.lock").exists()

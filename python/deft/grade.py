@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import polars as pl
 
-from deft.io import locked_output
+from deft.io import locked_output, output_lock
 
 LEVELS = ("A", "B", "C")
 
@@ -330,7 +330,8 @@ class GradeRun:
 
 def _unsharded(a: Mapping[str, Any]) -> bool:
     """Whether a grade_files call scores everything itself; sharded runs
-    share the folder (each shard has its own lock in scores/)."""
+    share the folder while scoring (each shard has its own lock in scores/),
+    and the shard that merges takes the folder lock to grade and publish."""
     if a["use_input_scores"]:
         return True
     from deft.score import resolve_shard
@@ -405,37 +406,41 @@ def grade_files(
             run.message = f"scored this shard into {out / 'scores'}; rerun when every shard is done to merge and grade"
             return run
         frame = scored
-    if per_subset is None:  # the default of grade(), resolved here so the manifest records it
-        per_subset = frame.get_column("subset").n_unique() > 1
-    graded = grade(frame, a=a, c=c, per_subset=per_subset, thresholds=thresholds)
-    run.warnings = grade_warnings(graded)
-    pub = begin_publication(out / "manifest.json", [graded_path, out / "best_scores.png" if plot else None, rejects],
-                            overwrite=overwrite, refuse=[graded_path])  # rejects: written while loading; its stale temporaries go
-    with atomic_path(graded_path) as tmp:
-        graded.write_parquet(tmp)
-    counts = {
-        f"{r['subset']}/{r['level']}": {k: r[k] for k in ("samples", "q_pos", "q_neg")}
-        for r in summary(graded).iter_rows(named=True)
-    }
-    run.graded, run.graded_path = graded, graded_path
-    if plot:
-        run.plot_path = out / "best_scores.png"
-        plot_best_scores(graded, run.plot_path)
-    run.manifest_path = write_manifest(
-        out / "manifest.json",
-        stage="grade",
-        inputs=[input_record(p) for p in inputs],
-        parameters={
-            **model_info, "a": a, "c": c, "per_subset": per_subset, "thresholds": thresholds.as_dict(),
-            "level_rounding": "n_A = max(1, floor(n*a/100 + 0.5)); n_C = min(floor(n*c/100 + 0.5), n - n_A); ties by id",
-            "on_error": on_error, "drop_duplicates": drop_duplicates,
-        },
-        outputs={"graded": {"path": str(graded_path), "sha256": sha256_file(graded_path), "rows": graded.height},
-                 "plot": str(run.plot_path) if run.plot_path else None},
-        counts=counts,
-        rejected=len(loaded.rejects),
-        dropped_duplicates=run.n_dropped_duplicates,
-        warnings=run.warnings,
-    )
-    pub.done()
-    return run
+    # The grade and publication of the merged scores hold the folder lock in a sharded run too (re-entrant when
+    # unsharded: the decorator holds it already). A shard that only scores its part returned above without it,
+    # so shards score concurrently; only the one that merges publishes, under the lock
+    with output_lock(out, "grade"):
+        if per_subset is None:  # the default of grade(), resolved here so the manifest records it
+            per_subset = frame.get_column("subset").n_unique() > 1
+        graded = grade(frame, a=a, c=c, per_subset=per_subset, thresholds=thresholds)
+        run.warnings = grade_warnings(graded)
+        pub = begin_publication(out / "manifest.json", [graded_path, out / "best_scores.png" if plot else None, rejects],
+                                overwrite=overwrite, refuse=[graded_path])  # rejects: written while loading; its stale temporaries go
+        with atomic_path(graded_path) as tmp:
+            graded.write_parquet(tmp)
+        counts = {
+            f"{r['subset']}/{r['level']}": {k: r[k] for k in ("samples", "q_pos", "q_neg")}
+            for r in summary(graded).iter_rows(named=True)
+        }
+        run.graded, run.graded_path = graded, graded_path
+        if plot:
+            run.plot_path = out / "best_scores.png"
+            plot_best_scores(graded, run.plot_path)
+        run.manifest_path = write_manifest(
+            out / "manifest.json",
+            stage="grade",
+            inputs=[input_record(p) for p in inputs],
+            parameters={
+                **model_info, "a": a, "c": c, "per_subset": per_subset, "thresholds": thresholds.as_dict(),
+                "level_rounding": "n_A = max(1, floor(n*a/100 + 0.5)); n_C = min(floor(n*c/100 + 0.5), n - n_A); ties by id",
+                "on_error": on_error, "drop_duplicates": drop_duplicates,
+            },
+            outputs={"graded": {"path": str(graded_path), "sha256": sha256_file(graded_path), "rows": graded.height},
+                     "plot": str(run.plot_path) if run.plot_path else None},
+            counts=counts,
+            rejected=len(loaded.rejects),
+            dropped_duplicates=run.n_dropped_duplicates,
+            warnings=run.warnings,
+        )
+        pub.done()
+        return run
