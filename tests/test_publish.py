@@ -517,3 +517,46 @@ def test_sharded_grade_publishes_under_the_folder_lock(pro_slice, tmp_path):
     run = grade_files([pro_slice], out, shard=(1, 2), **kw)  # the lock is free: the merge publishes
     assert run.graded is not None and (out / "manifest.json").exists() and not interrupted_publication(out / "manifest.json")
     assert not (out / ".deft.lock").exists()
+
+
+# --------------------------------------------------------------------------- deft run: a stage with a marker is not complete
+
+
+def test_pipeline_stage_with_an_interrupted_publication_is_resumed_not_skipped(pro_slice, tmp_path):
+    """Every output of a stage present but its publication marker too (a kill between manifest.json and the
+    marker's removal): not complete on disk, and a stage recorded done is resumed (plan) instead of skipped."""
+    from deft.pipeline import STAGES, _STAGE_CLASSES, _write_stage, load_pipeline_config, plan_pipeline
+
+    run_dir = tmp_path / "run"
+    cfg = load_pipeline_config(None, [f"run_dir={run_dir}", f"model={_tiny_llama(tmp_path)}",
+                                      f"inputs.files={json.dumps([str(pro_slice)])}", "select.enabled=true",
+                                      "eval.enabled=true", f"eval.files={json.dumps([str(pro_slice)])}"])
+    upstream: Dict[str, str] = {}
+    stages = {}
+    for name in STAGES:  # a finished run, as run_pipeline records it (the outputs as empty files)
+        stage = stages[name] = _STAGE_CLASSES[name](cfg, run_dir, dict(upstream))
+        fp = stage.fingerprint()
+        for p in stage.outputs().values():
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.mkdir() if p.name == "model" else p.write_text("x")
+        _write_stage(stage.folder, {"stage": name, "fingerprint": fp, "status": "done", "upstream": dict(upstream)})
+        upstream[name] = fp
+    assert [p["action"] for p in plan_pipeline(cfg)] == ["skip"] * len(STAGES)
+    train = stages["train"]
+    assert train.complete_on_disk()  # a kill after the final save, before stage.json says done: nothing to redo
+    marker = publication_marker(run_dir / "train" / "manifest.json")
+    marker.write_text("{}")  # ... but killed before the publication ended
+    assert not train.complete_on_disk()
+    plan = {p["stage"]: (p["action"], p["reason"]) for p in plan_pipeline(cfg)}
+    assert plan["train"] == ("resume", "interrupted") and plan["eval"][0] == "run"
+    assert all(plan[s][0] == "skip" for s in ("select", "grade", "distribution"))
+    marker.unlink()
+    assert stages["distribution"].commit_record() is None  # it publishes nothing (a marker would never go)
+    for name, commit in {"select": "selected.manifest.json", "grade": "manifest.json", "eval": "manifest.json"}.items():
+        # the other stages that publish: the same rule (each removes the marker when it has run)
+        m = publication_marker(run_dir / name / commit)
+        m.write_text("{}")
+        assert not stages[name].complete_on_disk() and stages[name].interrupted()
+        plan = {p["stage"]: p["action"] for p in plan_pipeline(cfg)}
+        assert plan[name] == "resume", (name, plan)
+        m.unlink()

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from deft._util import md_table
-from deft.io import locked_output
+from deft.io import interrupted_publication, locked_output
 from deft.errors import DeftError
 from deft.config import SCHEMA as TRAIN_SCHEMA
 from deft.config import ConfigError, Field, read_config
@@ -273,8 +273,18 @@ class _Stage:
 
     def complete_on_disk(self) -> bool:
         """Whether a run that died after writing everything (but before marking
-        stage.json done) left complete outputs."""
+        stage.json done) left complete outputs (never while :meth:`interrupted`)."""
         return False
+
+    def commit_record(self) -> Optional[Path]:
+        """The commit record of the stage's publication (see deft.io), if any."""
+        return self.folder / "manifest.json"
+
+    def interrupted(self) -> bool:
+        """Whether the folder holds an interrupted publication (its marker is
+        there): the outputs are not a complete set, whatever exists."""
+        c = self.commit_record()
+        return c is not None and interrupted_publication(c)
 
     def fingerprint(self) -> str:
         return _h({"stage": self.name, "params": self.params(), "upstream": dict(self.upstream)})
@@ -293,6 +303,9 @@ class _Select(_Stage):
 
     def outputs(self):
         return {"selected": self.folder / "selected.parquet"}
+
+    def commit_record(self):
+        return self.folder / "selected.manifest.json"
 
     def run(self, resume: bool) -> None:
         from deft.select import select_files
@@ -349,6 +362,9 @@ class _Distribution(_Stage):
     def outputs(self):
         return {"qdiff": self.folder / "qdiff.safetensors", "top_tokens": self.folder / "top_tokens.json"}
 
+    def commit_record(self):
+        return None  # the stage writes its files one by one (atomically), no publication
+
     def run(self, resume: bool) -> None:
         from deft.distribution import build_distribution, plot_top_tokens, resolve_tokenizer, save_distribution, top_tokens
         from deft.grade import read_graded
@@ -380,7 +396,9 @@ class _Train(_Stage):
         return {"model": self.folder / "model", "metrics": self.folder / "metrics.jsonl", "manifest": self.folder / "manifest.json"}
 
     def complete_on_disk(self) -> bool:
-        return all(p.exists() for p in self.outputs().values())
+        # a kill between manifest.json and the end of the publication leaves every output and the marker: train
+        # again (it completes the publication) rather than mark the stage done with the marker left behind
+        return all(p.exists() for p in self.outputs().values()) and not self.interrupted()
 
     def run(self, resume: bool) -> None:
         tcfg = _train_config(self.cfg, self.run_dir)
@@ -483,10 +501,10 @@ def _decide(stage: _Stage, fp: str, forced: bool) -> str:
     """"skip", "resume" or "run" for a stage with fingerprint ``fp``."""
     rec = _read_stage(stage.folder)
     same = rec is not None and rec.get("fingerprint") == fp and not forced
-    if same and rec.get("status") == "done" and all(p.exists() for p in stage.outputs().values()):
+    if same and rec.get("status") == "done" and all(p.exists() for p in stage.outputs().values()) and not stage.interrupted():
         return "skip"
-    if same and rec.get("status") == "running":
-        return "resume"
+    if same and (rec.get("status") == "running" or (rec.get("status") == "done" and stage.interrupted())):
+        return "resume"  # (done, but an interrupted publication is there: the stage completes it)
     return "run"
 
 
