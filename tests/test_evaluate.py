@@ -111,13 +111,13 @@ def test_pro_bleu_hand_computed():
     # hyp bigrams ab, b_, _b, ba vs ref ab, b_, _a, ab -> ab 1, b_ 1 -> 2/4; trigrams ab_, b_b, _ba vs ab_, b_a, _ab -> 1/3;
     # 4-grams ab_b, b_ba vs ab_a, b_ab -> 0/2 -> sys.float_info.min; BP = 1 (equal lengths)
     want = math.exp(0.25 * (math.log(1.0) + math.log(2 / 4) + math.log(1 / 3) + math.log(tiny)))
-    assert pro_bleu("ab ab", "ab ba") == pytest.approx(want, rel=1e-12)
+    assert pro_bleu("ab ab", "ab ba") == pytest.approx(want, rel=1e-12, abs=0)
     assert 0 < pro_bleu("ab ab", "ab ba") < 1e-70  # method0 quirk: tiny, not 0
     # clipping: hyp "aaab" vs ref "abab": unigrams a 3->2, b 1 -> 3/4; bigrams aa,aa,ab -> ab 1 -> 1/3; no 3-/4-gram match
     want = math.exp(0.25 * (math.log(3 / 4) + math.log(1 / 3) + 2 * math.log(tiny)))
-    assert pro_bleu("abab", "aaab") == pytest.approx(want, rel=1e-12)
+    assert pro_bleu("abab", "aaab") == pytest.approx(want, rel=1e-12, abs=0)
     # shorter than 4 characters: p3 = p4 = 0/1 -> min; p1 = p2 = 1 -> exp(0.5 * log(min)) = sqrt(min)
-    assert pro_bleu("ab", "ab") == pytest.approx(math.sqrt(tiny), rel=1e-12)
+    assert pro_bleu("ab", "ab") == pytest.approx(math.sqrt(tiny), rel=1e-12, abs=0)
     # no unigram match -> exactly 0; empty hypothesis -> 0
     assert pro_bleu("abc", "xyz") == 0.0
     assert pro_bleu("abc", "") == 0.0
@@ -354,7 +354,7 @@ def test_rewards_bleu_and_weighting(first, assets, rm):
     for r in df.iter_rows(named=True):
         assert r["reference"] == best[r["id"]]
         assert r["reward"] == pytest.approx(100.0 / (1.0 + math.exp(-r["score"])), rel=1e-12)
-        assert r["bleu"] == pytest.approx(100.0 * pro_bleu(r["reference"].strip(), r["generation"].strip()), rel=1e-12)
+        assert r["bleu"] == pytest.approx(100.0 * pro_bleu(r["reference"].strip(), r["generation"].strip()), rel=1e-12, abs=0)
     again = rm.score([ctx[i] for i in df["id"]], df["generation"].to_list())
     np.testing.assert_allclose(again, df["score"].to_numpy(), rtol=1e-4, atol=1e-4)
     run = first.runs[0]
