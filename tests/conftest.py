@@ -92,6 +92,34 @@ def write_lines(path: Path, lines: Iterable[Union[str, bytes, Mapping[str, Any]]
     return path
 
 
+# --- a tiny random Llama policy (the real SmolLM2 tokenizer's vocabulary) ---
+
+
+def tiny_llama_config(tok, **overrides: Any):
+    """The ``LlamaConfig`` of :func:`tiny_llama`: sized for the SmolLM2
+    tokenizer ``tok`` (49,152 ids), 2 layers of width 32, untied head;
+    ``overrides`` change any field."""
+    from transformers import LlamaConfig
+
+    fields = dict(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+                  eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def tiny_llama(tok, *, seed: int = 0, **overrides: Any):
+    """A tiny random ``LlamaForCausalLM`` (:func:`tiny_llama_config`), its
+    weights drawn after ``torch.manual_seed(seed)``: equal arguments give
+    equal weights."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    cfg = tiny_llama_config(tok, **overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
 # --- a tiny reward model for scoring tests (no network) ---------------------
 
 VOCAB = 50304  # GPT-2's 50257 ids plus room for added special tokens

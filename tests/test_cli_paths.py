@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from conftest import shared_file
+from conftest import shared_file, tiny_llama, tiny_llama_config
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -39,16 +39,13 @@ def _cli(*args: str):
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig
 
     root = tmp_path_factory.mktemp("cli_assets")
     tok = AutoTokenizer.from_pretrained(str(shared_file("tokenizers/smollm2")))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
     model_dir = root / "tiny-llama"
-    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    cfg = tiny_llama_config(tok)
+    tiny_llama(tok).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     with gzip.open(shared_file("data/pro-hh/test_harmless_base.jsonl.gz"), "rt", encoding="utf-8") as f:
         lines = [next(f) for _ in range(N_ROWS)]

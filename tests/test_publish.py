@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from conftest import shared_file
+from conftest import shared_file, tiny_llama
 from test_train import assets  # noqa: F401 - the tiny Llama, graded file and distribution of the train tests
 from deft.io import (
     OutputLockedError,
@@ -155,17 +155,12 @@ def _stage_command(stage: str, pro_slice: Path, graded: Path, root: Path):
 
 def _tiny_llama(folder: Path) -> Path:
     """A tiny random Llama with the SmolLM2 tokenizer (as in test_evaluate)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     model_dir = folder / "tiny-llama"
     if not model_dir.exists():
         tok = AutoTokenizer.from_pretrained(str(shared_file("tokenizers/smollm2")))
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
-                          eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
-        LlamaForCausalLM(cfg).save_pretrained(model_dir)
+        tiny_llama(tok).save_pretrained(model_dir)
         tok.save_pretrained(model_dir)
     return model_dir
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import shared_file
+from conftest import shared_file, tiny_llama
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -29,7 +29,7 @@ SEED = 42
 def assets(tmp_path_factory):
     """A tiny Llama (random), graded.parquet (200 PRO-HH rows, a=20) and Q_diff."""
     import polars as pl
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from deft.data import load
     from deft.distribution import build_distribution, resolve_tokenizer, save_distribution
@@ -39,11 +39,7 @@ def assets(tmp_path_factory):
     tok_dir = shared_file("tokenizers/smollm2")
     model_dir = root / "tiny-llama"
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
-    model = LlamaForCausalLM(cfg)
+    model = tiny_llama(tok)
     with torch.no_grad():  # logits of a real spread, so the log-probs differ between responses
         model.lm_head.weight.mul_(20.0)
     model.save_pretrained(model_dir)
