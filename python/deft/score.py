@@ -98,7 +98,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Protocol, Seque
 import numpy as np
 import polars as pl
 
-from deft._util import PICKLE_SUFFIXES, chars_per_token, clip_text, find_sub, is_oom, tokenize_clipped
+from deft._util import chars_per_token, clip_text, find_sub, is_oom, pickle_only_weights, tokenize_clipped
 from deft.errors import DeftError
 from deft.io import MetricsLog, atomic_path, write_json_atomic
 from deft.render import render_chat, render_hh, render_oasst
@@ -135,7 +135,6 @@ CUDA_BATCH_TOKENS = (2048, 65536)
 FLUSH_SECONDS = 30.0
 PLAN_VERSION = 1
 _PLAN_KEYS = ("version", "fingerprint", "rows", "pairs", "model", "revision", "template", "max_length", "shards", "shard_scheme")
-_PICKLE_SUFFIXES = PICKLE_SUFFIXES
 
 
 class RewardModelError(DeftError, ValueError):
@@ -194,8 +193,6 @@ def _dtype_kwarg() -> str:
 
 
 def _check_local_weights(path: Path, name: str) -> None:
-    from deft._util import pickle_only_weights
-
     if any(p.is_file() and p.name.endswith((".safetensors", ".safetensors.index.json")) for p in path.iterdir()):
         return
     pickled = pickle_only_weights(path)
