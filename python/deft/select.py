@@ -103,7 +103,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import polars as pl
 
-from deft._util import find_sub
+from deft._util import find_sub, is_oom
 from deft.io import locked_output
 
 __all__ = [
@@ -837,7 +837,7 @@ class ResponseEmbedder:
         try:
             return self.embed_items(items)
         except RuntimeError as e:
-            if "out of memory" not in str(e).lower() or len(items) == 1:
+            if not is_oom(e) or len(items) == 1:
                 raise
         import torch
 
