@@ -696,6 +696,8 @@ def write_report(run_dir: Path, cfg: Mapping[str, Any], results: Sequence[StageR
         lines = emd.read_text(encoding="utf-8").strip().splitlines()
         if lines and lines[0].startswith("# "):
             lines = lines[1:]  # eval.md's own title
+        while lines and not lines[0].strip():
+            lines = lines[1:]
         parts += ["## Evaluation", ""] + [("#" + l if l.startswith("#") else l) for l in lines] + [""]
     elif "eval" in by and by["eval"].action == "disabled":
         parts += ["## Evaluation", "", "Disabled (eval.enabled: false).", ""]
