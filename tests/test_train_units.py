@@ -134,6 +134,10 @@ def test_listwise_keeps_all_or_best_first_and_worst(method):
     assert select_responses(RESP, SC, method, max_responses=4) == (["best", "second", "third", "worst"], [5.5, 4.0, 3.0, -1.0])
     assert select_responses(RESP, SC, method, max_responses=3) == (["best", "second", "worst"], [5.5, 4.0, -1.0])
     assert select_responses(RESP, SC, method, max_responses=2) == (["best", "worst"], [5.5, -1.0])
+    # fewer than 2 would keep only the worst response: refused, like the config does
+    for bad in (1, 0, -3):
+        with pytest.raises(ValueError, match="max_responses must be at least 2"):
+            select_responses(RESP, SC, method, max_responses=bad)
 
 
 def test_without_scores_rewards_are_rank_based():

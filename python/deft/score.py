@@ -444,6 +444,9 @@ def load_reward_model(name_or_path: str = "builtin", *, template: str = "auto", 
     if name_or_path == "builtin":
         from deft.builtin_rm import BuiltinRewardModel
 
+        if template not in ("auto", "builtin"):
+            log.warning("the builtin reward model renders (context, response) its own fixed way (a sentence pair); "
+                        "template %r is not used", template)
         return BuiltinRewardModel.load(device=device, max_length=max_length)
     return HFRewardModel.load(name_or_path, template=template, max_length=max_length, device=device,
                               dtype=dtype, trust_remote_code=trust_remote_code)

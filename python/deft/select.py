@@ -103,7 +103,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import polars as pl
 
-from deft._util import find_sub, is_oom
+from deft._util import PICKLE_SUFFIXES, find_sub, is_oom
 from deft.io import locked_output
 
 __all__ = [
@@ -545,6 +545,21 @@ class EncodedResponse:
 
 
 
+def _missing_weights_reason(folder: Path) -> str:
+    """Why a model folder without ``*.safetensors`` cannot be an embedder,
+    naming what it holds instead."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES) or n.endswith(".bin.index.json")]
+    gguf = [n for n in names if n.endswith(".gguf")]
+    if pickles:
+        return (f"the folder holds only pickled weights ({', '.join(pickles)}), which can run code when loaded; "
+                "embedders need .safetensors weights (model.save_pretrained(dir) in a trusted environment converts them)")
+    if gguf:
+        return (f"the folder holds GGUF weights ({', '.join(gguf)}), which embedders do not load; "
+                "save the model with save_pretrained (safetensors) and pass that folder")
+    return "no .safetensors weights in the folder"
+
+
 class ResponseEmbedder:
     """A tokenizer + ``AutoModel`` turning (context, response) pairs into
     L2-normalised response embeddings (see the module docstring). Build with
@@ -646,7 +661,7 @@ class ResponseEmbedder:
                     if (local / f).is_file():
                         identity[f.replace(".json", "_sha256")] = sha256_file(local / f)
                 if not any(local.glob("*.safetensors")):
-                    raise ValueError(f"embedder {source}: no .safetensors weights in the folder; deft refuses pickled weights")
+                    raise ValueError(f"embedder {source}: {_missing_weights_reason(local)}")
         with _quiet_transformers():
             config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
             if getattr(config, "is_encoder_decoder", False):

@@ -102,7 +102,12 @@ class Example:
 
 
 def select_responses(responses: Sequence[str], scores: Optional[Sequence[float]], method: str, max_responses: Optional[int] = None) -> Tuple[List[str], List[float]]:
-    """Responses (best first) and their rewards as the method uses them."""
+    """Responses (best first) and their rewards as the method uses them:
+    ``sft`` the best, a pairwise loss the best and the worst, a listwise loss
+    all of them or, with ``max_responses`` (at least 2), the best
+    ``max_responses - 1`` and the worst."""
+    if max_responses is not None and max_responses < 2:
+        raise ValueError(f"max_responses must be at least 2 (the best and the worst response), got {max_responses}")
     responses = list(responses)
     sc = list(scores) if scores is not None else [float(len(responses) - i) for i in range(len(responses))]
     if method == "sft":
