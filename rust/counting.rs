@@ -260,10 +260,11 @@ mod tests {
     use std::path::PathBuf;
 
     fn shared_tokenizer(name: &str) -> Option<Tokenizer> {
-        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/tokenizers")
-            .join(name)
-            .join("tokenizer.json");
+        // DEFT_SHARED_DIR overrides ../shared (cargo-mutants tests a copy of the tree elsewhere)
+        let shared = std::env::var_os("DEFT_SHARED_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"));
+        let p = shared.join("tokenizers").join(name).join("tokenizer.json");
         if !p.exists() {
             // DEFT_NO_SKIPS=1 (CI): the shared tokenizers must be there; a skip would hide the tests
             assert!(
@@ -392,6 +393,95 @@ mod tests {
         // an id beyond a too-short histogram is an error naming the row, not a panic
         let e = count_tokens(&tok, &Texts::Owned(vec![None, Some("b".into())]), false, 10).unwrap_err();
         assert!(matches!(e, CountError::IdOutOfRange { row: 1, id: 1000, vocab: 10 }), "{e}");
+    }
+
+    #[test]
+    fn sparse_refusal_boundaries() {
+        // longer than 2^20 entries AND more than 2x the token count: both conditions are strict
+        let at_limit = word_level(&[("[UNK]", (1 << 20) - 1), ("a", 0)]);
+        assert_eq!(histogram_len(&at_limit), Ok(1 << 20), "exactly 2^20 entries is kept");
+        assert!(histogram_len(&word_level(&[("[UNK]", 1 << 20), ("a", 0)])).is_err(), "2^20 + 1 entries of 2 tokens");
+        // 2^19 + 1 tokens on even ids: 2^20 + 1 entries = 2 x tokens - 1, kept; one more hole refuses
+        let n = (1usize << 19) + 1;
+        let names: Vec<String> = (0..n).map(|i| format!("t{i}")).collect();
+        let dense: Vec<(&str, u32)> = names.iter().enumerate().map(|(i, t)| (t.as_str(), (2 * i) as u32)).collect();
+        assert_eq!(histogram_len(&word_level(&dense)), Ok(2 * n - 1));
+        let mut holey = dense.clone();
+        holey[n - 1].1 = (2 * n + 1) as u32; // largest id 2n+1: 2n+2 entries > 2 x n tokens
+        let e = histogram_len(&word_level(&holey)).unwrap_err();
+        assert!(e.contains(&format!("{n} tokens")) && e.contains(&format!("{} entries", 2 * n + 2)), "{e}");
+        let mut exact = dense;
+        exact[n - 1].1 = (2 * n - 1) as u32; // 2n entries = 2 x tokens: kept
+        assert_eq!(histogram_len(&word_level(&exact)), Ok(2 * n));
+    }
+
+    #[test]
+    fn lean_path_only_without_special_tokens_truncation_or_padding() {
+        use tokenizers::{PaddingParams, TruncationParams};
+        let plain = word_level(&[("[UNK]", 0), ("a", 1)]);
+        assert!(lean_path_ok(&plain, false));
+        assert!(!lean_path_ok(&plain, true));
+        let mut padded = plain.clone();
+        padded.with_padding(Some(PaddingParams::default()));
+        assert!(!lean_path_ok(&padded, false));
+        let mut truncated = plain.clone();
+        truncated.with_truncation(Some(TruncationParams::default())).unwrap();
+        assert!(!lean_path_ok(&truncated, false));
+    }
+
+    fn with_template(vocab: &[(&str, u32)]) -> Tokenizer {
+        // WordLevel plus a post-processor that wraps every sequence in [CLS] ... [SEP]
+        let json = serde_like_json(vocab).replace(
+            r#""post_processor":null"#,
+            r#""post_processor":{"type":"TemplateProcessing","single":[{"SpecialToken":{"id":"[CLS]","type_id":0}},
+               {"Sequence":{"id":"A","type_id":0}},{"SpecialToken":{"id":"[SEP]","type_id":0}}],
+               "pair":[{"Sequence":{"id":"A","type_id":0}},{"Sequence":{"id":"B","type_id":1}}],
+               "special_tokens":{"[CLS]":{"id":"[CLS]","ids":[7],"tokens":["[CLS]"]},
+                                 "[SEP]":{"id":"[SEP]","ids":[8],"tokens":["[SEP]"]}}}"#,
+        );
+        json.parse().expect("word-level tokenizer with a template")
+    }
+
+    #[test]
+    fn special_tokens_are_added_only_when_asked() {
+        let tok = with_template(&[("[UNK]", 0), ("a", 1), ("b", 2), ("[CLS]", 7), ("[SEP]", 8)]);
+        let texts = Texts::Owned(vec![Some("a b".into()), None, Some("b".into())]);
+        let (ids, off) = encode_batch(&tok, &texts, 0, true, None, Side::Right).unwrap();
+        assert_eq!((ids, off), (vec![7, 1, 2, 8, 7, 2, 8], vec![0, 4, 4, 7]));
+        let (ids, off) = encode_batch(&tok, &texts, 0, false, None, Side::Right).unwrap();
+        assert_eq!((ids, off), (vec![1, 2, 2], vec![0, 2, 2, 3]));
+        // cut after the special tokens were added
+        let (ids, _) = encode_batch(&tok, &texts, 0, true, Some(2), Side::Left).unwrap();
+        assert_eq!(ids, vec![2, 8, 2, 8]);
+        let h = count_tokens(&tok, &texts, true, 9).unwrap();
+        assert_eq!(h, vec![0, 1, 2, 0, 0, 0, 0, 2, 2]);
+        assert_eq!(count_tokens(&tok, &texts, false, 9).unwrap(), vec![0, 1, 2, 0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn tokenizer_failures_name_the_global_row() {
+        // a WordLevel model without its unk token fails on an unknown word
+        let tok: Tokenizer = serde_like_json(&[("a", 0)]).parse().unwrap();
+        let texts = Texts::Owned(vec![Some("a".into()), Some("a".into()), Some("zz".into())]);
+        let e = encode_batch(&tok, &texts, 10, false, None, Side::Right).unwrap_err();
+        assert!(matches!(e, CountError::Encode { row: 12, .. }), "{e}");
+        let hists = Histograms::new(1).unwrap();
+        let e = count_tokens_into(&tok, &texts, false, 10, &hists).unwrap_err();
+        assert!(matches!(e, CountError::Encode { row: 12, .. }), "{e}");
+    }
+
+    #[test]
+    fn per_thread_histograms_are_summed() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let hists = pool.install(|| Histograms::new(4)).unwrap();
+        assert_eq!(hists.per_thread.len(), 3);
+        for (i, h) in hists.per_thread.iter().enumerate() {
+            let mut h = h.lock().unwrap();
+            h[i] += 5;
+            h[3] += i as u64 + 1;
+        }
+        assert_eq!(hists.vocab(), 4);
+        assert_eq!(hists.sum(), vec![5, 5, 5, 6]);
     }
 
     #[test]

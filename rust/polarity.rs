@@ -130,6 +130,12 @@ mod tests {
     fn thresholds_are_strict() {
         // normalised 1.0, 0.8, 0.0: 0.8 is not > 0.8
         assert_eq!(run(&[5.0, 4.0, 0.0], 0).2, vec![1, 0, -1]);
+        // normalised exactly 0.1 (B's Q- threshold) and 0.2 (C's): not < the threshold
+        assert_eq!(run(&[10.0, 1.0, 0.5, 0.0], 1).1[1..3], [0.1, 0.05]);
+        assert_eq!(run(&[10.0, 1.0, 0.5, 0.0], 1).2, vec![1, 0, -1, -1]);
+        assert_eq!(run(&[5.0, 1.0, 0.0], 2).2, vec![1, 0, -1]);
+        // and exactly 0.9 (B's Q+ threshold) is not > 0.9
+        assert_eq!(run(&[10.0, 9.0, 0.0], 1).2, vec![1, 0, -1]);
     }
 
     #[test]

@@ -72,3 +72,33 @@ def test_python_and_native_polarity_agree_on_scores_near_the_float_limit() -> No
     assert py.equals(nat)
     assert py["norm_scores"].to_list()[0] == [1.0, 0.5, 0.0]
     assert py["polarity"].to_list() == [[1, 0, -1], [1, -1], [1, 0, -1]]
+
+
+def test_normalisation_is_exact_on_subnormal_and_huge_finite_scores() -> None:
+    """(s - lo) / (hi - lo) without a needless rescale: halving a subnormal
+    loses it (5e-324 / 2 rounds to 0), doubling 1.5e308 overflows. Both paths."""
+    from deft.grade import _polarity_native, _polarity_python, Thresholds, polarity_reference
+
+    cases = [([1e-323, 0.0, 5e-324], [1.0, 0.5, 0.0]), ([1.5e308, 0.0, 7.5e307], [1.0, 0.5, 0.0]),
+             ([0.0, -1.6e308, -8e307], [1.0, 0.5, 0.0])]
+    for scores, norm in cases:
+        assert polarity_reference(scores, "B")[1] == norm, scores
+    frame = pl.DataFrame({"scores": [c[0] for c in cases], "level": ["B", "A", "C"]})
+    py, nat = _polarity_python(frame, Thresholds()), _polarity_native(frame, Thresholds())
+    assert py.equals(nat) and py["norm_scores"].to_list() == [c[1] for c in cases]
+
+
+def test_python_polarity_uses_the_given_thresholds_and_keeps_its_schema_when_empty() -> None:
+    from deft.grade import _polarity_native, _polarity_python, Thresholds
+
+    frame = pl.DataFrame({"scores": [[4.0, 3.0, 2.0, 1.0, 0.0]] * 3, "level": ["A", "B", "C"]})
+    th = Thresholds(a_pos=0.6, a_neg=0.3, b_pos=None, b_neg=0.3, c_pos=0.7, c_neg=None)
+    py, nat = _polarity_python(frame, th), _polarity_native(frame, th)
+    assert py.equals(nat)
+    # normalised 1, .75, .5, .25, 0: A +,+,0,-,- ; B +,0,0,-,- ; C +,+,0,0,-
+    assert py["polarity"].to_list() == [[1, 1, 0, -1, -1], [1, 0, 0, -1, -1], [1, 1, 0, 0, -1]]
+    assert _polarity_python(frame, Thresholds())["polarity"].to_list() != py["polarity"].to_list()
+    empty = _polarity_python(frame.head(0), th)
+    assert empty.height == 0 and empty.schema == {"human_order": pl.List(pl.Int64), "norm_scores": pl.List(pl.Float64),
+                                                  "polarity": pl.List(pl.Int8)}
+    assert empty.schema == _polarity_native(frame.head(0), th).schema
