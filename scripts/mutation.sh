@@ -8,6 +8,10 @@
 #   bash scripts/mutation.sh rust           # only cargo-mutants
 #   bash scripts/mutation.sh report         # print the score of the last Python run again
 #   MUTANTS='deft.losses.*' bash scripts/mutation.sh python   # a subset (fnmatch on mutant names)
+#   DEFT_MUTATION_SAMPLE=0.2 bash scripts/mutation.sh python   # a fixed 20% sample, stratified by function
+#     (needs the mutants generated: the first run of a fresh stage runs everything it can, so
+#     start a sampled run with `DEFT_MUTATION_SAMPLE=0.2 ... python` after one `... python` that
+#     was stopped once the stats were collected, as benches/README.md records)
 #
 # Needs: the installed deft wheel (scripts/install.sh; its compiled
 # deft/_native.abi3.so is copied into the staged package), ../shared, and
@@ -36,7 +40,7 @@ PY=${PYTHON:-python3}
 # per-mutant cost of a DeepSpeed run would make the run take days.
 FILES=(losses ops grade distribution train evaluate select)
 TESTS=(test_losses test_ops test_paper_rules test_grade test_grade_warnings test_native test_train_units
-       test_train_oracle test_evaluate test_select test_select_units)
+       test_train_oracle test_evaluate test_select test_select_units test_distribution_units)
 # The functions that compute results. Per module: everything in losses, ops,
 # grade (but the plot) and distribution (but the plot and the tokenizer
 # loading); in train the loss assembly and what feeds it; in evaluate the
@@ -123,6 +127,12 @@ n = sum(total.values())
 done = n - total["not run"]
 print(f"{'all':14s} {n:8d} {total['killed']:7d} {total['timeout']:8d} {total['survived']:9d} {total['no tests']:9d} "
       f"{total['not run']:8d} {(total['killed'] + total['timeout']) / max(done, 1):7.1%}")
+if done and total["not run"]:
+    import math
+    k, z = total["killed"] + total["timeout"], 1.96
+    p = k / done
+    centre, half = (p + z * z / (2 * done)) / (1 + z * z / done), z * math.sqrt(p * (1 - p) / done + z * z / (4 * done * done)) / (1 + z * z / done)
+    print(f"(a sample: {done} of {n} mutants tested; 95% Wilson interval of the score {centre - half:.1%} .. {centre + half:.1%})")
 Path("survivors.txt").write_text("".join(f"{k}\t{v}\n" for k, v in survivors))
 print(f"\n{len(survivors)} survivors (and mutants no test reaches) listed in {Path.cwd() / 'survivors.txt'}; "
       f"see one with: cd {Path.cwd()} && mutmut show NAME")
@@ -138,12 +148,24 @@ run_python() {
   # (DEFT_MUTATION_RERUN=1: all of them again).
   local names=("${SELECTED[@]}")
   if [[ "${DEFT_MUTATION_RERUN:-0}" != 1 ]] && compgen -G "$STAGE/mutants/src/deft/*.meta" >/dev/null; then
-    mapfile -t names < <(cd "$STAGE" && "$PY" - "${SELECTED[@]}" <<'EOF'
-import fnmatch, json, sys
+    mapfile -t names < <(cd "$STAGE" && DEFT_MUTATION_SAMPLE="${DEFT_MUTATION_SAMPLE:-1}" "$PY" - "${SELECTED[@]}" <<'EOF'
+import fnmatch, hashlib, json, os, sys
+from collections import defaultdict
 from pathlib import Path
+
+# DEFT_MUTATION_SAMPLE=f: a fixed, stratified sample: the mutants whose name hashes below f,
+# plus the lowest-hashing mutant of every function, so every function is tried
+frac = float(os.environ["DEFT_MUTATION_SAMPLE"])
+h = lambda k: int(hashlib.sha256(k.encode()).hexdigest()[:8], 16) / 16**8
+by_fn = defaultdict(list)
 for meta in sorted(Path("mutants").rglob("*.meta")):
     for key, code in json.loads(meta.read_text())["exit_code_by_key"].items():
-        if code is None and any(fnmatch.fnmatch(key, p) for p in sys.argv[1:]):
+        if any(fnmatch.fnmatch(key, p) for p in sys.argv[1:]):
+            by_fn[key.rsplit("__mutmut_", 1)[0]].append((key, code))
+for fn, ms in by_fn.items():
+    first = min(ms, key=lambda m: h(m[0]))[0]
+    for key, code in ms:
+        if code is None and (h(key) < frac or key == first):
             print(key)
 EOF
     )

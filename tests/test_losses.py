@@ -118,6 +118,7 @@ def test_dpo_hand_values_and_metrics():
     assert not out.chosen_rewards.requires_grad
     m = out.metrics("train/")
     assert m["train/rewards/accuracy"] == 0.5 and m["train/loss"] == pytest.approx((l0 + l1) / 2)
+    assert out.metrics() == {k[len("train/"):]: v for k, v in m.items()}
     out.loss.backward()
     # d/dpc of -log sig(beta h) / B = -beta * sigmoid(-beta h) / B
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
@@ -230,6 +231,8 @@ def test_pro_three_responses_with_rewards_hand_value():
     assert out.rank_loss.item() == pytest.approx(r0 + r1)
     assert out.sft_term.item() == pytest.approx(0.05 * 4 * 10)
     assert out.loss.item() == pytest.approx(r0 + r1 + 2.0)
+    assert out.metrics() == pytest.approx({"loss": r0 + r1 + 2.0, "rank_loss": r0 + r1, "sft_term": 2.0})
+    assert list(out.metrics("train/")) == ["train/loss", "train/rank_loss", "train/sft_term"]
     out.loss.backward()
     assert best.grad.tolist() == pytest.approx([-0.2])
     assert torch.isfinite(s.grad).all() and s.grad[0, 0] < 0

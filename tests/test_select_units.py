@@ -132,3 +132,74 @@ def test_row_key_is_the_documented_64_bit_hash():
     assert _row_key(0, "r1", "random") == 0x62BA93D1CAAC6C44  # pinned: selections made before stay reproducible
     keys = {_row_key(s, r, p) for s in (0, 1) for r in ("a", "b") for p in ("random", "hard")}
     assert len(keys) == 8  # seed, row and purpose all matter
+
+
+# --------------------------------------------------------------- embeddings and pair picks
+
+
+def _unit(deg):
+    a = np.deg2rad(deg)
+    return np.array([np.cos(a), np.sin(a)])
+
+
+def test_flat_embeddings_are_float64_and_checked_per_row():
+    from deft.select import _flat_embeddings
+
+    rows = [np.array([[3.0, 4.0], [1.0, 0.0]], dtype=np.float32), np.array([[0.1, 0.7]], dtype=np.float32)]
+    flat = _flat_embeddings(rows, [2, 1])
+    want = np.concatenate([r.astype(np.float64) for r in rows])
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    assert flat.dtype == np.float64 and np.array_equal(flat, want)  # normalised in float64, not float32
+    with pytest.raises(ValueError, match=r"embeddings\[0\]: expected shape \(3, dim\) for 3 responses, got \(2, 2\)"):
+        _flat_embeddings(rows, [3, 1])
+    with pytest.raises(ValueError, match=r"embeddings\[1\]: expected shape \(1, dim\)"):
+        _flat_embeddings([rows[0], np.array([0.1, 0.7])], [2, 1])
+
+
+def test_random_pick_follows_the_documented_per_row_seed():
+    from deft.select import _pick_pair, _row_key
+
+    distinct = [(i, j) for i in range(5) for j in range(i + 1, 5)]
+    emb = np.array([_unit(a) for a in (0, 30, 60, 90, 120)])
+    sims = emb @ emb.T
+    picks = set()
+    for seed in (0, 3):
+        for rid in ("a", "b", "c", "d"):
+            want = distinct[int(np.random.default_rng(_row_key(seed, rid, "pair")).integers(len(distinct)))]
+            got = _pick_pair("random", emb, distinct, sims, seed, rid)
+            assert got == want
+            picks.add(got)
+    assert len(picks) > 2
+
+
+def test_select_pairs_passes_each_rows_id_to_the_random_pick(tmp_path):
+    from conftest import write_records
+    from deft.data import load
+    from deft.select import _row_key, select_pairs
+
+    responses = ["r0", "r1", "r2", "r3", "r4"]
+    frame = load(write_records(tmp_path / "ranked.jsonl", [{"prompt": f"q{k}", "responses": responses} for k in range(6)])).frame
+    res = select_pairs(frame, "random", fraction=1.0, seed=5)
+    distinct = [(i, j) for i in range(5) for j in range(i + 1, 5)]
+    assert res.frame.height == 6
+    for rid, pair in zip(res.frame["id"].to_list(), res.frame["responses"].to_list()):
+        i, j = distinct[int(np.random.default_rng(_row_key(5, rid, "pair")).integers(len(distinct)))]
+        assert pair == [responses[i], responses[j]], rid
+
+
+def test_centroid_pick_seeds_kmeans_per_row_and_falls_back_to_the_nearest_cross_pair():
+    from deft.select import _pick_pair, _row_key
+
+    # two clusters on the unit circle; responses 0 and 1 are copies of one text (pair (0, 1) is not distinct)
+    emb = np.array([_unit(a) for a in (0, 180, -25, 160, 30, 215, 10)])
+    distinct = [(i, j) for i in range(7) for j in range(i + 1, 7) if (i, j) != (0, 1)]
+    sims = emb @ emb.T
+    labels, cents, _ = kmeans2(emb, seed=_row_key(0, "r", "kmeans"))
+    picks = sorted(int(np.flatnonzero(labels == k)[np.argmin(((emb[labels == k] - cents[k]) ** 2).sum(1))]) for k in (0, 1))
+    assert picks == [0, 1]  # the nearest members are the two copies: the fallback runs
+    d = ((emb[:, None, :] - cents[None]) ** 2).sum(-1)
+    cross = [p for p in distinct if labels[p[0]] != labels[p[1]]]
+    want = min(cross, key=lambda p: (d[p[0], labels[p[0]]] + d[p[1], labels[p[1]]], p))
+    assert _pick_pair("centroid", emb, distinct, sims, 0, "r") == want
+    # the nearest cross pair is not simply the first cross pair, nor the pair of the two nearest points
+    assert want != cross[0]
