@@ -440,3 +440,12 @@ def test_response_logprobs_checks_inputs():
         response_logprobs(logits, bad)
     with pytest.raises(ValueError):
         response_logprobs(logits, labels, chunk_size=0)
+
+
+def test_ranking_losses_name_the_argument_with_a_bad_shape():
+    with pytest.raises(ValueError, match=r"^s must have shape \(B, l\), got \(3,\)$"):
+        pro_loss(t([1.0, 2.0, 3.0]), None, t([1.0]))
+    with pytest.raises(ValueError, match=r"^logp_sum must have shape \(B, l\), got \(2,\)$"):
+        rrhf_loss(None, t([1.0, 2.0]), t([1.0, 1.0]))
+    with pytest.raises(ValueError, match=r"^logp_sum must have shape \(B, l\), got \(2, 0\)$"):
+        rrhf_loss(torch.zeros(2, 0, dtype=D), torch.zeros(2, 0, dtype=D), torch.zeros(2, 0, dtype=D))

@@ -450,3 +450,20 @@ def test_rdis_for_model_refuses_logit_transforms():
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="rdis_from_logits"):
         rdis_for_model(model, torch.randn(1, 2, 32), make_q(96, True), torch.ones(1, 2))
+
+
+def test_row_blocks_walk_every_row_in_order_as_views_also_for_4d_inputs():
+    from deft.ops import _row_blocks
+
+    base = torch.arange(2 * 3 * 5 * 4, dtype=torch.float32).reshape(2, 3, 5, 4)
+    # flattenable (also a transposed 2-D one); walked per sample (3-D, and 4-D with leading dims mergeable or not)
+    for x in (base, base[:, :, :-1], base[:, 1:, :-1], base[0, :, :-1], base[0, 0].t()):
+        want = x.reshape(-1, x.shape[-1])
+        got, pos = [], 0
+        for start, stop, block in _row_blocks(x, 3):
+            assert start == pos and stop - start == block.shape[0] <= 3 and block.dim() == 2 and block.shape[1] == x.shape[-1]
+            assert block.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()  # a view, not a copy
+            got.append(block)
+            pos = stop
+        assert pos == want.shape[0]
+        assert torch.equal(torch.cat(got), want)

@@ -203,3 +203,37 @@ def test_centroid_pick_seeds_kmeans_per_row_and_falls_back_to_the_nearest_cross_
     assert _pick_pair("centroid", emb, distinct, sims, 0, "r") == want
     # the nearest cross pair is not simply the first cross pair, nor the pair of the two nearest points
     assert want != cross[0]
+
+
+def test_random_keeps_the_documented_subset_rounded_half_up_and_reports_its_parameters(tmp_path):
+    import polars as pl
+
+    from conftest import write_records
+    from deft.data import load
+    from deft.select import _row_key, select_pairs
+
+    frame = load(write_records(tmp_path / "p.jsonl", [{"prompt": f"q{k}", "responses": ["a", "b", "c"]} for k in range(5)])).frame
+    res = select_pairs(frame, "random", fraction=0.5, seed=11)
+    ids = frame["id"].to_list()
+    order = sorted(ids, key=lambda i: (_row_key(11, i, "subset"), i))
+    assert res.n_kept == 3  # 5 x 0.5 = 2.5 keeps 3 (half up)
+    assert res.frame["id"].to_list() == [i for i in ids if i in order[:3]]
+    sel = res.selection
+    assert sel["rank"].to_list() == [order.index(i) + 1 for i in ids]
+    assert (res.seed, res.strategy, res.fraction, res.orient) == (11, "random", 0.5, "rank")
+    assert sel.schema == {"id": pl.Utf8, "subset": pl.Utf8, "n_responses": pl.Int64, "candidate": pl.Boolean,
+                          "better": pl.Int64, "worse": pl.Int64, "similarity": pl.Float64, "min_similarity": pl.Float64,
+                          "max_similarity": pl.Float64, "oriented_by": pl.Utf8, "rank": pl.Int64, "kept": pl.Boolean,
+                          "reason": pl.Utf8}
+    assert sel["subset"].to_list() == frame["subset"].to_list() and sel["n_responses"].to_list() == [3] * 5
+    # 4 x 0.5 = 2 exactly; 5 x 0.1 = 0.5 keeps 1
+    assert select_pairs(frame.head(4), "random", fraction=0.5).n_kept == 2
+    assert select_pairs(frame, "random", fraction=0.1).n_kept == 1
+
+
+def test_fit_lengths_accepts_a_zero_reserve():
+    from deft.select import fit_lengths
+
+    assert fit_lengths(50, 10, 32, 0) == (22, 10)
+    assert fit_lengths(50, 40, 32, 0) == (0, 32)
+    assert fit_lengths(50, 40, 32, 8) == (8, 24)

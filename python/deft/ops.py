@@ -114,12 +114,17 @@ def _row_blocks(x: Tensor, rows: int):
         for s in range(0, n, rows):
             yield s, min(n, s + rows), flat[s : s + rows]
         return
-    x3 = x.reshape(-1, x.shape[-2], c) if x.dim() > 3 else x  # only views for 3-D inputs
-    t = x3.shape[1]
-    for b in range(x3.shape[0]):
+    if x.dim() > 3:  # walk each leading index (a reshape could copy)
+        per = x[0].numel() // c
+        for i in range(x.shape[0]):
+            for s, e, block in _row_blocks(x[i], rows):
+                yield i * per + s, i * per + e, block
+        return
+    t = x.shape[1]
+    for b in range(x.shape[0]):
         for s in range(0, t, rows):
             e = min(t, s + rows)
-            yield b * t + s, b * t + e, x3[b, s:e]
+            yield b * t + s, b * t + e, x[b, s:e]
 
 
 def _outer_into(out: Tensor, g: Tensor, q: Tensor, rows: int) -> None:
