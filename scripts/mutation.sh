@@ -40,7 +40,7 @@ PY=${PYTHON:-python3}
 # per-mutant cost of a DeepSpeed run would make the run take days.
 FILES=(losses ops grade distribution train evaluate select)
 TESTS=(test_losses test_ops test_paper_rules test_grade test_grade_warnings test_native test_train_units
-       test_train_oracle test_evaluate test_select test_select_units test_distribution_units)
+       test_train_oracle test_evaluate test_select test_select_units test_distribution_units test_evaluate_units)
 # The functions that compute results. Per module: everything in losses, ops,
 # grade (but the plot) and distribution (but the plot and the tokenizer
 # loading); in train the loss assembly and what feeds it; in evaluate the

@@ -449,3 +449,10 @@ def test_ranking_losses_name_the_argument_with_a_bad_shape():
         rrhf_loss(None, t([1.0, 2.0]), t([1.0, 1.0]))
     with pytest.raises(ValueError, match=r"^logp_sum must have shape \(B, l\), got \(2, 0\)$"):
         rrhf_loss(torch.zeros(2, 0, dtype=D), torch.zeros(2, 0, dtype=D), torch.zeros(2, 0, dtype=D))
+
+
+def test_single_response_lists_are_accepted_and_carry_no_ranking_signal():
+    out = pro_loss(t([[-1.5], [-0.5]]), None, t([-3.0, -1.0]), sft_weight=0.05)
+    assert out.rank_loss.item() == 0.0 and out.sft_term.item() == 0.0  # 0 rounds, weight (l-1)^2 = 0
+    out = rrhf_loss(None, t([[-3.0], [-1.0]]), t([[2.0], [1.0]]), sft_weight=1.0)
+    assert out.rank_loss.item() == 0.0 and out.sft_term.item() == pytest.approx((1.5 + 1.0) / 2)
