@@ -467,3 +467,27 @@ def test_row_blocks_walk_every_row_in_order_as_views_also_for_4d_inputs():
             pos = stop
         assert pos == want.shape[0]
         assert torch.equal(torch.cat(got), want)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_rdis_from_logits_with_a_vocabulary_of_several_column_blocks(layout):
+    """V > 4096: the float32 dot products with Q run over 4096-column blocks
+    (one batched kernel for a contiguous block, a loop otherwise) plus the
+    remainder, summed in float64; equal to the float64 formula."""
+    from deft.ops import _COLS, rdis_from_logits
+
+    g = torch.Generator().manual_seed(3)
+    V = 3 * _COLS + 17
+    wide = torch.randn(2, 5, V + 9, generator=g) * 4
+    logits = wide[..., :V] if layout == "strided" else wide[..., :V].contiguous()
+    q = torch.randn(V, generator=g, dtype=torch.float64)
+    q -= q.mean()  # zero sum: the logits path
+    mask = torch.tensor([[1, 1, 0, 1, 1], [0, 1, 1, 1, 0]], dtype=torch.bool)
+    got = rdis_from_logits(logits, q, mask)
+    z = logits.double()
+    want = ((z * q).sum(-1) * mask).sum(-1) / mask.sum(-1)
+    # float32 rounding of 4096-term partial sums: within 1e-6 of the sum of |terms|
+    scale = (z * q).abs().sum(-1).max().item()
+    assert abs(got.item() - want.mean().item()) < 1e-6 * scale
+    per = rdis_from_logits(logits, q, mask, reduction="none")
+    assert (per.double() - want).abs().max().item() < 1e-6 * scale

@@ -152,3 +152,22 @@ def test_select_does_not_mutate_inputs():
     r, s = list(RESP), list(SC)
     select_responses(r, s, "pro", max_responses=2)
     assert r == RESP and s == SC
+
+
+def test_encode_examples_keeps_every_token_of_a_huge_response_made_of_long_tokens():
+    """A response is cut to the characters its kept tokens can span before it is
+    tokenised; that bound comes from the tokenizer's longest token (GPT-2 has
+    tokens of dozens of '=' signs), so the kept tokens are those of the full text."""
+    from conftest import shared_file
+    from deft._native import Tokenizer
+    from deft.train import encode_examples
+
+    tok = Tokenizer.from_file(str(shared_file("tokenizers/gpt2/tokenizer.json")))
+    response = "=" * 60_000
+    (ex,) = encode_examples(["r"], ["Human: hi\n\nAssistant:"], [[response]], [[1.0]], tok, eos_token_id=50256,
+                            response_prefix=" ", max_length=200, max_prompt_length=40)
+    full, off = tok.encode([" " + response])
+    prompt, _ = tok.encode(["Human: hi\n\nAssistant:"])
+    budget = 200 - len(prompt)
+    assert len(full) > budget  # the cut is real
+    assert ex.input_ids[0].tolist() == prompt.tolist() + full[:budget].tolist()
