@@ -52,13 +52,16 @@ def assets(tmp_path_factory):
     graded = grade(load(raw).frame, a=20)
     # PRO-HH has pairs only; give every row a third, worst response (the worse
     # response of the next row, scored below the list), so "worst" is not
-    # "second" and PRO/RRHF rank three responses
+    # "second" and PRO/RRHF rank three responses; every fourth row a fourth
+    # (the next row's better one, scored lower still), so a micro-batch mixes
+    # lists of 3 and 4 and the trainer's slot mask matters
     resp, sc, pol = graded["responses"].to_list(), graded["scores"].to_list(), graded["polarity"].to_list()
     n = len(resp)
+    extra = [[resp[(i + 1) % n][-1]] + ([resp[(i + 1) % n][0]] if i % 4 == 3 else []) for i in range(n)]
     graded = graded.with_columns(
-        pl.Series("responses", [r + [resp[(i + 1) % n][-1]] for i, r in enumerate(resp)], dtype=graded["responses"].dtype),
-        pl.Series("scores", [x + [min(x) - 1.0] for x in sc], dtype=graded["scores"].dtype),
-        pl.Series("polarity", [x + [x[-1]] for x in pol], dtype=graded["polarity"].dtype),
+        pl.Series("responses", [r + e for r, e in zip(resp, extra)], dtype=graded["responses"].dtype),
+        pl.Series("scores", [x + [min(x) - 1.0 - k for k in range(len(e))] for x, e in zip(sc, extra)], dtype=graded["scores"].dtype),
+        pl.Series("polarity", [x + [0] * (len(e) - 1) + [x[-1]] for x, e in zip(pol, extra)], dtype=graded["polarity"].dtype),
     )
     graded_path = root / "graded.parquet"
     graded.write_parquet(graded_path)
@@ -112,6 +115,7 @@ def oracle_inputs(assets):
     step1 = [int(i) for i in epoch_order(N_SAMPLES, SEED, 0, MBS)[:MBS]]
     rows = [frame.row(i, named=True) for i in step1]
     assert any(len(r["responses"]) > 2 for r in rows), "need a list of more than 2 responses (worst != second)"
+    assert len({len(r["responses"]) for r in rows}) == 2, "need lists of different lengths in one micro-batch"
     has_scores = "scores" in frame.columns
     tok = Tokenizer(str(assets["model"] / "tokenizer.json"))
     samples = []
@@ -204,4 +208,5 @@ def test_step1_metrics_match_oracle(assets, oracle_inputs, tmp_path, method, res
     assert row["L_m"] == pytest.approx(lm, **tol)
     if sft_term is not None:
         assert row["sft_term"] == pytest.approx(sft_term, **tol)
+        assert row["rank_loss"] == pytest.approx(lm - sft_term, **tol)
     assert row["loss"] == pytest.approx(lm - OMEGA * rdis, **tol)

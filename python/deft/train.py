@@ -449,7 +449,6 @@ def compute_loss(cfg, method: str, module, out, batch, device, q_diff, ref: Opti
         metrics["R_dis"] = float(r_dis.detach())
     metrics["L_m"] = float(lm.detach())
     metrics["loss"] = float(loss.detach())
-    metrics["response_tokens"] = float(ntok.sum())
     return loss, metrics
 
 
@@ -867,7 +866,6 @@ def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method
             global_step += 1
             dt = time.perf_counter() - t0
             row = {k: float(np.mean(v)) for k, v in acc.items()}
-            row.pop("response_tokens", None)
             if d.world > 1:
                 row = _mean_across(row, d)
                 tokens_all = tokens * d.world
