@@ -171,3 +171,25 @@ def test_encode_examples_keeps_every_token_of_a_huge_response_made_of_long_token
     budget = 200 - len(prompt)
     assert len(full) > budget  # the cut is real
     assert ex.input_ids[0].tolist() == prompt.tolist() + full[:budget].tolist()
+
+
+def test_collate_pads_right_masks_the_prompt_and_keeps_the_slot_layout():
+    import torch
+
+    from deft.train import IGNORE_INDEX, Example, collate
+
+    a = Example("a", [np.array([5, 6, 7, 8]), np.array([5, 6, 9])], prompt_len=2, rewards=[2.0, 1.0])
+    b = Example("b", [np.array([4, 3]), np.array([4, 1, 2, 3, 0]), np.array([4, 7])], prompt_len=1, rewards=[3.0, 0.5, -1.0])
+    out = collate([a, b], pad_id=99)
+    P = IGNORE_INDEX
+    assert out["input_ids"].tolist() == [[5, 6, 7, 8, 99], [5, 6, 9, 99, 99], [4, 3, 99, 99, 99], [4, 1, 2, 3, 0], [4, 7, 99, 99, 99]]
+    assert out["labels"].tolist() == [[P, P, 7, 8, P], [P, P, 9, P, P], [P, 3, P, P, P], [P, 1, 2, 3, 0], [P, 7, P, P, P]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert out["row"].tolist() == [0, 0, 1, 1, 1] and out["col"].tolist() == [0, 1, 0, 1, 2]
+    assert out["valid"].tolist() == [[True, True, False], [True, True, True]]
+    assert out["rewards"].tolist() == [[2.0, 1.0, 0.0], [3.0, 0.5, -1.0]]
+    assert out["tokens"] == 16
+    assert {k: out[k].dtype for k in ("input_ids", "labels", "attention_mask", "row", "col", "valid", "rewards")} == {
+        "input_ids": torch.long, "labels": torch.long, "attention_mask": torch.long, "row": torch.long, "col": torch.long,
+        "valid": torch.bool, "rewards": torch.float32}
+    assert collate([a], pad_id=0, slots=4)["valid"].tolist() == [[True, True, False, False]]
