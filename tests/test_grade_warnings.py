@@ -102,3 +102,19 @@ def test_python_polarity_uses_the_given_thresholds_and_keeps_its_schema_when_emp
     assert empty.height == 0 and empty.schema == {"human_order": pl.List(pl.Int64), "norm_scores": pl.List(pl.Float64),
                                                   "polarity": pl.List(pl.Int8)}
     assert empty.schema == _polarity_native(frame.head(0), th).schema
+
+
+def test_a_single_sample_is_graded_and_summarised_exactly() -> None:
+    from deft.grade import grade, summary
+
+    frame = pl.DataFrame({"id": ["x"], "subset": ["s"], "context": [[{"role": "user", "content": "q"}]],
+                          "responses": [["a", "b", "c", "d"]], "scores": [[4.0, 3.5, 1.0, 0.0]], "ranked": [True],
+                          "meta": [None]},
+                         schema={"id": pl.Utf8, "subset": pl.Utf8, "context": pl.List(pl.Struct({"role": pl.Utf8, "content": pl.Utf8})),
+                                 "responses": pl.List(pl.Utf8), "scores": pl.List(pl.Float64), "ranked": pl.Boolean,
+                                 "meta": pl.Utf8})
+    g = grade(frame, a=60, c=10)  # one sample: round(0.6) = 1 in A, round(0.1) = 0 in C
+    assert g.height == 1 and g["level"].to_list() == ["A"]
+    assert g["polarity"].to_list() == [[1, 1, 0, -1]]  # normalised 1, .875, .25, 0: A is > 0.8 and the worst
+    s = summary(g)
+    assert s.select("subset", "level", "samples", "q_pos", "q_neg").rows() == [("s", "A", 1, 2, 1)]

@@ -491,3 +491,49 @@ def test_rdis_from_logits_with_a_vocabulary_of_several_column_blocks(layout):
     assert abs(got.item() - want.mean().item()) < 1e-6 * scale
     per = rdis_from_logits(logits, q, mask, reduction="none")
     assert (per.double() - want).abs().max().item() < 1e-6 * scale
+
+
+def test_mean_over_samples_with_a_single_nonempty_sample():
+    from deft.ops import rdis_from_logits, rdis_naive
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 4, 11, generator=g)
+    q = torch.randn(11, generator=g, dtype=torch.float64)
+    q -= q.mean()
+    mask = torch.tensor([[0, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    got = rdis_from_logits(logits, q, mask)
+    z = logits[1, 1:3].double()
+    want = (torch.log_softmax(z, -1) @ q).mean()  # the one sample's mean: not halved, not averaged with empties
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert got.item() == pytest.approx(rdis_naive(logits, q, mask).item(), rel=1e-5)
+
+
+class _HeadModel(torch.nn.Module):
+    """A bare model exposing an lm_head with a bias, and a config."""
+
+    def __init__(self, v, d, **config):
+        super().__init__()
+        self.head = torch.nn.Linear(d, v, bias=True)
+        self.config = type("Cfg", (), config)()
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def test_rdis_for_model_includes_the_head_bias_and_refuses_a_logit_scale():
+    from deft.ops import rdis_for_model, rdis_naive
+
+    g = torch.Generator().manual_seed(6)
+    model = _HeadModel(13, 8)
+    with torch.no_grad():
+        model.head.bias.copy_(torch.randn(13, generator=g) * 3)
+    h = torch.randn(2, 5, 8, generator=g)
+    q = torch.randn(13, generator=g, dtype=torch.float64)
+    q[0] += 0.5  # not zero-sum: the bias enters through the log-normaliser too
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    got = rdis_for_model(model, h, q, mask)
+    assert got.item() == pytest.approx(rdis_naive(model.head(h), q, mask).item(), rel=1e-5, abs=1e-6)
+    for cfg in ({"logit_scale": 0.5}, {"final_logit_softcapping": 30.0}):
+        with pytest.raises(ValueError, match="transforms its logits after the lm_head"):
+            rdis_for_model(_HeadModel(13, 8, **cfg), h, q, mask)
+    rdis_for_model(_HeadModel(13, 8, logit_scale=1.0), h, q, mask)  # a scale of 1 is no transform
