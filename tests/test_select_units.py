@@ -237,3 +237,35 @@ def test_fit_lengths_accepts_a_zero_reserve():
     assert fit_lengths(50, 10, 32, 0) == (22, 10)
     assert fit_lengths(50, 40, 32, 0) == (0, 32)
     assert fit_lengths(50, 40, 32, 8) == (8, 24)
+
+
+def test_centroid_picks_follow_the_documented_per_row_kmeans_seed(tmp_path):
+    """On embeddings where k-means has several optima the pick depends on the
+    seed, which is _row_key(seed, row id, "kmeans"), through select_pairs too."""
+    from conftest import write_records
+    from deft.data import load
+    from deft.select import _pick_pair, _row_key, select_pairs
+
+    n, rows = 12, 6
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(rows, n, 30))
+    emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
+    distinct = [(i, j) for i in range(n) for j in range(i + 1, n)]
+
+    def expected(e, rid, seed):
+        labels, cents, _ = kmeans2(e, seed=_row_key(seed, rid, "kmeans"))
+        picks = [int(np.flatnonzero(labels == k)[np.argmin(((e[labels == k] - cents[k]) ** 2).sum(1))]) for k in (0, 1)]
+        return tuple(sorted(picks))
+
+    frame = load(write_records(tmp_path / "c.jsonl", [{"prompt": f"q{k}", "responses": [f"r{k}-{i}" for i in range(n)]}
+                                                      for k in range(rows)])).frame
+    ids = frame["id"].to_list()
+    res = select_pairs(frame, "centroid", fraction=1.0, seed=2, embeddings=[e for e in emb])
+    got = dict(zip(res.frame["id"].to_list(), res.frame["responses"].to_list()))
+    seed_matters = 0
+    for k, rid in enumerate(ids):
+        a, b = expected(emb[k], rid, 2)
+        assert _pick_pair("centroid", emb[k], distinct, emb[k] @ emb[k].T, 2, rid) == (a, b)
+        assert got[rid] == [f"r{k}-{a}", f"r{k}-{b}"], rid
+        seed_matters += expected(emb[k], rid, 3) != (a, b) or expected(emb[k], "other", 2) != (a, b)
+    assert seed_matters >= 2  # the data really has seed-dependent optima
