@@ -557,8 +557,8 @@ def rdis_for_model(
     module hooks gather the weight before the forward, release it after, re-gather
     it before the backward and reduce-scatter its gradient, exactly as for a normal
     lm_head call. (``GatheredParameters`` around the call alone would not do:
-    the weight is partitioned again by the time backward needs it.) Untested
-    here (DeepSpeed is not installed in CI); ZeRO 0-2 parameters are ordinary
+    the weight is partitioned again by the time backward needs it.) Untested:
+    the test suite trains with ZeRO 0-2 only, whose parameters are ordinary
     tensors and take the direct path.
     """
     head = model.get_output_embeddings()
