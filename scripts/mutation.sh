@@ -9,9 +9,6 @@
 #   bash scripts/mutation.sh report         # print the score of the last Python run again
 #   MUTANTS='deft.losses.*' bash scripts/mutation.sh python   # a subset (fnmatch on mutant names)
 #   DEFT_MUTATION_SAMPLE=0.2 bash scripts/mutation.sh python   # a fixed 20% sample, stratified by function
-#     (needs the mutants generated: the first run of a fresh stage runs everything it can, so
-#     start a sampled run with `DEFT_MUTATION_SAMPLE=0.2 ... python` after one `... python` that
-#     was stopped once the stats were collected, as benches/README.md records)
 #
 # Needs: the installed deft wheel (scripts/install.sh; its compiled
 # deft/_native.abi3.so is copied into the staged package), ../shared, and
@@ -22,8 +19,8 @@
 # staged in $DEFT_MUTATION_DIR (default /tmp/deft-mutation): src/deft (this
 # checkout's python/deft plus the compiled extension), tests/, configs/ and a
 # link to ../shared. A rerun resumes: mutmut keeps each mutant's verdict in
-# $DEFT_MUTATION_DIR/mutants and re-tests only functions whose source changed
-# (DEFT_MUTATION_FRESH=1 starts over). Torch runs single-threaded
+# $DEFT_MUTATION_DIR/mutants and re-tests the functions whose source, or whose
+# tests, changed (DEFT_MUTATION_FRESH=1 starts over). Torch runs single-threaded
 # (OMP_NUM_THREADS=1): mutmut forks one child per mutant, and a child forked
 # from a process whose OpenMP pool is running can hang at exit, which mutmut
 # would report as a timeout.
@@ -147,6 +144,13 @@ run_python() {
   # rerun, name only the matching mutants that have no verdict yet
   # (DEFT_MUTATION_RERUN=1: all of them again).
   local names=("${SELECTED[@]}")
+  if [[ "${DEFT_MUTATION_SAMPLE:-1}" != 1 ]] && ! compgen -G "$STAGE/mutants/src/deft/*.meta" >/dev/null; then
+    # a sample is drawn from the generated mutants: generate them (and the test stats) first,
+    # with a filter that matches nothing, which makes mutmut stop right after
+    echo "== mutmut: generating the mutants and the test stats (a few minutes)" >&2
+    (cd "$STAGE" && OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false \
+       mutmut run "deft.no-such-mutant" >"$STAGE/mutmut-generate.log" 2>&1) || true
+  fi
   if [[ "${DEFT_MUTATION_RERUN:-0}" != 1 ]] && compgen -G "$STAGE/mutants/src/deft/*.meta" >/dev/null; then
     mapfile -t names < <(cd "$STAGE" && DEFT_MUTATION_SAMPLE="${DEFT_MUTATION_SAMPLE:-1}" "$PY" - "${SELECTED[@]}" <<'EOF'
 import fnmatch, hashlib, json, os, sys

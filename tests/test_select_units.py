@@ -237,6 +237,10 @@ def test_fit_lengths_accepts_a_zero_reserve():
     assert fit_lengths(50, 10, 32, 0) == (22, 10)
     assert fit_lengths(50, 40, 32, 0) == (0, 32)
     assert fit_lengths(50, 40, 32, 8) == (8, 24)
+    assert fit_lengths(5, 5, 1, 0) == (0, 1)  # the smallest budget
+    for budget, reserve in ((0, 0), (1, 1), (4, -1), (4, 4)):
+        with pytest.raises(ValueError, match=f"no room for the response: budget={budget}, reserve={reserve}"):
+            fit_lengths(5, 5, budget, reserve)
 
 
 def test_centroid_picks_follow_the_documented_per_row_kmeans_seed(tmp_path):
