@@ -103,7 +103,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import polars as pl
 
-from deft._util import PICKLE_SUFFIXES, find_sub, is_oom
+from deft._util import find_sub, is_oom, pickle_only_weights
 from deft.io import locked_output
 
 __all__ = [
@@ -548,9 +548,8 @@ class EncodedResponse:
 def _missing_weights_reason(folder: Path) -> str:
     """Why a model folder without ``*.safetensors`` cannot be an embedder,
     naming what it holds instead."""
-    names = sorted(p.name for p in folder.iterdir() if p.is_file())
-    pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES) or n.endswith(".bin.index.json")]
-    gguf = [n for n in names if n.endswith(".gguf")]
+    pickles = pickle_only_weights(folder)
+    gguf = sorted(p.name for p in folder.glob("*.gguf") if p.is_file())
     if pickles:
         return (f"the folder holds only pickled weights ({', '.join(pickles)}), which can run code when loaded; "
                 "embedders need .safetensors weights (model.save_pretrained(dir) in a trusted environment converts them)")
