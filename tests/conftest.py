@@ -120,6 +120,43 @@ def tiny_llama(tok, *, seed: int = 0, **overrides: Any):
     return LlamaForCausalLM(cfg)
 
 
+def tiny_train_assets(root: Path, *, lm_head_scale: float = 1.0, adjust=None) -> dict:
+    """What the trainer tests train on, under ``root``: :func:`tiny_llama` with
+    the SmolLM2 tokenizer (``tiny-llama/``; its lm_head multiplied by
+    ``lm_head_scale``), the first 200 rows of PRO's HH harmless test file graded
+    with a = 20 from their stored scores (``graded.parquet``; passed through
+    ``adjust(frame) -> frame`` first when given) and their Q_diff
+    (``qdiff.safetensors``). Returns the paths and the graded frame."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from deft.data import load
+    from deft.distribution import build_distribution, resolve_tokenizer, save_distribution
+    from deft.grade import grade
+
+    model_dir = root / "tiny-llama"
+    tok = AutoTokenizer.from_pretrained(str(shared_file("tokenizers/smollm2")))
+    model = tiny_llama(tok)
+    if lm_head_scale != 1.0:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(lm_head_scale)
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+
+    lines = gzip.open(shared_file("data/pro-hh/test_harmless_base.jsonl.gz"), "rt", encoding="utf-8").read().splitlines()[:200]
+    raw = root / "test_harmless_base.jsonl"
+    raw.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    graded = grade(load(raw).frame, a=20)
+    if adjust is not None:
+        graded = adjust(graded)
+    graded_path = root / "graded.parquet"
+    graded.write_parquet(graded_path)
+    dist_path = root / "qdiff.safetensors"
+    save_distribution(build_distribution(graded, resolve_tokenizer(str(model_dir)), template="auto", graded_path=graded_path),
+                      dist_path)
+    return {"root": root, "model": model_dir, "graded": graded_path, "dist": dist_path, "frame": graded}
+
+
 # --- a tiny reward model for scoring tests (no network) ---------------------
 
 VOCAB = 50304  # GPT-2's 50257 ids plus room for added special tokens

@@ -3,7 +3,6 @@ random Llama with the real SmolLM2 tokenizer and a graded slice of PRO's HH data
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import KILL_AT_SECOND_CHECKPOINT, shared_file, tiny_llama
+from conftest import KILL_AT_SECOND_CHECKPOINT, tiny_train_assets
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -29,30 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A tiny Llama (random), graded.parquet (200 PRO-HH rows, a=20) and Q_diff."""
-    from transformers import AutoTokenizer
-
-    from deft.data import load
-    from deft.distribution import build_distribution, resolve_tokenizer, save_distribution
-    from deft.grade import grade
-
-    root = tmp_path_factory.mktemp("train_assets")
-    tok_dir = shared_file("tokenizers/smollm2")
-    model_dir = root / "tiny-llama"
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    tiny_llama(tok).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-
-    src = shared_file("data/pro-hh/test_harmless_base.jsonl.gz")
-    lines = gzip.open(src, "rt", encoding="utf-8").read().splitlines()[:200]
-    raw = root / "test_harmless_base.jsonl"
-    raw.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    graded = grade(load(raw).frame, a=20)
-    graded_path = root / "graded.parquet"
-    graded.write_parquet(graded_path)
-    ptok = resolve_tokenizer(str(model_dir))
-    dist_path = root / "qdiff.safetensors"
-    save_distribution(build_distribution(graded, ptok, template="auto", graded_path=graded_path), dist_path)
-    return {"root": root, "model": model_dir, "graded": graded_path, "dist": dist_path, "frame": graded}
+    return tiny_train_assets(tmp_path_factory.mktemp("train_assets"))
 
 
 def overrides(assets, out: Path, **extra):

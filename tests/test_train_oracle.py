@@ -6,7 +6,6 @@ method's formula written out here."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import shared_file, tiny_llama
+from conftest import tiny_train_assets
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -25,50 +24,30 @@ OMEGA = 0.5
 SEED = 42
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A tiny Llama (random), graded.parquet (200 PRO-HH rows, a=20) and Q_diff."""
+def _longer_lists(graded):
+    """PRO-HH has pairs only; give every row a third, worst response (the worse
+    response of the next row, scored below the list), so "worst" is not
+    "second" and PRO/RRHF rank three responses; every fourth row a fourth
+    (the next row's better one, scored lower still), so a micro-batch mixes
+    lists of 3 and 4 and the trainer's slot mask matters."""
     import polars as pl
-    from transformers import AutoTokenizer
 
-    from deft.data import load
-    from deft.distribution import build_distribution, resolve_tokenizer, save_distribution
-    from deft.grade import grade
-
-    root = tmp_path_factory.mktemp("oracle_assets")
-    tok_dir = shared_file("tokenizers/smollm2")
-    model_dir = root / "tiny-llama"
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    model = tiny_llama(tok)
-    with torch.no_grad():  # logits of a real spread, so the log-probs differ between responses
-        model.lm_head.weight.mul_(20.0)
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-
-    src = shared_file("data/pro-hh/test_harmless_base.jsonl.gz")
-    lines = gzip.open(src, "rt", encoding="utf-8").read().splitlines()[:200]
-    raw = root / "test_harmless_base.jsonl"
-    raw.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    graded = grade(load(raw).frame, a=20)
-    # PRO-HH has pairs only; give every row a third, worst response (the worse
-    # response of the next row, scored below the list), so "worst" is not
-    # "second" and PRO/RRHF rank three responses; every fourth row a fourth
-    # (the next row's better one, scored lower still), so a micro-batch mixes
-    # lists of 3 and 4 and the trainer's slot mask matters
     resp, sc, pol = graded["responses"].to_list(), graded["scores"].to_list(), graded["polarity"].to_list()
     n = len(resp)
     extra = [[resp[(i + 1) % n][-1]] + ([resp[(i + 1) % n][0]] if i % 4 == 3 else []) for i in range(n)]
-    graded = graded.with_columns(
+    return graded.with_columns(
         pl.Series("responses", [r + e for r, e in zip(resp, extra)], dtype=graded["responses"].dtype),
         pl.Series("scores", [x + [min(x) - 1.0 - k for k in range(len(e))] for x, e in zip(sc, extra)], dtype=graded["scores"].dtype),
         pl.Series("polarity", [x + [0] * (len(e) - 1) + [x[-1]] for x, e in zip(pol, extra)], dtype=graded["polarity"].dtype),
     )
-    graded_path = root / "graded.parquet"
-    graded.write_parquet(graded_path)
-    ptok = resolve_tokenizer(str(model_dir))
-    dist_path = root / "qdiff.safetensors"
-    save_distribution(build_distribution(graded, ptok, template="auto", graded_path=graded_path), dist_path)
-    return {"root": root, "model": model_dir, "graded": graded_path, "dist": dist_path}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny Llama (random; lm_head x20, so the logits have a real spread and the
+    log-probs differ between responses), graded.parquet (200 PRO-HH rows, a=20,
+    lists lengthened by _longer_lists) and Q_diff."""
+    return tiny_train_assets(tmp_path_factory.mktemp("oracle_assets"), lm_head_scale=20.0, adjust=_longer_lists)
 
 
 def overrides(assets, out: Path, **extra):
