@@ -130,6 +130,7 @@ def _oracle(samples, method: str, responses: str, m: dict):
 
     B = len(samples)
     sft_term = None
+    w_sft = m["sft_weight"] if m["sft_weight"] is not None else 0.05  # the documented PRO/RRHF default
     if method == "sft":
         lm = -sum(s["logp"][0] for s in samples) / sum(s["n"][0] for s in samples)
     elif method == "dpo":  # reference = the initial model, i.e. the policy at step 1
@@ -148,7 +149,7 @@ def _oracle(samples, method: str, responses: str, m: dict):
             sc = [lp / n for lp, n in zip(s["logp"], s["n"])]
             r = s["rewards"]
             rank += sum(max(0.0, sc[j] - sc[i]) for i in range(len(sc)) for j in range(len(sc)) if r[i] > r[j])
-        sft_term = m["sft_weight"] * sum(-s["logp"][0] / s["n"][0] for s in samples) / B
+        sft_term = w_sft * sum(-s["logp"][0] / s["n"][0] for s in samples) / B
         lm = rank / B + sft_term
     elif method == "pro":
         rank, sft = 0.0, 0.0
@@ -161,7 +162,7 @@ def _oracle(samples, method: str, responses: str, m: dict):
                 terms = [sc[k] * max(d)] + [sc[j] * dj for j, dj in zip(range(k + 1, l), d)]
                 mx = max(terms)
                 rank += mx + math.log(sum(math.exp(t - mx) for t in terms)) - terms[0]
-            sft += m["sft_weight"] * (l - 1) ** 2 * (-s["logp"][0])
+            sft += w_sft * (l - 1) ** 2 * (-s["logp"][0])
         sft_term = sft / B
         lm = rank / B + sft_term
     else:

@@ -507,6 +507,22 @@ def run_cmd(
     console.print(f"report: {res.report}")
 
 
+@app.command("experiment")
+@_friendly_errors
+def experiment_cmd(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Experiment YAML, e.g. configs/experiments/hh-mini-cpu.yaml (keys: python/deft/experiment.py)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config key, KEY=VALUE (VALUE parsed as YAML), e.g. --set experiment.seeds=[0]; repeatable."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar over the whole experiment."),
+) -> None:
+    """Compare arms (base model, plain method, DEFT, ablations) over seeds on a held-out split: experiment.md with 95% intervals and verdicts; rerunning resumes."""
+    from deft.experiment import load_experiment_config, run_experiment
+
+    cfg = load_experiment_config(str(config) if config is not None else None, set_)
+    res = run_experiment(cfg, config_path=str(config) if config else None, overrides=set_, progress=progress)
+    console.print(res.markdown.read_text(encoding="utf-8"), markup=False, highlight=False)
+    console.print(f"experiment: {res.markdown} ({res.json})")
+
+
 def _take_local_rank(argv: List[str]) -> List[str]:
     """Remove ``--local_rank=N`` / ``--local-rank N`` (which the ``deepspeed``
     launcher puts before the subcommand: ``python -m deft --local_rank=0 train

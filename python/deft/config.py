@@ -20,7 +20,7 @@ import yaml
 
 from deft.errors import DeftError
 
-__all__ = ["SCHEMA", "METHODS", "ConfigError", "load_config", "apply_override", "defaults", "validate"]
+__all__ = ["SCHEMA", "METHODS", "DEFAULT_SFT_WEIGHT", "sft_weight", "ConfigError", "load_config", "apply_override", "defaults", "validate"]
 
 METHODS = ("sft", "dpo", "ipo", "pro", "rrhf")
 
@@ -60,12 +60,20 @@ SCHEMA: Dict[str, Any] = {
         "name": Field("dpo", "str", choices=METHODS),
         "beta": Field(0.1, "float", help="DPO/IPO beta"),
         "label_smoothing": Field(0.0, "float", help="conservative DPO epsilon"),
-        "sft_weight": Field(0.05, "float", help="PRO/RRHF weight of the SFT term"),
+        "sft_weight": Field(None, "float", nullable=True, help="weight of the SFT term, the length-normalised NLL of the best response "
+                                                              "(null: 0.05 for PRO/RRHF, 0 for DPO/IPO; > 0 for DPO/IPO is RPO-style DPO+NLL, "
+                                                              "the paper's 5e-2 for DEFT-DPO)"),
     },
     "deft": {
         "enabled": Field(True, "bool", help="add -omega * R_dis to the loss"),
         "distribution": Field(None, "str", nullable=True, help="qdiff.safetensors from `deft distribution`"),
         "omega": Field(2.5e-6, "float", help="weight of R_dis (paper: 2.5e-6 DPO, 2.5e-5 PRO)"),
+        "omega_share": Field(None, "float", nullable=True, help="set omega at the start so that ||grad(omega R_dis)|| is this fraction of "
+                                                                "||grad L_m|| (median over deft.calibration_batches micro-batches); "
+                                                                "replaces deft.omega, recorded in the manifest and reused on resume"),
+        "calibration_batches": Field(4, "int", help="micro-batches measured for deft.omega_share"),
+        "diagnose_every": Field(1, "int", help="measure rdis_grad_share and rdis_grad_cosine at step 0 and every N optimizer steps "
+                                               "(0: step 0 only); one extra forward and two backward passes of one micro-batch each time"),
         "responses": Field("all", "str", choices=("all", "best"), help="which responses' tokens R_dis averages over"),
     },
     "train": {
@@ -208,6 +216,17 @@ def apply_override(cfg: Dict[str, Any], override: str, schema: Optional[Mapping[
     node[parts[-1]] = _coerce(key, f, value)
 
 
+#: The SFT weight of each method when ``method.sft_weight`` is null.
+DEFAULT_SFT_WEIGHT = {"sft": 0.0, "dpo": 0.0, "ipo": 0.0, "pro": 0.05, "rrhf": 0.05}
+
+
+def sft_weight(method_cfg: Mapping[str, Any]) -> float:
+    """The effective ``method.sft_weight``: the configured one, else the
+    method's default (:data:`DEFAULT_SFT_WEIGHT`)."""
+    w = method_cfg.get("sft_weight")
+    return float(DEFAULT_SFT_WEIGHT[method_cfg["name"]] if w is None else w)
+
+
 def validate(cfg: Mapping[str, Any]) -> None:
     """Cross-field checks after all overrides."""
     if not cfg.get("model"):
@@ -238,6 +257,15 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise ConfigError("data.max_responses: must be >= 2")
     if t["save_total_limit"] < 1:
         raise ConfigError("train.save_total_limit: must be >= 1")
+    m, df = cfg["method"], cfg["deft"]
+    if m["sft_weight"] is not None and m["sft_weight"] < 0:
+        raise ConfigError(f"method.sft_weight: must be >= 0, got {m['sft_weight']}")
+    if df["omega_share"] is not None and not df["omega_share"] > 0:
+        raise ConfigError(f"deft.omega_share: must be positive, got {df['omega_share']}")
+    if df["calibration_batches"] < 1:
+        raise ConfigError(f"deft.calibration_batches: must be >= 1, got {df['calibration_batches']}")
+    if df["diagnose_every"] < 0:
+        raise ConfigError(f"deft.diagnose_every: must be >= 0, got {df['diagnose_every']}")
 
 
 def read_config(path: Optional[Union[str, Path]], overrides: Sequence[str], schema: Mapping[str, Any]) -> Dict[str, Any]:

@@ -542,6 +542,41 @@ def _check_from(from_stage: Optional[str]) -> None:
         raise ConfigError(f"--from {from_stage!r}: not a stage; stages: {', '.join(STAGES)}")
 
 
+def execute_stage(stage: "_Stage", fp: str, forced: bool, upstream: Mapping[str, str],
+                  log: Optional[Callable[[str], None]] = None) -> str:
+    """Skip, resume or run one stage with fingerprint ``fp`` (see the module
+    docstring), keeping its ``stage.json``; returns ``skipped``, ``resumed`` or ``ran``."""
+    log = log or _log
+    name = stage.name
+    outs = stage.outputs()
+    decision = _decide(stage, fp, forced)
+    t0 = time.perf_counter()
+    if decision == "skip":
+        log(f"{name}: up to date ({stage.folder})")
+        return "skipped"
+    resume = decision == "resume"
+    if not resume and stage.folder.exists():
+        rec = _read_stage(stage.folder)
+        why = "--from" if forced else ("its inputs or parameters changed" if rec is not None else "no record of a finished run")
+        log(f"{name}: clearing {stage.folder} ({why})")
+        shutil.rmtree(stage.folder)
+    _write_stage(stage.folder, {"stage": name, "fingerprint": fp, "status": "running", "upstream": dict(upstream),
+                                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    if resume and stage.complete_on_disk():
+        log(f"{name}: outputs complete from the interrupted run")
+    else:
+        log(f"{name}: {'resuming' if resume else 'running'} -> {stage.folder}")
+        stage.run(resume)
+    missing = [str(p) for p in outs.values() if not p.exists()]
+    if missing:
+        raise PipelineError(f"stage {name} finished without writing {', '.join(missing)}")
+    _write_stage(stage.folder, {"stage": name, "fingerprint": fp, "status": "done", "upstream": dict(upstream),
+                                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                "seconds": round(time.perf_counter() - t0, 3),
+                                "outputs": {k: str(p) for k, p in outs.items()}})
+    return "resumed" if resume else "ran"
+
+
 @locked_output("run", lambda a: a["cfg"]["run_dir"])  # RUN_DIR/.deft.lock; each stage locks its own folder
 def run_pipeline(cfg: Mapping[str, Any], *, from_stage: Optional[str] = None, config_path: Optional[str] = None,
                  overrides: Sequence[str] = (), on_stage: Optional[Callable[[StageResult], None]] = None) -> PipelineResult:
@@ -567,33 +602,8 @@ def run_pipeline(cfg: Mapping[str, Any], *, from_stage: Optional[str] = None, co
         fp = stage.fingerprint()
         _save_hash_cache(run_dir)
         outs = stage.outputs()
-        decision = _decide(stage, fp, forced)
         t0 = time.perf_counter()
-        if decision == "skip":
-            action = "skipped"
-            _log(f"{name}: up to date ({stage.folder})")
-        else:
-            resume = decision == "resume"
-            if not resume and stage.folder.exists():
-                rec = _read_stage(stage.folder)
-                why = "--from" if forced else ("its inputs or parameters changed" if rec is not None else "no record of a finished run")
-                _log(f"{name}: clearing {stage.folder} ({why})")
-                shutil.rmtree(stage.folder)
-            action = "resumed" if resume else "ran"
-            _write_stage(stage.folder, {"stage": name, "fingerprint": fp, "status": "running", "upstream": dict(upstream),
-                                        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-            if resume and stage.complete_on_disk():
-                _log(f"{name}: outputs complete from the interrupted run")
-            else:
-                _log(f"{name}: {'resuming' if resume else 'running'} -> {stage.folder}")
-                stage.run(resume)
-            missing = [str(p) for p in outs.values() if not p.exists()]
-            if missing:
-                raise PipelineError(f"stage {name} finished without writing {', '.join(missing)}")
-            _write_stage(stage.folder, {"stage": name, "fingerprint": fp, "status": "done", "upstream": dict(upstream),
-                                        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                        "seconds": round(time.perf_counter() - t0, 3),
-                                        "outputs": {k: str(p) for k, p in outs.items()}})
+        action = execute_stage(stage, fp, forced, upstream)
         res = StageResult(name, action, stage.folder, fp, time.perf_counter() - t0, {k: str(p) for k, p in outs.items()})
         results.append(res)
         metrics.log(stage=name, action=action, seconds=round(res.seconds, 3), fingerprint=fp)

@@ -51,6 +51,7 @@ Pipeline
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -75,6 +76,8 @@ from deft.losses import IGNORE_INDEX
 __all__ = ["Example", "encode_examples", "select_responses", "prepare_data", "train", "TrainResult"]
 
 PAIRWISE = ("dpo", "ipo")
+#: Below this R_dis gradient share at step 0, the trainer warns that R_dis cannot change the model.
+LOW_SHARE = 1e-3
 CHECKPOINTS = "checkpoints"
 
 
@@ -245,12 +248,13 @@ class Prepared:
     pad_token_id: int
 
 
-def prepare_data(cfg: Mapping[str, Any]) -> Prepared:
-    """Load the graded data, the distribution and the tokenizer; tokenise."""
-    import polars as pl
-
+def policy_tokenizers(cfg: Mapping[str, Any]):
+    """The policy's tokenizer as ``(hf_tokenizer, PolicyTokenizer)``: the
+    Hugging Face one (chat template, EOS, saving) and deft's native identity of
+    the same ``tokenizer.json`` (the vocabulary `deft distribution` counted)."""
     from deft._util import load_tokenizer
-    from deft.distribution import PolicyTokenizer, load_distribution, resolve_template, response_prefix
+    from deft.distribution import PolicyTokenizer
+    from deft.distribution import _vocab_hash  # the same identity `deft distribution` records
     from deft.io import sha256_text
 
     spec = cfg["tokenizer"] or cfg["model"]
@@ -259,12 +263,42 @@ def prepare_data(cfg: Mapping[str, Any]) -> Prepared:
     backend = getattr(hf_tok, "backend_tokenizer", None)
     if backend is None:
         raise ValueError(f"tokenizer {spec}: not a fast (tokenizers-based) tokenizer; deft needs its tokenizer.json")
-    from deft.distribution import _vocab_hash  # the same identity `deft distribution` records
-
     text = backend.to_str()
     vh, size = _vocab_hash(text)
     ptok = PolicyTokenizer(json=text, source=str(spec), sha256=sha256_text(text), vocab_hash=vh, vocab_size=size,
                            chat_template=getattr(hf_tok, "chat_template", None))
+    return hf_tok, ptok
+
+
+def frame_examples(cfg: Mapping[str, Any], frame: Any, template: str, hf_tok: Any, ptok: Any, method: Optional[str] = None) -> List[Example]:
+    """Tokenised :class:`Example` s of the rows of a canonical (or graded)
+    frame, as ``method`` (default ``method.name``) uses their responses."""
+    from deft.distribution import response_prefix
+
+    method = method or cfg["method"]["name"]
+    has_scores = "scores" in frame.columns
+    ids, prompts, resps, rews = [], [], [], []
+    for r in frame.iter_rows(named=True):
+        rs, sc = select_responses(r["responses"], r["scores"] if has_scores else None, method, cfg["data"]["max_responses"])
+        ids.append(r["id"])
+        prompts.append(render_prompt(r["context"], template, hf_tok))
+        resps.append(rs)
+        rews.append(sc)
+    return encode_examples(
+        ids, prompts, resps, rews, ptok.native, eos_token_id=int(hf_tok.eos_token_id), response_prefix=response_prefix(template),
+        max_length=cfg["data"]["max_length"], max_prompt_length=cfg["data"]["max_prompt_length"],
+        num_threads=cfg["data"]["num_threads"],
+    )
+
+
+def prepare_data(cfg: Mapping[str, Any]) -> Prepared:
+    """Load the graded data, the distribution and the tokenizer; tokenise."""
+    import polars as pl
+
+    from deft.distribution import load_distribution, resolve_template
+
+    spec = cfg["tokenizer"] or cfg["model"]
+    hf_tok, ptok = policy_tokenizers(cfg)
     dist_meta: Dict[str, str] = {}
     q = None
     want = cfg["data"]["template"]
@@ -296,20 +330,7 @@ def prepare_data(cfg: Mapping[str, Any]) -> Prepared:
         frame = frame.head(cfg["data"]["max_samples"])
     if frame.height == 0:
         raise ValueError(f"{graded_path}: no samples at levels {levels}")
-    method = cfg["method"]["name"]
-    has_scores = "scores" in frame.columns
-    ids, prompts, resps, rews = [], [], [], []
-    for r in frame.iter_rows(named=True):
-        rs, sc = select_responses(r["responses"], r["scores"] if has_scores else None, method, cfg["data"]["max_responses"])
-        ids.append(r["id"])
-        prompts.append(render_prompt(r["context"], template, hf_tok))
-        resps.append(rs)
-        rews.append(sc)
-    examples = encode_examples(
-        ids, prompts, resps, rews, ptok.native, eos_token_id=int(eos), response_prefix=response_prefix(template),
-        max_length=cfg["data"]["max_length"], max_prompt_length=cfg["data"]["max_prompt_length"],
-        num_threads=cfg["data"]["num_threads"],
-    )
+    examples = frame_examples(cfg, frame, template, hf_tok, ptok)
     return Prepared(examples, template, data_hash(examples), q, dist_meta, hf_tok, ptok, int(eos), int(pad))
 
 
@@ -400,11 +421,14 @@ def _to_slots(values, batch, fill=0.0):
     return out.index_put((batch["row"].to(values.device), batch["col"].to(values.device)), values)
 
 
-def compute_loss(cfg, method: str, module, out, batch, device, q_diff, ref: Optional[Any]):
-    """Loss and metrics of one micro-batch from the model output."""
+def loss_terms(cfg, method: str, module, out, batch, device, q_diff, ref: Optional[Any]):
+    """The two terms of one micro-batch's objective, ``(L_m, R_dis, metrics)``:
+    ``L_m`` the method's loss (with its SFT term), ``R_dis`` the distribution
+    reward (``None`` without a distribution)."""
     import torch
 
-    from deft.losses import deft_loss, dpo_loss, ipo_loss, length_normalized_scores, pro_loss, rrhf_loss, sft_loss
+    from deft.config import sft_weight
+    from deft.losses import dpo_loss, ipo_loss, length_normalized_scores, pro_loss, rrhf_loss, sft_loss
 
     logp, ntok = _seq_logps(out, batch, device)
     logp_s = _to_slots(logp, batch)
@@ -412,6 +436,7 @@ def compute_loss(cfg, method: str, module, out, batch, device, q_diff, ref: Opti
     valid = batch["valid"].to(device)
     rewards = batch["rewards"].to(device)
     m = cfg["method"]
+    w_sft = sft_weight(m)
     metrics: Dict[str, float] = {}
     if method == "sft":
         lm = sft_loss(logp_s, len_s, valid)
@@ -424,18 +449,22 @@ def compute_loss(cfg, method: str, module, out, batch, device, q_diff, ref: Opti
             o = ipo_loss(logp_s[:, 0], logp_s[:, 1], ref[:, 0], ref[:, 1], beta=m["beta"], chosen_lengths=len_s[:, 0], rejected_lengths=len_s[:, 1])
         lm = o.loss
         metrics.update({k: v for k, v in o.metrics().items() if k != "loss"})
+        if w_sft != 0.0:  # RPO-style: + weight x length-normalised NLL of the preferred response
+            sft_term = w_sft * sft_loss(logp_s[:, 0], len_s[:, 0], valid[:, 0], reduction="sequence")
+            metrics.update({"pair_loss": float(lm.detach()), "sft_term": float(sft_term.detach())})
+            lm = lm + sft_term
     elif method == "rrhf":
-        o = rrhf_loss(None, logp_s, len_s, valid, sft_weight=m["sft_weight"], rewards=rewards)
+        o = rrhf_loss(None, logp_s, len_s, valid, sft_weight=w_sft, rewards=rewards)
         lm = o.loss
         metrics.update({"rank_loss": float(o.rank_loss.detach()), "sft_term": float(o.sft_term.detach())})
     elif method == "pro":
         s, usable = length_normalized_scores(logp_s, len_s, valid)
-        o = pro_loss(s, rewards, logp_s[:, 0], valid=usable, sft_weight=m["sft_weight"])
+        o = pro_loss(s, rewards, logp_s[:, 0], valid=usable, sft_weight=w_sft)
         lm = o.loss
         metrics.update({"rank_loss": float(o.rank_loss.detach()), "sft_term": float(o.sft_term.detach())})
     else:  # pragma: no cover - validated by the config
         raise ValueError(f"unknown method {method!r}")
-    loss = lm
+    r_dis = None
     if q_diff is not None:
         from deft.ops import rdis_for_model
 
@@ -445,11 +474,65 @@ def compute_loss(cfg, method: str, module, out, batch, device, q_diff, ref: Opti
         if cfg["deft"]["responses"] == "best":
             mask &= (batch["col"].to(device) == 0)[:, None]
         r_dis = rdis_for_model(module, out.hidden_states[-1], q_diff, mask)
-        loss = deft_loss(lm, r_dis, cfg["deft"]["omega"])
         metrics["R_dis"] = float(r_dis.detach())
+    return lm, r_dis, metrics
+
+
+def compute_loss(cfg, method: str, module, out, batch, device, q_diff, ref: Optional[Any]):
+    """Loss ``L_m - omega * R_dis`` and metrics of one micro-batch from the model output."""
+    from deft.losses import deft_loss
+
+    lm, r_dis, metrics = loss_terms(cfg, method, module, out, batch, device, q_diff, ref)
+    loss = lm if r_dis is None else deft_loss(lm, r_dis, cfg["deft"]["omega"])
     metrics["L_m"] = float(lm.detach())
     metrics["loss"] = float(loss.detach())
     return loss, metrics
+
+
+def grad_terms(lm, r_dis, params) -> Dict[str, float]:
+    """Exact gradient norms of the two terms over ``params`` (two separate
+    backward passes through the same graph) and their inner product:
+    ``{"norm_L_m", "norm_R_dis", "dot"}`` with ``dot = grad(L_m) . grad(R_dis)``.
+    Nothing is accumulated into ``.grad``."""
+    import torch
+
+    g_m = torch.autograd.grad(lm, params, retain_graph=True, allow_unused=True)
+    g_r = torch.autograd.grad(r_dis, params, allow_unused=True)
+    nm = nr = dot = 0.0
+    for a, b in zip(g_m, g_r):
+        if a is not None:
+            nm += float(a.double().pow(2).sum())
+        if b is not None:
+            nr += float(b.double().pow(2).sum())
+        if a is not None and b is not None:
+            dot += float((a.double() * b.double()).sum())
+    return {"norm_L_m": math.sqrt(nm), "norm_R_dis": math.sqrt(nr), "dot": dot}
+
+
+def share_metrics(g: Mapping[str, float], omega: float) -> Dict[str, float]:
+    """``rdis_grad_share = ||grad(omega R_dis)|| / ||grad L_m||`` and
+    ``rdis_grad_cosine``, the cosine between ``grad L_m`` and
+    ``grad(-omega R_dis)`` -- the two terms as the minimised loss
+    ``L_m - omega R_dis`` adds them (positive: R_dis pushes the same way as
+    L_m)."""
+    nm, nr = g["norm_L_m"], g["norm_R_dis"]
+    share = abs(omega) * nr / nm if nm > 0 else float("inf") if omega and nr > 0 else 0.0
+    sign = -1.0 if omega >= 0 else 1.0
+    cos = sign * g["dot"] / (nm * nr) if nm > 0 and nr > 0 else 0.0
+    return {"rdis_grad_share": share, "rdis_grad_cosine": cos, "grad_norm_L_m": nm, "grad_norm_R_dis": nr}
+
+
+def _diagnose(cfg, method, module, batch, device, autocast_dtype, q_diff, ref, params) -> Dict[str, float]:
+    """Gradient norms of L_m and R_dis on one micro-batch, without touching
+    the training state (gradients, RNG)."""
+    import torch
+
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        # through the module, not a DeepSpeed engine: the engine's forward hooks expect engine.backward
+        out = _forward(module, batch, device, autocast_dtype, need_hidden=True)
+        lm, r_dis, _ = loss_terms(cfg, method, module, out, batch, device, q_diff, ref)
+        return grad_terms(lm, r_dis, params)
 
 
 # ---------------------------------------------------------------------------
@@ -653,6 +736,10 @@ def train(cfg: Mapping[str, Any], *, resume: bool = False) -> TrainResult:
     """Run a training job described by a validated config (see :mod:`deft.config`)."""
     import torch
 
+    from deft.config import sft_weight
+
+    cfg = copy.deepcopy(dict(cfg))
+    cfg["method"]["sft_weight"] = sft_weight(cfg["method"])  # the effective weight (null: the method's default)
     t = cfg["train"]
     method = cfg["method"]["name"]
     out_dir = Path(t["output_dir"])
@@ -766,6 +853,7 @@ def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method
 
     # ----- resume
     global_step, resumed_from = 0, None
+    restored_omega: Optional[Dict[str, Any]] = None
     if resume:
         cks = list_checkpoints(out_dir)
         if cks:
@@ -795,6 +883,7 @@ def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method
             if rng_file.exists():
                 _load_checkpoint_file(rng_file, lambda f: _set_rng_state(torch.load(f, weights_only=True)))
             global_step = resumed_from = step
+            restored_omega = state.get("omega")
             _log(f"resumed from {ck} (step {step})")
         else:
             _log("--resume: no checkpoint yet; starting from the beginning")
@@ -804,6 +893,25 @@ def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method
     _trim_metrics(out_dir / "metrics.jsonl", global_step)
     if d.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
+
+    # ----- omega: as configured, or calibrated to a gradient share (deft.omega_share)
+    params_for_norm = [p for p in module.parameters() if p.requires_grad]
+    zero3 = engine is not None and engine.zero_optimization_stage() == 3
+    diagnose = q_diff is not None and not zero3
+    if q_diff is not None and zero3:
+        _log("warning: rdis_grad_share is not measured under ZeRO-3 (the parameters are partitioned)")
+    omega_info: Dict[str, Any] = {"value": cfg["deft"]["omega"], "source": "deft.omega"}
+    runner.train()  # measured in the mode it trains in (dropout)
+    if q_diff is not None and cfg["deft"]["omega_share"] is not None:
+        if zero3:
+            raise ValueError("deft.omega_share needs the gradient of each term, which ZeRO-3 partitions; set deft.omega instead")
+        if restored_omega is not None and restored_omega.get("omega_share") == cfg["deft"]["omega_share"]:
+            omega_info = dict(restored_omega, source="checkpoint")
+            _log(f"omega {omega_info['value']:.4g} (calibrated to share {cfg['deft']['omega_share']:g}; from the checkpoint)")
+        else:
+            omega_info = _calibrate_omega(cfg, method, runner, module, examples, prep, device, autocast_dtype, q_diff, ref_all,
+                                          params_for_norm, d, steps_per_epoch * group)
+        cfg["deft"]["omega"] = float(omega_info["value"])
     from deft.io import MetricsLog
 
     metrics_log = MetricsLog(out_dir / "metrics.jsonl" if d.rank == 0 else None)
@@ -817,7 +925,8 @@ def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method
         bar = tqdm(total=total_steps, initial=global_step, desc=f"{method}{'+deft' if q_diff is not None else ''}", unit="step", dynamic_ncols=True)
     need_hidden = q_diff is not None
     last: Dict[str, float] = {}
-    params_for_norm = [p for p in module.parameters() if p.requires_grad]
+    every = cfg["deft"]["diagnose_every"]
+    diag: Dict[str, float] = {}
     start_epoch = global_step // steps_per_epoch
     skip_micro = (global_step % steps_per_epoch) * gas
     runner.train()
@@ -835,6 +944,13 @@ def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method
             idx = gidx[d.rank * mbs:(d.rank + 1) * mbs]
             batch = collate([examples[i] for i in idx], prep.pad_token_id)
             ref = ref_all[torch.as_tensor(idx)] if ref_all is not None else None
+            if diagnose and mi % gas == 0 and (global_step == 0 or (every > 0 and global_step % every == 0)):
+                diag = share_metrics(_diagnose(cfg, method, module, batch, device, autocast_dtype, q_diff, ref,
+                                               params_for_norm), cfg["deft"]["omega"])
+                if global_step == 0 and d.rank == 0 and diag["rdis_grad_share"] < LOW_SHARE:
+                    _log(f"warning: at step 0 the R_dis gradient is {diag['rdis_grad_share']:.2e} of the L_m gradient "
+                         f"(omega {cfg['deft']['omega']:.3g}): below {LOW_SHARE:g}, the distribution reward cannot change the "
+                         f"model at this omega; raise deft.omega or set deft.omega_share (e.g. 0.1)")
             out = _forward(runner, batch, device, autocast_dtype, need_hidden)
             loss, mets = compute_loss(cfg, method, module, out, batch, device, q_diff, ref)
             if not torch.isfinite(loss):
@@ -866,6 +982,8 @@ def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method
             global_step += 1
             dt = time.perf_counter() - t0
             row = {k: float(np.mean(v)) for k, v in acc.items()}
+            row.update(diag)  # measured on this step's first micro-batch, before its update
+            diag = {}
             if d.world > 1:
                 row = _mean_across(row, d)
                 tokens_all = tokens * d.world
@@ -887,7 +1005,7 @@ def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
             acc, tokens, t0 = {}, 0, time.perf_counter()
             if t["save_steps"] > 0 and global_step % t["save_steps"] == 0 and global_step < total_steps:
-                _save_checkpoint(cfg, out_dir, global_step, engine, model, optimizer, scheduler, d, prep, model_fp, epoch)
+                _save_checkpoint(cfg, out_dir, global_step, engine, model, optimizer, scheduler, d, prep, model_fp, epoch, omega_info)
             if global_step >= total_steps:
                 done = True
                 break
@@ -899,7 +1017,7 @@ def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method
         tb.close()
 
     # ----- final model
-    model_dir = _save_final(cfg, out_dir, engine, module, prep, d, model_fp, global_step, total_steps, ref_path)
+    model_dir = _save_final(cfg, out_dir, engine, module, prep, d, model_fp, global_step, total_steps, ref_path, omega_info)
     return TrainResult(out_dir, model_dir, global_step, total_steps, last, ref_path, ref_hit, resumed_from)
 
 
@@ -969,7 +1087,8 @@ def _trim_metrics(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(l + "\n" for l in keep))
 
 
-def _save_checkpoint(cfg, out_dir: Path, step: int, engine, model, optimizer, scheduler, d: Dist, prep: Prepared, model_fp: str, epoch: int) -> Path:
+def _save_checkpoint(cfg, out_dir: Path, step: int, engine, model, optimizer, scheduler, d: Dist, prep: Prepared, model_fp: str, epoch: int,
+                     omega_info: Optional[Mapping[str, Any]] = None) -> Path:
     import torch
 
     root = out_dir / CHECKPOINTS
@@ -1002,6 +1121,7 @@ def _save_checkpoint(cfg, out_dir: Path, step: int, engine, model, optimizer, sc
             "global_step": step, "epoch": epoch, "data_hash": prep.data_hash, "model_fingerprint": model_fp,
             "world_size": d.world, "micro_batch_size": cfg["train"]["micro_batch_size"],
             "gradient_accumulation_steps": cfg["train"]["gradient_accumulation_steps"], "config": cfg,
+            "omega": dict(omega_info) if omega_info else None,
         }
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
         _finalize_checkpoint(tmp, final)
@@ -1010,7 +1130,8 @@ def _save_checkpoint(cfg, out_dir: Path, step: int, engine, model, optimizer, sc
     return final
 
 
-def _save_final(cfg, out_dir: Path, engine, module, prep: Prepared, d: Dist, model_fp: str, step: int, total: int, ref_path) -> Optional[Path]:
+def _save_final(cfg, out_dir: Path, engine, module, prep: Prepared, d: Dist, model_fp: str, step: int, total: int, ref_path,
+                omega_info: Optional[Mapping[str, Any]] = None) -> Optional[Path]:
     from deft.io import versions, write_json_atomic
 
     state_dict = None
@@ -1049,6 +1170,8 @@ def _save_final(cfg, out_dir: Path, engine, module, prep: Prepared, d: Dist, mod
             "tokenizer": {"source": prep.policy_tokenizer.source, "sha256": prep.policy_tokenizer.sha256,
                           "vocab_hash": prep.policy_tokenizer.vocab_hash, "eos_token_id": prep.eos_token_id},
             "reference_cache": str(ref_path) if ref_path else None,
+            "omega": dict(omega_info) if omega_info and cfg["deft"]["enabled"] else None,
+            "diagnostics": diagnostics_summary(out_dir / "metrics.jsonl"),
             "world_size": d.world,
             "global_step": step,
             "total_steps": total,
@@ -1059,6 +1182,60 @@ def _save_final(cfg, out_dir: Path, engine, module, prep: Prepared, d: Dist, mod
         pub.done()
     _barrier(d)
     return model_dir
+
+
+def diagnostics_summary(metrics_path: Path) -> Optional[Dict[str, Any]]:
+    """The R_dis gradient share and cosine over a run's metrics.jsonl:
+    ``{"rdis_grad_share": {"step_0", "median", "last"}, "rdis_grad_cosine": {...},
+    "measured_steps"}``, or ``None`` when none was measured."""
+    rows = []
+    if metrics_path.exists():
+        for line in metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(r, dict) and r.get("rdis_grad_share") is not None:
+                rows.append(r)
+    if not rows:
+        return None
+    out: Dict[str, Any] = {"measured_steps": [int(r["step"]) - 1 for r in rows]}
+    for k in ("rdis_grad_share", "rdis_grad_cosine"):
+        v = [float(r[k]) for r in rows]
+        out[k] = {"step_0": v[0] if rows[0]["step"] == 1 else None, "median": float(np.median(v)), "last": v[-1]}
+    return out
+
+
+def _calibrate_omega(cfg, method, runner, module, examples, prep, device, autocast_dtype, q_diff, ref_all, params, d: Dist,
+                     epoch_len: int) -> Dict[str, Any]:
+    """omega such that ``omega * ||grad R_dis|| = omega_share * ||grad L_m||``,
+    with the median ratio over the first ``deft.calibration_batches``
+    micro-batches of the first epoch (the initial weights)."""
+    import torch
+
+    t, share = cfg["train"], float(cfg["deft"]["omega_share"])
+    mbs = t["micro_batch_size"]
+    order = epoch_order(len(examples), t["seed"], 0, mbs * d.world * t["gradient_accumulation_steps"])[:epoch_len]
+    n_micro = len(order) // (mbs * d.world)
+    ratios = []
+    t0 = time.perf_counter()
+    for i in range(min(cfg["deft"]["calibration_batches"], n_micro)):
+        gidx = order[i * mbs * d.world:(i + 1) * mbs * d.world]
+        idx = gidx[d.rank * mbs:(d.rank + 1) * mbs]
+        batch = collate([examples[j] for j in idx], prep.pad_token_id)
+        ref = ref_all[torch.as_tensor(idx)] if ref_all is not None else None
+        g = _diagnose(cfg, method, module, batch, device, autocast_dtype, q_diff, ref, params)
+        ratios.append(g["norm_R_dis"] / g["norm_L_m"] if g["norm_L_m"] > 0 else float("inf"))
+    rho = float(np.median(ratios))
+    if d.world > 1:
+        rho = _mean_across({"rho": rho}, d)["rho"]
+    if not (rho > 0 and math.isfinite(rho)):
+        raise ValueError(f"deft.omega_share: cannot calibrate omega, ||grad R_dis|| / ||grad L_m|| is {rho} on the first "
+                         f"{len(ratios)} micro-batches; set deft.omega instead")
+    omega = share / rho
+    _log(f"omega {omega:.4g}: ||grad R_dis|| / ||grad L_m|| = {rho:.4g} (median of {len(ratios)} micro-batches, "
+         f"{time.perf_counter() - t0:.1f}s), for a gradient share of {share:g}")
+    return {"value": omega, "source": "calibrated", "omega_share": share, "ratio_median": rho, "ratios": ratios}
 
 
 def _sha(path) -> Optional[str]:
