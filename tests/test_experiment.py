@@ -243,3 +243,31 @@ def test_experiment_runs_is_killed_and_resumes_to_the_same_result(tiny_setup, tm
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=1200)
     assert r.returncode == 0 and "running" not in r.stderr.replace("running ->", "") and "resuming" not in r.stderr
     assert _stable(json.loads((run_dir / "experiment.json").read_text())) == _stable(straight)
+
+
+def test_split_with_given_eval_files_drops_their_prompts_from_training(tmp_path):
+    """experiment.eval_files: those rows are the held-out split, and every input row with one of
+    their prompts leaves the training rows (here the eval file repeats 50 input prompts)."""
+    import polars as pl
+
+    from deft.data import load
+    from deft.experiment import EXPERIMENT_SCHEMA, _Split, prompt_key
+    from deft.config import read_config
+
+    lines = gzip.open(shared_file("data/pro-hh/test_harmless_base.jsonl.gz"), "rt", encoding="utf-8").read().splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(lines[:200]) + "\n", encoding="utf-8")
+    (tmp_path / "test.jsonl").write_text("\n".join(lines[150:260]) + "\n", encoding="utf-8")
+    cfg = read_config(None, ["model=m", f"inputs.files=[{tmp_path / 'train.jsonl'}]",
+                             f"experiment.eval_files=[{tmp_path / 'test.jsonl'}]"], EXPERIMENT_SCHEMA)
+    st = _Split(cfg, tmp_path / "run", {})
+    st.run(False)
+    train = pl.read_parquet(st.outputs()["train"])
+    held = pl.read_parquet(st.outputs()["eval"])
+    assert held.height == 110
+    hk = {prompt_key(c) for c in held["context"].to_list()}
+    assert not hk & {prompt_key(c) for c in train["context"].to_list()}
+    whole = load(tmp_path / "train.jsonl").frame
+    assert train.height == sum(prompt_key(c) not in hk for c in whole["context"].to_list())
+    assert train.height <= 150
+    info = json.loads(st.outputs()["split"].read_text())
+    assert info["eval_rows"] == 110 and info["train_rows"] == train.height

@@ -29,7 +29,9 @@ anything it depends on changed):
    conversation and ``split_seed`` -- into ``train.parquet`` and
    ``eval.parquet`` (``eval_fraction`` of the prompts), before any grading:
    no evaluation prompt is graded, counted into Q_diff or trained on, and a
-   prompt that occurs twice is on one side.
+   prompt that occurs twice is on one side. With ``eval_files`` (a given test
+   set) those files are the held-out rows and every input row with one of
+   their prompts is dropped from training.
 2. ``grade/``, ``distribution/``: ``deft grade`` and ``deft distribution`` of
    the training split, once.
 3. ``subsets/NAME/graded.parquet``: the training rows of each data choice.
@@ -93,6 +95,8 @@ EXPERIMENT_SECTION: Dict[str, Any] = {
     "seeds": Field([0], "list", help="every trained arm runs once per seed (train.seed)"),
     "baseline": Field(None, "str", nullable=True, help="the arm the others are compared with (default: the first trained arm)"),
     "eval_fraction": Field(0.1, "float", help="share of the prompts held out for evaluation"),
+    "eval_files": Field([], "list", help="evaluate on these files instead of a split of inputs.files (their prompts are removed from "
+                                         "the training rows), e.g. PRO's HH test sets"),
     "split_seed": Field(0, "int", help="salt of the prompt hash that splits train/eval"),
     "eval_pairs": Field(128, "int", help="held-out pairs for accuracy, margin, NLL and log-ratio"),
     "eval_prompts": Field(16, "int", help="held-out prompts generated from and scored by the reward model (0: none)"),
@@ -260,7 +264,8 @@ class _Split(_pl._Stage):
     def params(self):
         e = self.cfg["experiment"]
         return {"inputs": [_pl._file_hash(p) for p in self.cfg["inputs"]["files"]], "eval_fraction": e["eval_fraction"],
-                "split_seed": e["split_seed"], "on_error": self.cfg["inputs"]["on_error"]}
+                "split_seed": e["split_seed"], "on_error": self.cfg["inputs"]["on_error"],
+                "eval_files": [_pl._file_hash(p) for p in e["eval_files"]]}
 
     def outputs(self):
         return {"train": self.folder / "train.parquet", "eval": self.folder / "eval.parquet", "split": self.folder / "split.json"}
@@ -275,11 +280,21 @@ class _Split(_pl._Stage):
         from deft.io import write_json_atomic
 
         i = self.cfg["inputs"]
-        frames = [load(p, on_error=i["on_error"], rejects_path=self.folder / f"rejects-{k}.jsonl").frame
-                  for k, p in enumerate(i["files"])]
-        frame = pl.concat(frames, how="vertical_relaxed") if len(frames) > 1 else frames[0]
         e = self.cfg["experiment"]
-        train, held = split_by_prompt(frame, e["eval_fraction"], e["split_seed"])
+
+        def read(files, tag):
+            frames = [load(p, on_error=i["on_error"], rejects_path=self.folder / f"rejects-{tag}{k}.jsonl").frame
+                      for k, p in enumerate(files)]
+            return pl.concat(frames, how="vertical_relaxed") if len(frames) > 1 else frames[0]
+
+        frame = read(i["files"], "")
+        if e["eval_files"]:  # a given test set: its prompts leave the training rows
+            held = read(e["eval_files"], "eval-")
+            hk = {prompt_key(c, e["split_seed"]) for c in held["context"].to_list()}
+            keep = pl.Series([prompt_key(c, e["split_seed"]) not in hk for c in frame["context"].to_list()], dtype=pl.Boolean)
+            train = frame.filter(keep)
+        else:
+            train, held = split_by_prompt(frame, e["eval_fraction"], e["split_seed"])
         tk = {prompt_key(c, e["split_seed"]) for c in train["context"].to_list()}
         ek = {prompt_key(c, e["split_seed"]) for c in held["context"].to_list()}
         if tk & ek:  # cannot happen by construction; checked because everything downstream relies on it
@@ -288,7 +303,7 @@ class _Split(_pl._Stage):
         save(train, self.outputs()["train"])
         save(held, self.outputs()["eval"])
         write_json_atomic(self.outputs()["split"], {
-            "rows": frame.height, "train_rows": train.height, "eval_rows": held.height, "train_prompts": len(tk),
+            "rows": frame.height, "eval_files": list(e["eval_files"]), "train_rows": train.height, "eval_rows": held.height, "train_prompts": len(tk),
             "eval_prompts": len(ek), "eval_fraction": e["eval_fraction"], "split_seed": e["split_seed"],
             "key": "sha256(f'{split_seed}\\n' + render_hh(context)); held out when its first 15 hex digits / 16**15 < eval_fraction",
             "subsets": {"train": train["subset"].value_counts().sort("subset").to_dicts(),
