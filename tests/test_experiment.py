@@ -190,6 +190,8 @@ def test_experiment_runs_is_killed_and_resumes_to_the_same_result(tiny_setup, tm
     assert r.returncode == 0, r.stderr[-4000:]
     assert "Paired differences to `dpo-A`" in r.stdout
     straight = json.loads((ref_dir / "experiment.json").read_text())
+    units = sorted((ref_dir / "arms").glob("*/seed-*/train"))
+    assert len(units) == 4 and all((u / "model").is_dir() and not (u / "checkpoints").exists() for u in units)
 
     run_dir = tmp_path / "killed"
     cfg = experiment_config(tiny_setup, run_dir)

@@ -36,6 +36,27 @@ def test_shipped_pipeline_configs():
     assert got["hh-deft-dpo-all-levels"]["data"]["levels"] == ["A", "B", "C"] and got["hh-deft-dpo-all-levels"]["deft"]["enabled"]
     assert got["hh-deft-dpo-no-rdis"]["deft"]["omega"] == 0.0 and got["hh-deft-dpo-no-rdis"]["data"]["levels"] == ["A"]
     assert len({c["run_dir"] for c in got.values()}) == len(SHIPPED)
+    # Table A.1's SFT weight 5e-2 for DEFT-DPO and its ablations; plain DPO has none (null: the method's default, 0)
+    from deft.config import sft_weight
+
+    assert [sft_weight(got[n]["method"]) for n in ("hh-deft-dpo", "hh-deft-dpo-all-levels", "hh-deft-dpo-no-rdis")] == [0.05] * 3
+    assert got["hh-dpo"]["method"]["sft_weight"] is None and sft_weight(got["hh-dpo"]["method"]) == 0.0
+    assert sft_weight(got["hh-pro"]["method"]) == 0.05 and sft_weight(got["hh-deft-pro"]["method"]) == 0.05
+
+
+def test_shipped_experiment_configs():
+    from deft.experiment import load_experiment_config, parse_arms
+
+    for name in ("hh-mini-cpu", "demo-cpu", "hh-paper"):
+        cfg = load_experiment_config(str(REPO / "configs" / "experiments" / f"{name}.yaml"), ["model=some/model"])
+        arms = {a.name: a for a in parse_arms(cfg["experiment"]["arms"])}
+        assert arms["base"].base and cfg["experiment"]["baseline"] in arms
+    mini = load_experiment_config(str(REPO / "configs" / "experiments" / "hh-mini-cpu.yaml"))
+    arms = {a.name: dict(a.set) for a in parse_arms(mini["experiment"]["arms"])}
+    assert len(mini["experiment"]["seeds"]) >= 3
+    assert arms["dpo-A"] == {"deft.enabled": False} and arms["no-rdis"] == {"deft.enabled": False, "method.sft_weight": 0.05}
+    assert arms["deft-dpo-paper"]["deft.omega"] == 2.5e-6
+    assert {arms[n]["deft.omega_share"] for n in ("deft-dpo-share0.1", "deft-dpo-share0.5")} == {0.1, 0.5}
 
 
 def test_pipeline_config_errors(tmp_path):

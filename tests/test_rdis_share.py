@@ -101,6 +101,33 @@ def test_pairwise_sft_term_is_weight_times_length_normalised_nll(assets, method)
     assert "sft_term" not in mets0 and "pair_loss" not in mets0  # weight 0: no term, no metric
 
 
+@pytest.mark.parametrize("w", [0.0, 0.05, 1.0])
+def test_pairwise_sft_term_on_hand_made_logprobs(monkeypatch, w):
+    """Two pairs with made-up summed log-probs and lengths: the SFT term is w x the mean over
+    pairs of -logp(chosen) / n(chosen), added to the DPO loss; at w = 0 L_m is the DPO loss itself."""
+    import torch.nn.functional as F
+
+    import deft.train as tm
+
+    logp = torch.tensor([-10.0, -20.0, -6.0, -9.0], dtype=torch.float64)  # (chosen, rejected) of pair 0, then pair 1
+    ntok = torch.tensor([5, 4, 3, 3])
+    monkeypatch.setattr(tm, "_seq_logps", lambda out, batch, device: (logp, ntok))
+    batch = {"row": torch.tensor([0, 0, 1, 1]), "col": torch.tensor([0, 1, 0, 1]), "valid": torch.ones(2, 2, dtype=torch.bool),
+             "rewards": torch.zeros(2, 2)}
+    ref = torch.tensor([[-11.0, -19.0], [-6.5, -8.0]], dtype=torch.float64)
+    cfg = {"method": {"name": "dpo", "beta": 0.1, "label_smoothing": 0.0, "sft_weight": w}, "deft": {}}
+    lm, r_dis, mets = tm.loss_terms(cfg, "dpo", None, None, batch, torch.device("cpu"), None, ref)
+    h = torch.tensor([(-10 + 11) - (-20 + 19), (-6 + 6.5) - (-9 + 8)], dtype=torch.float64)
+    dpo = float((-F.logsigmoid(0.1 * h)).mean())
+    sft = w * (10 / 5 + 6 / 3) / 2
+    assert r_dis is None
+    assert float(lm) == pytest.approx(dpo + sft, rel=1e-12)
+    if w == 0.0:
+        assert float(lm) == dpo and "sft_term" not in mets
+    else:
+        assert mets["sft_term"] == pytest.approx(sft, rel=1e-12) and mets["pair_loss"] == pytest.approx(dpo, rel=1e-12)
+
+
 def test_sft_weight_defaults_by_method():
     from deft.config import load_config, sft_weight
 

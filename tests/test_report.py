@@ -105,3 +105,26 @@ def test_report_with_only_the_stage_table(tmp_path):
     text = write_report(run, CFG, []).read_text(encoding="utf-8")
     assert "## " not in text and "| stage | action | seconds | folder |" in text
     assert not (run / "train_curves.png").exists()
+
+
+def test_report_states_omega_and_the_rdis_gradient_share(tmp_path):
+    """The train manifest's omega and measured R_dis gradient share appear under Training, with the
+    plain warning when the share at step 0 is below 1e-3; a calibrated omega says so."""
+    run = _run_dir(tmp_path)
+    _write(run / "train" / "manifest.json", {
+        "omega": {"value": 2.5e-6, "source": "deft.omega"},
+        "diagnostics": {"measured_steps": [0, 2], "rdis_grad_share": {"step_0": 1.1e-7, "median": 1.2e-7, "last": 1.3e-7},
+                        "rdis_grad_cosine": {"step_0": 0.02, "median": 0.01, "last": 0.0}}})
+    lines = write_report(run, CFG, _results(run)).read_text(encoding="utf-8").splitlines()
+    i = lines.index("![training curves](train_curves.png)")
+    assert lines[i + 2] == ("omega 2.5e-06 (as configured). R_dis gradient share ||grad(omega R_dis)|| / ||grad L_m||: at step 0 "
+                            "1.1e-07 (cosine with the L_m gradient +0.020), median 1.2e-07 over 2 measured step(s). "
+                            "**At this omega the distribution reward is 1.1e-07 of the gradient: it cannot change the model "
+                            "(raise deft.omega or set deft.omega_share).**")
+    _write(run / "train" / "manifest.json", {
+        "omega": {"value": 3.38, "source": "calibrated", "omega_share": 0.1},
+        "diagnostics": {"measured_steps": [0], "rdis_grad_share": {"step_0": 0.098, "median": 0.098, "last": 0.098},
+                        "rdis_grad_cosine": {"step_0": -0.11, "median": -0.11, "last": -0.11}}})
+    text = write_report(run, CFG, _results(run)).read_text(encoding="utf-8")
+    assert "omega 3.38 (calibrated to a gradient share of 0.1). R_dis gradient share" in text
+    assert "at step 0 0.098 (cosine with the L_m gradient -0.110)" in text and "cannot change the model" not in text

@@ -70,7 +70,7 @@ import copy
 import gc
 import hashlib
 import json
-import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -106,6 +106,8 @@ EXPERIMENT_SECTION: Dict[str, Any] = {
     "tie_margin": Field(1.0, "float", help="reward points (0-100) within which a generation ties with the base model's"),
     "bootstrap": Field(2000, "int", help="bootstrap resamples of the 95% intervals"),
     "device": Field(None, "str", nullable=True, help="evaluation device (default: CUDA when available)"),
+    "keep_checkpoints": Field(False, "bool", help="keep each finished training unit's checkpoints (weights + optimizer state, "
+                                                 "about 3x the model; only needed to resume it)"),
 }
 
 EXPERIMENT_SCHEMA: Dict[str, Any] = {
@@ -805,7 +807,10 @@ def run_experiment(cfg: Mapping[str, Any], *, config_path: Optional[str] = None,
         for s in seeds:  # seed-major: an interrupted experiment has whole seeds of every arm
             for a in trained:
                 tu = {"subset": sub_fp[_subset_name(a, s)], "distribution": up["distribution"]}
-                tfp = step(_TrainUnit(cfg, run_dir, tu, a, s), f"{a.name}/seed-{s}/train", tu)
+                unit = _TrainUnit(cfg, run_dir, tu, a, s)
+                tfp = step(unit, f"{a.name}/seed-{s}/train", tu)
+                if not e["keep_checkpoints"]:  # the unit is done: its checkpoints only served a resume
+                    shutil.rmtree(unit.folder / "checkpoints", ignore_errors=True)
                 eu = {"train": tfp, "split": up["split"]}
                 step(_EvalUnit(cfg, run_dir, eu, a, s), f"{a.name}/seed-{s}/eval", eu)
                 gc.collect()

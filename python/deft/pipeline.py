@@ -649,6 +649,28 @@ def plot_training_curves(metrics_path: Path, out: Path) -> Optional[Path]:
     return out
 
 
+def _share_lines(manifest: Path) -> List[str]:
+    """The omega used and the measured R_dis gradient share, from a train manifest."""
+    if not manifest.exists():
+        return []
+    m = json.loads(manifest.read_text(encoding="utf-8"))
+    om, diag = m.get("omega"), m.get("diagnostics")
+    out: List[str] = []
+    if om:
+        how = (f"calibrated to a gradient share of {om['omega_share']:g}" if om.get("omega_share") is not None else "as configured")
+        out.append(f"omega {om['value']:.4g} ({how}).")
+    if diag:
+        sh, co = diag["rdis_grad_share"], diag["rdis_grad_cosine"]
+        s0 = sh.get("step_0")
+        first = f"at step 0 {s0:.3g} (cosine with the L_m gradient {co['step_0']:+.3f}), " if s0 is not None else ""
+        out.append(f"R_dis gradient share ||grad(omega R_dis)|| / ||grad L_m||: {first}median {sh['median']:.3g} over "
+                   f"{len(diag['measured_steps'])} measured step(s).")
+        if s0 is not None and s0 < 1e-3:
+            out.append(f"**At this omega the distribution reward is {s0:.1e} of the gradient: it cannot change the model "
+                       f"(raise deft.omega or set deft.omega_share).**")
+    return [" ".join(out), ""] if out else []
+
+
 def write_report(run_dir: Path, cfg: Mapping[str, Any], results: Sequence[StageResult]) -> Path:
     """run_dir/report.md from what the stages left on disk."""
     from deft.io import write_text_atomic
@@ -700,6 +722,7 @@ def write_report(run_dir: Path, cfg: Mapping[str, Any], results: Sequence[StageR
                                             ["step " + str(last["step"]), *[f"{last[k]:.4g}" for k in keys]]]) + [""]
         if png is not None:
             parts += ["![training curves](train_curves.png)", ""]
+        parts += _share_lines(run_dir / "train" / "manifest.json")
 
     emd = run_dir / "eval" / "eval.md"
     if emd.exists():
