@@ -52,7 +52,7 @@ DEFAULT_MUTANTS=(
   'deft.distribution.x_build_distribution__*' 'deft.distribution.x_top_tokens__*'
   'deft.train.x_select_responses__*' 'deft.train.x_encode_examples__*' 'deft.train.x_labels_for__*'
   'deft.train.x_collate__*' 'deft.train.x_lr_lambda__*' 'deft.train.x_epoch_order__*' 'deft.train.x__seq_logps__*'
-  'deft.train.x__to_slots__*' 'deft.train.x_compute_loss__*'
+  'deft.train.x__to_slots__*' 'deft.train.x_loss_terms__*' 'deft.train.x_compute_loss__*' 'deft.train.x_share_metrics__*'
   'deft.evaluate.x_cut_generation__*' 'deft.evaluate.x__char_ngrams__*' 'deft.evaluate.x_pro_bleu__*'
   'deft.evaluate.x_sacre_bleu__*' 'deft.evaluate.x_win_tie_lose__*' 'deft.evaluate.xǁWinTieLoseǁ*'
   'deft.evaluate.x_reference_response__*' 'deft.evaluate.x__reward_100__*'

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from deft.cli import app
 
 
-@pytest.mark.parametrize("cmd", [["stats"], ["grade"], ["eval"], ["run"], ["select"]])
+@pytest.mark.parametrize("cmd", [["stats"], ["grade"], ["eval"], ["run"], ["select"], ["experiment"]])
 def test_help_shows_no_type_after_flags(cmd) -> None:
     res = CliRunner().invoke(app, [*cmd, "--help"], terminal_width=200)
     assert res.exit_code == 0, res.output

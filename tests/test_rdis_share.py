@@ -145,22 +145,26 @@ def test_sft_weight_defaults_by_method():
         cfg("method.sft_weight=-1")
 
 
-def test_sft_weight_zero_is_todays_dpo_bit_for_bit(assets, tmp_path):
-    """An explicit sft_weight 0 trains exactly what the default (null) trains, and the
-    manifest records the effective weight."""
+def test_plain_dpo_default_has_no_sft_term(assets, tmp_path):
+    """Plain DPO (no distribution) with the default sft_weight (null) trains exactly what an explicit 0
+    trains and logs no SFT term; 0.05 trains something else. The manifest records the effective weight."""
     from safetensors.torch import load_file
 
     from deft.train import run
 
-    a = run(None, overrides(assets, tmp_path / "a", **{"train.max_steps": 2}))
-    b = run(None, overrides(assets, tmp_path / "b", **{"train.max_steps": 2, "method.sft_weight": 0.0}))
-    wa, wb = load_file(str(a.model_dir / "model.safetensors")), load_file(str(b.model_dir / "model.safetensors"))
+    plain = {"train.max_steps": 2, "deft.enabled": False, "deft.distribution": None}
+    a = run(None, overrides(assets, tmp_path / "a", **plain))
+    b = run(None, overrides(assets, tmp_path / "b", **plain, **{"method.sft_weight": 0.0}))
+    c = run(None, overrides(assets, tmp_path / "c", **plain, **{"method.sft_weight": 0.05}))
+    wa, wb, wc = (load_file(str(x.model_dir / "model.safetensors")) for x in (a, b, c))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["config"]["method"]["sft_weight"] == 0.0
-    c = run(None, overrides(assets, tmp_path / "c", **{"train.max_steps": 1, "method.sft_weight": 0.05}))
-    r = rows_of(tmp_path / "c")[0]
-    assert r["L_m"] == pytest.approx(r["pair_loss"] + r["sft_term"], rel=1e-6)
-    assert r["sft_term"] > 0 and not c.model_dir is None
+    ra, rc = rows_of(tmp_path / "a")[0], rows_of(tmp_path / "c")[0]
+    assert "sft_term" not in ra and "pair_loss" not in ra and ra["loss"] == ra["L_m"]
+    assert ra["L_m"] == pytest.approx(math.log(2), abs=1e-6)  # step 1: policy == reference, the DPO loss is log 2
+    assert rc["pair_loss"] == ra["L_m"] and rc["L_m"] == pytest.approx(rc["pair_loss"] + rc["sft_term"], rel=1e-6)
+    assert rc["sft_term"] > 0
 
 
 # --------------------------------------------------------------------------- 2. gradient share
@@ -225,19 +229,49 @@ def test_share_logged_at_step_0_and_every_n_steps_with_a_warning(assets, tmp_pat
     assert json.loads((out2 / "manifest.json").read_text())["diagnostics"] is None
 
 
-def test_diagnostics_do_not_change_training(assets, tmp_path, monkeypatch):
-    """The measuring passes leave gradients, RNG and weights alone: the same run with the
-    measurement replaced by a constant ends with bit-identical weights."""
+@pytest.fixture(scope="module")
+def dropout_model(assets, tmp_path_factory):
+    """The tiny Llama with attention dropout 0.1: training draws random numbers every forward pass."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("dropout") / "tiny-llama-dropout"
+    shutil.copytree(assets["model"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["attention_dropout"] = 0.1
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("extra", [{}, {"deft.omega_share": 0.2}])
+def test_diagnostics_do_not_change_training(assets, dropout_model, tmp_path, monkeypatch, extra):
+    """The measuring passes (and the calibration's) leave gradients, RNG and weights alone: with dropout
+    on, the same run with the measurement replaced by a constant ends with bit-identical weights."""
     from safetensors.torch import load_file
 
     import deft.train as tm
 
-    a = tm.run(None, overrides(assets, tmp_path / "a", **{"train.max_steps": 3}))
-    monkeypatch.setattr(tm, "_diagnose", lambda *a, **k: {"norm_L_m": 1.0, "norm_R_dis": 1.0, "dot": 0.0})
-    b = tm.run(None, overrides(assets, tmp_path / "b", **{"train.max_steps": 3}))
+    ov = {"model": str(dropout_model), "train.max_steps": 3, **extra}
+    a = tm.run(None, overrides(assets, tmp_path / "a", **ov))
+    calls = []
+
+    def fake(*a, **k):
+        calls.append(1)
+        return {"norm_L_m": 1.0, "norm_R_dis": 1.0, "dot": 0.0}
+
+    monkeypatch.setattr(tm, "_diagnose", fake)
+    if extra:  # the calibration keeps the omega of run a, so that only the measurement differs
+        omega = json.loads((tmp_path / "a" / "manifest.json").read_text())["omega"]
+        monkeypatch.setattr(tm, "_calibrate_omega", lambda *a, **k: dict(omega))
+    b = tm.run(None, overrides(assets, tmp_path / "b", **ov))
     wa, wb = load_file(str(a.model_dir / "model.safetensors")), load_file(str(b.model_dir / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert rows_of(tmp_path / "b")[0]["rdis_grad_share"] == 0.5
+    assert calls and rows_of(tmp_path / "b")[0]["rdis_grad_share"] == pytest.approx(json.loads(
+        (tmp_path / "b" / "manifest.json").read_text())["config"]["deft"]["omega"])
+    # and dropout is really on (the same run without it ends elsewhere), so the masks drawn after each
+    # measurement are the ones an unmeasured run draws
+    c = tm.run(None, overrides(assets, tmp_path / "c", **{**ov, "model": str(assets["model"])}))
+    wc = load_file(str(c.model_dir / "model.safetensors"))
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
 
 
 # --------------------------------------------------------------------------- omega_share
@@ -294,6 +328,37 @@ def test_omega_share_is_reused_on_resume(assets, tmp_path, monkeypatch):
     man = json.loads((out / "manifest.json").read_text())
     assert man["omega"]["value"] == first["value"] and man["omega"]["source"] == "checkpoint"
     assert man["config"]["deft"]["omega"] == first["value"]
+
+
+def test_omega_zero_and_checkpointing(assets, tmp_path, capfd):
+    """omega 0 with a distribution (the -R_dis ablation) measures nothing and warns of nothing; gradient
+    checkpointing (non-reentrant) works with the measurement and the calibration."""
+    from deft.train import run
+
+    run(None, overrides(assets, tmp_path / "zero", **{"train.max_steps": 1, "deft.omega": 0.0}))
+    assert "rdis_grad_share" not in rows_of(tmp_path / "zero")[0] and "warning: at step 0" not in capfd.readouterr().err
+    run(None, overrides(assets, tmp_path / "ckpt", **{"train.max_steps": 1, "train.gradient_checkpointing": True,
+                                                      "deft.omega_share": 0.2, "deft.calibration_batches": 2}))
+    r = rows_of(tmp_path / "ckpt")[0]
+    assert r["rdis_grad_share"] == pytest.approx(0.2, rel=0.5)
+
+
+def test_resume_with_another_omega_setting_is_refused(assets, tmp_path, monkeypatch):
+    import deft.train as tm
+
+    out = tmp_path / "run"
+    real_save = tm._save_checkpoint
+
+    def crash(*a, **k):
+        real_save(*a, **k)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(tm, "_save_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        tm.run(None, overrides(assets, out, **{"train.max_steps": 3, "train.save_steps": 1, "deft.omega_share": 0.2}))
+    monkeypatch.setattr(tm, "_save_checkpoint", real_save)
+    with pytest.raises(ValueError, match="cannot resume with deft.omega_share 0.5: the checkpoint at step 1 was trained with omega_share 0.2"):
+        tm.run(None, overrides(assets, out, **{"train.max_steps": 3, "train.save_steps": 1, "deft.omega_share": 0.5}), resume=True)
 
 
 def test_omega_share_config_checks():

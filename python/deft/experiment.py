@@ -50,13 +50,14 @@ The evaluation, per held-out prompt:
 * ``accuracy`` / ``margin``: the implicit reward ``beta * log(pi / pi_ref)``
   of the human-preferred response minus that of the other one (``beta`` =
   ``method.beta`` of the base config; the reference is the base model), on the
-  first ``eval_pairs`` held-out pairs; accuracy counts a tie as 1/2, so the
+  first ``eval_pairs`` held-out pairs in the order of their prompt hash (a
+  uniform sample of every file and subset); every model in float32; accuracy counts a tie as 1/2, so the
   base model scores exactly 0.5 with margin 0;
 * ``nll``: the per-token negative log-likelihood of the preferred response;
   ``logratio``: its per-token log-ratio to the base model (how far training
   drifted);
 * ``reward``: ``100 * sigmoid(score)`` of the greedy generation for the first
-  ``eval_prompts`` held-out prompts under ``reward_model`` (one that grading
+  ``eval_prompts`` held-out prompts (in the same order) under ``reward_model`` (one that grading
   did not use: the builtin offline model when grading used stored scores),
   and ``win`` (+1 / 0 / -1) against the base model's generation with the tie
   margin of ``deft eval``;
@@ -218,6 +219,10 @@ def validate(cfg: Mapping[str, Any]) -> None:
             raise ConfigError(f"experiment.{k}: must be >= 1, got {e[k]}")
     if e["eval_prompts"] < 0:
         raise ConfigError(f"experiment.eval_prompts: must be >= 0, got {e['eval_prompts']}")
+    g = cfg["grade"]
+    if not g["use_input_scores"] and g["reward_model"] == e["reward_model"]:
+        raise ConfigError(f"experiment.reward_model: {e['reward_model']!r} is the reward model grading used; the evaluation needs "
+                          f"another one (grading with stored scores: grade.use_input_scores; or any other model)")
     for a in trained:
         tcfg = arm_train_config(cfg, a, e["seeds"][0])
         tcfg["data"]["graded"] = "graded.parquet"
@@ -267,7 +272,7 @@ class _Split(_pl._Stage):
         e = self.cfg["experiment"]
         return {"inputs": [_pl._file_hash(p) for p in self.cfg["inputs"]["files"]], "eval_fraction": e["eval_fraction"],
                 "split_seed": e["split_seed"], "on_error": self.cfg["inputs"]["on_error"],
-                "eval_files": [_pl._file_hash(p) for p in e["eval_files"]]}
+                "eval_files": [_pl._file_hash(p) for p in e["eval_files"]], "order": "prompt-key"}
 
     def outputs(self):
         return {"train": self.folder / "train.parquet", "eval": self.folder / "eval.parquet", "split": self.folder / "split.json"}
@@ -301,6 +306,18 @@ class _Split(_pl._Stage):
         ek = {prompt_key(c, e["split_seed"]) for c in held["context"].to_list()}
         if tk & ek:  # cannot happen by construction; checked because everything downstream relies on it
             raise ExperimentError(f"split: {len(tk & ek)} prompts on both sides")
+        if train.height == 0 or held.height == 0:
+            raise ExperimentError(f"split: {train.height} training and {held.height} held-out rows; both must be non-empty "
+                                  f"(change experiment.eval_fraction or eval_files)")
+        unranked = held.filter(~pl.col("ranked"))
+        if unranked.height:
+            r = unranked.row(0, named=True)
+            raise ExperimentError(f"{r['source_file']}:{r['source_line']}: held-out row {r['id']!r} does not say which response "
+                                  f"is preferred (ranked false); the evaluation needs the preferred response first")
+        # the held-out rows in the order of their prompt hash: the first N (eval_pairs, eval_prompts) are a
+        # uniform sample of every file and subset, not the head of the first file
+        held = held.with_columns(pl.Series("_key", [prompt_key(c, e["split_seed"]) for c in held["context"].to_list()]))
+        held = held.sort("_key").drop("_key")
         self.folder.mkdir(parents=True, exist_ok=True)
         save(train, self.outputs()["train"])
         save(held, self.outputs()["eval"])
@@ -387,10 +404,8 @@ class _TrainUnit(_pl._Stage):
         return tcfg
 
     def params(self):
-        tcfg = self.train_config()
-        tcfg["data"]["graded"] = tcfg["deft"]["distribution"] = tcfg["train"]["output_dir"] = tcfg["train"]["ref_cache_dir"] = None
-        tcfg["train"]["progress"] = tcfg["train"]["tensorboard"] = None
-        tcfg.pop("allow_pickle", None)
+        tcfg = _pl.train_fingerprint_config(self.train_config())
+        tcfg["train"]["ref_cache_dir"] = None  # a cache: does not change the result
         return {"config": tcfg, "model": _pl._spec_hash(self.cfg["model"], gguf_file=self.cfg.get("gguf_file")),
                 "tokenizer": _pl._spec_hash(self.cfg["tokenizer"], weights=False)}
 
@@ -416,7 +431,7 @@ class _EvalUnit(_pl._Stage):
 
     def params(self):
         e = self.cfg["experiment"]
-        p = {"experiment": {k: e[k] for k in ("eval_pairs", "eval_prompts", "reward_template", "batch_size")},
+        p = {"experiment": {k: e[k] for k in ("eval_pairs", "eval_prompts", "reward_template", "batch_size", "device")},
              "reward_model": e["reward_model"] if e["reward_model"] == "builtin" else _pl._spec_hash(e["reward_model"]),
              "generation": self.cfg["generation"], "data": {k: self.cfg["data"][k] for k in ("template", "max_length", "max_prompt_length")},
              "tokenizer": _pl._spec_hash(self.cfg["tokenizer"], weights=False)}
@@ -463,8 +478,9 @@ def evaluate_model(cfg: Mapping[str, Any], eval_split: Path, spec: str, *, gguf_
     tcfg = {k: copy.deepcopy(cfg[k]) for k in TRAIN_SCHEMA}
     hf_tok, ptok = policy_tokenizers(tcfg)
     template = resolve_template(cfg["data"]["template"], ptok)
+    # float32 on every device: the margins compare log-probs of two models, which bf16 rounding would swamp
     model, gen_tok = load_policy(spec, gguf_file=gguf_file, tokenizer=tokenizer or cfg["tokenizer"], device=e["device"],
-                                 trust_remote_code=cfg["trust_remote_code"], allow_pickle=cfg["allow_pickle"])
+                                 dtype="float32", trust_remote_code=cfg["trust_remote_code"], allow_pickle=cfg["allow_pickle"])
     device = next(model.parameters()).device
     pad = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else hf_tok.eos_token_id
     pairs = held.head(e["eval_pairs"])
@@ -494,7 +510,7 @@ def evaluate_model(cfg: Mapping[str, Any], eval_split: Path, spec: str, *, gguf_
         score = score_responses(rm, rows["context"].to_list(), texts)
         gens = {"ids": rows["id"].to_list(), "text": texts, "score": score.tolist(), "reward": _reward_100(score).tolist(),
                 "reward_model": str(getattr(rm, "name", e["reward_model"]))}
-    return {"model": spec, "gguf_file": gguf_file, "template": template,
+    return {"model": spec, "gguf_file": gguf_file, "template": template, "device": device.type, "dtype": "float32",
             "pairs": {"ids": pairs["id"].to_list(), "logp_chosen": logp[:, 0].tolist(), "logp_rejected": logp[:, 1].tolist(),
                       "n_chosen": ntok[:, 0].tolist(), "n_rejected": ntok[:, 1].tolist()},
             "generations": gens, "seconds": {"pairs": round(t_pairs, 3), "total": round(time.perf_counter() - t0, 3)}}
@@ -545,6 +561,9 @@ def paired_difference(a: Any, b: Any, higher_is_better: Optional[bool], *, n_boo
 
 def _item_metrics(rec: Mapping[str, Any], base: Mapping[str, Any], beta: float, tie_margin: float) -> Dict[str, np.ndarray]:
     p, bp = rec["pairs"], base["pairs"]
+    if (rec.get("device"), rec.get("dtype")) != (base.get("device"), base.get("dtype")):
+        raise ExperimentError(f"{rec['model']} was evaluated on {rec.get('device')}/{rec.get('dtype')} but the base model on "
+                              f"{base.get('device')}/{base.get('dtype')}: log-probs are not comparable; set experiment.device")
     if p["ids"] != bp["ids"]:
         raise ExperimentError("evaluation records hold different held-out pairs; rerun the experiment")
     lc, lr = np.asarray(p["logp_chosen"]), np.asarray(p["logp_rejected"])
@@ -626,12 +645,29 @@ def summarise(cfg: Mapping[str, Any], run_dir: Path) -> Dict[str, Any]:
             }
         out_arms.append(row)
     split = json.loads((run_dir / "split" / "split.json").read_text(encoding="utf-8"))
+    import polars as pl
+
+    held = pl.read_parquet(run_dir / "split" / "eval.parquet", columns=["id", "subset"])
+    sub = dict(zip(held["id"].to_list(), held["subset"].to_list()))
+
+    def by_subset(ids):
+        out: Dict[str, int] = {}
+        for i in ids:
+            out[sub[i]] = out.get(sub[i], 0) + 1
+        return dict(sorted(out.items()))
+
     return {"format": "deft-experiment-v1", "run_dir": str(run_dir), "seeds": seeds, "baseline": baseline,
             "eval": {"pairs": len(base["pairs"]["ids"]), "prompts": len(base["generations"]["ids"]), "beta": beta,
+                     "pairs_by_subset": by_subset(base["pairs"]["ids"]), "prompts_by_subset": by_subset(base["generations"]["ids"]),
+                     "device": base.get("device"), "dtype": base.get("dtype"),
                      "reward_model": base["generations"].get("reward_model"), "tie_margin": e["tie_margin"], "bootstrap": nb},
             "split": {k: split[k] for k in ("train_rows", "eval_rows", "eval_fraction", "split_seed")},
             "metrics": {m: {"label": lab, "higher_is_better": hib} for m, (lab, hib) in METRICS.items()},
             "arms": out_arms}
+
+
+def _counts(d: Mapping[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in d.items())
 
 
 def _ci(c: Mapping[str, float], digits: int = 3) -> str:
@@ -647,8 +683,9 @@ def write_markdown(summary: Mapping[str, Any], path: Path, *, command: Optional[
     if command:
         lines += [f"Command: `{command}`", ""]
     lines += [f"{len(summary['seeds'])} seed(s) {summary['seeds']}; held-out split: {summary['split']['eval_rows']} rows "
-              f"({summary['split']['eval_fraction']:g} of the prompts, by prompt hash), of which {ev['pairs']} pairs and "
-              f"{ev['prompts']} generation prompts are evaluated; implicit-reward beta {ev['beta']:g}; generations scored by "
+              f"({summary['split']['eval_fraction']:g} of the prompts, by prompt hash), of which {ev['pairs']} pairs "
+              f"({_counts(ev['pairs_by_subset'])}) and {ev['prompts']} generation prompts ({_counts(ev['prompts_by_subset'])}) "
+              f"are evaluated; implicit-reward beta {ev['beta']:g}; generations scored by "
               f"{ev['reward_model'] or 'no reward model'}. Each cell: mean [95% bootstrap interval over prompts and seeds].", ""]
     header = ["arm", "data"] + [METRICS[m][0] for m in ms] + ["W/T/L vs base (prompts x seeds)"]
     rows = []
@@ -684,7 +721,7 @@ def write_markdown(summary: Mapping[str, Any], path: Path, *, command: Optional[
         share = t["rdis_grad_share"]
         rows.append([a["name"], t["samples"], f"{t['steps']:.0f}", f"{t['seconds']:.0f}", f"{t['tokens']:.0f}",
                      ", ".join(f"{o:.3g}" for o in om) if om else "off",
-                     f"{share:.2e}" if share is not None else "not measured (R_dis off)"])
+                     f"{share:.2e}" if share is not None else ("R_dis off" if not om or om == [0.0] else "not measured")])
     lines += md_table(header, rows) + [""]
     lines += ["Verdicts: **better** / **worse** when the 95% interval of the paired difference excludes 0 (for the NLL lower "
               "is better; the log-ratio has no direction: higher / lower), else **no measurable difference**. "

@@ -246,6 +246,29 @@ def _train_config(cfg: Mapping[str, Any], run_dir: Path) -> Dict[str, Any]:
     return tcfg
 
 
+def train_fingerprint_config(tcfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """A `deft train` config as a training fingerprint sees it: only what can
+    change the trained model. The paths the pipeline fills in, progress bars,
+    TensorBoard, ``allow_pickle`` and ``deft.diagnose_every`` (a measurement)
+    are left out; ``method.sft_weight`` is the effective weight; the
+    ``omega_share`` keys are left out while unused, so that runs from before
+    they existed keep their fingerprints."""
+    from deft.config import sft_weight
+
+    t = copy.deepcopy(dict(tcfg))
+    for key in _FILLED:
+        sec, k = key.split(".")
+        t[sec][k] = None
+    t["train"]["progress"] = t["train"]["tensorboard"] = None
+    t.pop("allow_pickle", None)
+    t["deft"].pop("diagnose_every", None)
+    if t["deft"].get("omega_share") is None:
+        t["deft"].pop("omega_share", None)
+        t["deft"].pop("calibration_batches", None)
+    t["method"]["sft_weight"] = sft_weight(t["method"])
+    return t
+
+
 def _tokenizer_spec(cfg: Mapping[str, Any]) -> str:
     return cfg["tokenizer"] or cfg["model"]
 
@@ -383,12 +406,7 @@ class _Train(_Stage):
     name = "train"
 
     def params(self):
-        tcfg = _train_config(self.cfg, self.run_dir)
-        for key in _FILLED:
-            sec, k = key.split(".")
-            tcfg[sec][k] = None
-        tcfg["train"]["progress"] = tcfg["train"]["tensorboard"] = None  # do not change the result
-        tcfg.pop("allow_pickle", None)  # neither (and older runs' fingerprints stay valid)
+        tcfg = train_fingerprint_config(_train_config(self.cfg, self.run_dir))
         return {"config": tcfg, "model": _spec_hash(self.cfg["model"], gguf_file=self.cfg.get("gguf_file")),
                 "tokenizer": _spec_hash(self.cfg["tokenizer"], weights=False)}
 

@@ -45,7 +45,12 @@ Pipeline
    the tokenizer), ``OUTPUT_DIR/manifest.json`` (config, data and model
    hashes, versions, git commit) and ``OUTPUT_DIR/metrics.jsonl`` (one line per
    optimizer step: loss, L_m, R_dis, rewards, margin, accuracy, lr, tokens/s,
-   grad norm).
+   grad norm; with a distribution, at step 0 and every ``deft.diagnose_every``
+   steps the R_dis gradient share and cosine, :func:`share_metrics`).
+8. **omega** is ``deft.omega``, or with ``deft.omega_share`` calibrated before
+   the first step (:func:`_calibrate_omega`) and kept in every checkpoint, so
+   a resumed run uses the same value. DPO/IPO add ``method.sft_weight`` x the
+   length-normalised NLL of the preferred response (RPO-style; 0 by default).
 """
 
 from __future__ import annotations
@@ -690,7 +695,8 @@ def _load_model(cfg: Mapping[str, Any]):
     except OSError as e:
         raise FileNotFoundError(f"model {cfg['model']}: {e}") from None
     if cfg["train"]["gradient_checkpointing"]:
-        model.gradient_checkpointing_enable()
+        # non-reentrant: the R_dis gradient share takes torch.autograd.grad, which reentrant checkpointing refuses
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "config"):
         model.config.use_cache = False
     return model
@@ -908,10 +914,17 @@ def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method
         if restored_omega is not None and restored_omega.get("omega_share") == cfg["deft"]["omega_share"]:
             omega_info = dict(restored_omega, source="checkpoint")
             _log(f"omega {omega_info['value']:.4g} (calibrated to share {cfg['deft']['omega_share']:g}; from the checkpoint)")
+        elif global_step > 0:  # calibrating now would measure the trained weights, not the initial ones
+            had = restored_omega.get("omega_share") if restored_omega else None
+            raise ValueError(f"cannot resume with deft.omega_share {cfg['deft']['omega_share']:g}: the checkpoint at step {global_step} "
+                             f"was trained with {'omega_share ' + format(had, 'g') if had is not None else 'a fixed omega'}; "
+                             f"use the same setting or start a new run")
         else:
             omega_info = _calibrate_omega(cfg, method, runner, module, examples, prep, device, autocast_dtype, q_diff, ref_all,
                                           params_for_norm, d, steps_per_epoch * group)
         cfg["deft"]["omega"] = float(omega_info["value"])
+    if diagnose and cfg["deft"]["omega"] == 0.0:
+        diagnose = False  # R_dis is off (the -R_dis ablation): its share is 0 by construction
     from deft.io import MetricsLog
 
     metrics_log = MetricsLog(out_dir / "metrics.jsonl" if d.rank == 0 else None)
