@@ -82,18 +82,18 @@ def test_score_frame_halves_on_oom_and_matches_the_size_that_fits(frame, rm_dir,
 
 
 def test_score_oom_on_a_single_pair_and_other_errors_are_raised(frame, rm_dir, tmp_path):
-    from deft.score import _score_with_split, load_reward_model
+    from deft.score import load_reward_model, score_with_split
 
     rm = load_reward_model(str(rm_dir), device="cpu")
     items = rm.encode(frame["context"].to_list()[:4], [r[0] for r in frame["responses"].to_list()[:4]])
     sizes = _oom_above(rm.model, 0)
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        _score_with_split(rm, items)
+        score_with_split(rm, items)
     assert sizes == [4, 2, 1]  # halved down to one pair, which is then raised
     rm = load_reward_model(str(rm_dir), device="cpu")
     sizes = _oom_above(rm.model, 0, error=RuntimeError("CUDA error: an illegal memory access was encountered"))
     with pytest.raises(RuntimeError, match="illegal memory access"):
-        _score_with_split(rm, items)
+        score_with_split(rm, items)
     assert sizes == [4]  # not an OOM: no retry
 
 

@@ -1,5 +1,5 @@
 """Pickle-only policy weights (pytorch_model.bin) are refused by `deft train`
-and `deft eval` (deft._util.load_causal_lm) unless the user opts in; safetensors
+and `deft eval` (deft._hf.load_causal_lm) unless the user opts in; safetensors
 policies need no opt-in (issue 10, item 5)."""
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def models(tmp_path_factory):
 def test_load_causal_lm_refuses_pickle_unless_allowed(models, monkeypatch):
     import transformers
 
-    from deft._util import load_causal_lm
+    from deft._hf import load_causal_lm
     from deft.errors import DeftError, UnsafeWeightsError
 
     calls = []

@@ -53,16 +53,16 @@ and :meth:`~BuiltinRewardModel.score`.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ._hf import quiet_transformers
 from ._util import chars_per_token, tokenize_clipped
 from .errors import DeftError
 from .io import sha256_file
@@ -159,26 +159,6 @@ def minilm_fingerprint(path: Path) -> Dict[str, Any]:
         "tokenizer_sha256": sha256_file(path / "tokenizer.json"),
         "weights_bytes": (path / "model.safetensors").stat().st_size,
     }
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' weight-loading progress bar and info logs."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        yield
-        return
-    bar = hf_logging.is_progress_bar_enabled()
-    level = hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bar:
-            hf_logging.enable_progress_bar()
 
 
 # --------------------------------------------------------------------------- encoding
@@ -280,7 +260,7 @@ class MiniLMFeaturizer:
         path = minilm_path() if path is None else Path(path)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        with _quiet_transformers():
+        with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
             model = AutoModel.from_pretrained(
                 str(path), local_files_only=True, trust_remote_code=False, use_safetensors=True

@@ -19,16 +19,16 @@ counts, and the graded file (path, SHA-256) with its manifest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import polars as pl
 
+from deft._hf import vocab_hash
 from deft.io import atomic_path, check_publication, locked_output, sha256_file, sha256_text
 
 FORMAT = "deft-qdiff-v1"
@@ -63,15 +63,6 @@ class PolicyTokenizer:
 
             self._native = Tokenizer.from_str(self.json)
         return self._native
-
-
-def _vocab_hash(tokenizer_json: str) -> Tuple[str, int]:
-    from tokenizers import Tokenizer as PyTokenizer
-
-    vocab = PyTokenizer.from_str(tokenizer_json).get_vocab(with_added_tokens=True)
-    items = sorted(vocab.items(), key=lambda kv: (kv[1], kv[0]))
-    size = max(vocab.values()) + 1 if vocab else 0
-    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest(), size
 
 
 def _chat_template_beside(folder: Path) -> Optional[str]:
@@ -112,7 +103,7 @@ def resolve_tokenizer(spec: Union[str, "os.PathLike[str]"], *, trust_remote_code
         if backend is None:
             raise ValueError(f"tokenizer {spec!s} is not a fast (tokenizers-based) tokenizer; deft needs its tokenizer.json")
         text, chat = backend.to_str(), getattr(tok, "chat_template", None)
-    vh, size = _vocab_hash(text)
+    vh, size = vocab_hash(text)
     return PolicyTokenizer(json=text, source=str(spec), sha256=sha256_text(text), vocab_hash=vh, vocab_size=size, chat_template=chat)
 
 

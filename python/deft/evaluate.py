@@ -99,7 +99,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import numpy as np
 
-from deft._util import is_oom, md_table
+from deft._hf import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype, split_on_oom, weights_stat_fingerprint
+from deft._util import md_table
 from deft.io import locked_output
 
 __all__ = [
@@ -144,7 +145,6 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _MARKER_RE = re.compile(r"human:|assistant:", re.IGNORECASE)
 #: New tokens decoded per step by the marker stopping criterion.
 _STOP_WINDOW = 16
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 
 def _log(msg: str) -> None:
@@ -493,30 +493,7 @@ def _check_model_spec(spec: str, gguf_file: Optional[str]) -> None:
         raise FileNotFoundError(f"model {spec}: no such folder")
 
 
-def _resolve_device(device: Optional[str]) -> str:
-    import torch
-
-    if device is None or device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"device: expected cpu, cuda or cuda:N, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device}: CUDA is not available here")
-    return device
-
-
-def _resolve_dtype(dtype: Optional[str], device: str) -> str:
-    if dtype is None or dtype == "auto":
-        return "bfloat16" if device.startswith("cuda") else "float32"
-    names = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "fp32": "float32", "float32": "float32"}
-    if dtype not in names:
-        raise ValueError(f"dtype: expected auto, float32, bfloat16 or float16, got {dtype!r}")
-    return names[dtype]
-
-
 def _load_tokenizer(spec: str, *, tokenizer: Optional[str], gguf_file: Optional[str], trust_remote_code: bool):
-    from deft._util import load_tokenizer
-
     try:
         return load_tokenizer(spec, tokenizer=tokenizer, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -543,16 +520,15 @@ def load_policy(
     for generation: eval mode, KV cache on, on ``device`` (default: CUDA when
     available) in ``dtype`` (default: bfloat16 on CUDA, float32 on CPU).
     Pickle-only weights (``pytorch_model.bin``) are refused unless
-    ``allow_pickle`` (:func:`deft._util.load_causal_lm`).
+    ``allow_pickle`` (:func:`deft._hf.load_causal_lm`).
     Returns ``(model, tokenizer)``."""
     import torch
 
-    from deft._util import load_causal_lm
     from deft.errors import UnsafeWeightsError
 
     _check_model_spec(model, gguf_file)
-    dev = _resolve_device(device)
-    dt = getattr(torch, _resolve_dtype(dtype, dev))
+    dev = resolve_device(device)
+    dt = getattr(torch, resolve_dtype(dtype, dev))
     tok = _load_tokenizer(model, tokenizer=tokenizer, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     try:
         lm = load_causal_lm(model, dtype=dt, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
@@ -566,22 +542,6 @@ def load_policy(
     if hasattr(lm, "config"):
         lm.config.use_cache = True
     return lm, tok
-
-
-def _model_fingerprint(spec: str, gguf_file: Optional[str]) -> Dict[str, Any]:
-    """A cheap identity of the weights: name, size and mtime of the weight and
-    config files of a local folder (so a retrained model in the same folder
-    does not reuse stale generations); the spec for a hub id."""
-    p = Path(spec).expanduser()
-    if not p.is_dir():
-        return {"hub_id": str(spec), "gguf_file": gguf_file}
-    files = []
-    for f in sorted(p.iterdir()):
-        if f.is_file() and (f.suffix in _WEIGHT_SUFFIXES or f.name in ("config.json", "tokenizer.json")):
-            st = f.stat()
-            files.append([f.name, st.st_size, st.st_mtime_ns])
-    return {"folder": str(p.resolve()), "gguf_file": gguf_file,
-            "files": hashlib.sha256(json.dumps(files).encode()).hexdigest()}
 
 
 def _train_manifest_template(spec: str) -> Optional[str]:
@@ -731,8 +691,19 @@ def _step_ticker(on_step: Callable[[], None]):
 
 def _generate_batch(model, tokenizer, batch: List[List[int]], *, pad_id: int, eos: List[int], max_new_tokens: int,
                     stop_at_markers: bool, on_step: Optional[Callable[[], None]] = None) -> List[List[int]]:
-    """Greedy continuation ids of one left-padded batch (OOM: halves).
-    ``on_step()`` is called after each decoding step."""
+    """Greedy continuation ids of one left-padded batch, halving the batch on
+    a CUDA out-of-memory error. ``on_step()`` is called after each decoding step."""
+    def run(b: List[List[int]]) -> List[List[int]]:
+        return _generate_once(model, tokenizer, b, pad_id=pad_id, eos=eos, max_new_tokens=max_new_tokens,
+                              stop_at_markers=stop_at_markers, on_step=on_step)
+
+    return split_on_oom(run, batch, combine=lambda a, b: a + b, on_split=lambda n, half: _log(
+        f"out of memory generating a batch of {n}; retrying as {half} + {n - half}"))
+
+
+def _generate_once(model, tokenizer, batch: List[List[int]], *, pad_id: int, eos: List[int], max_new_tokens: int,
+                   stop_at_markers: bool, on_step: Optional[Callable[[], None]] = None) -> List[List[int]]:
+    """Greedy continuation ids of one left-padded batch."""
     import torch
     from transformers import GenerationConfig, StoppingCriteriaList
 
@@ -757,16 +728,8 @@ def _generate_batch(model, tokenizer, batch: List[List[int]], *, pad_id: int, eo
         with torch.inference_mode():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=cfg,
                                  stopping_criteria=crit or None)
-    except Exception as e:  # noqa: BLE001
+    finally:
         model.generation_config = saved
-        if not is_oom(e) or len(batch) == 1:
-            raise
-        torch.cuda.empty_cache()
-        half = len(batch) // 2
-        _log(f"out of memory generating a batch of {len(batch)}; retrying as {half} + {len(batch) - half}")
-        kw = dict(pad_id=pad_id, eos=eos, max_new_tokens=max_new_tokens, stop_at_markers=stop_at_markers, on_step=on_step)
-        return _generate_batch(model, tokenizer, batch[:half], **kw) + _generate_batch(model, tokenizer, batch[half:], **kw)
-    model.generation_config = saved
     res = []
     eos_set = set(eos)
     for row in out[:, T:].cpu().tolist():
@@ -998,7 +961,7 @@ def score_responses(rm: Any, contexts: Sequence[Sequence[Mapping[str, str]]], re
     order, with any :class:`deft.score.RewardModel`: length-bucketed batches of
     ``batch_size`` pairs or of the model's padded-token budget; a CUDA
     out-of-memory error halves the batch."""
-    from deft.score import CPU_BATCH_TOKENS, _score_with_split, plan_batches
+    from deft.score import CPU_BATCH_TOKENS, plan_batches, score_with_split
 
     if len(contexts) != len(responses):
         raise ValueError(f"{len(contexts)} contexts but {len(responses)} responses")
@@ -1020,7 +983,7 @@ def score_responses(rm: Any, contexts: Sequence[Sequence[Mapping[str, str]]], re
     t0 = time.perf_counter()
     try:
         for idx in batches:
-            out[idx] = _score_with_split(rm, [items[i] for i in idx])
+            out[idx] = score_with_split(rm, [items[i] for i in idx])
             if bar is not None:
                 bar.update(len(idx))
     finally:
@@ -1390,8 +1353,8 @@ def evaluate(
         raise ValueError(f"several models would be named {', '.join(dups)}; give distinct names (model_names / --name)")
     for m, g in zip(models, ggufs):
         _check_model_spec(m, g)
-    dev = _resolve_device(device)
-    dt_name = _resolve_dtype(dtype, dev)
+    dev = resolve_device(device)
+    dt_name = resolve_dtype(dtype, dev)
 
     mt_files = [p for p in data_paths if is_mt_bench_file(p)]
     pref_files = [p for p in data_paths if p not in mt_files]
@@ -1440,7 +1403,7 @@ def evaluate(
         remove_stale_temporaries(run_dir)  # of writes a killed run did not finish (plan.json, samples)
         hf_tok = _load_tokenizer(spec, tokenizer=tok_spec, gguf_file=gguf, trust_remote_code=trust_remote_code)
         tmpl = _resolve_prompt_template(template, spec, hf_tok)
-        plan = {"version": PLAN_VERSION, "model": spec, "fingerprint": _model_fingerprint(spec, gguf), "tokenizer": tok_spec,
+        plan = {"version": PLAN_VERSION, "model": spec, "fingerprint": weights_stat_fingerprint(spec, gguf), "tokenizer": tok_spec,
                 "template": tmpl, "max_new_tokens": max_new_tokens, "max_prompt_length": max_prompt_length,
                 "mt_bench_max_new_tokens": mt_bench_max_new_tokens, "mt_bench_max_prompt_length": mt_bench_max_prompt_length,
                 "dtype": dt_name, "decoding": "greedy", "cut": "pro-v1"}
@@ -1629,7 +1592,7 @@ def evaluate(
                     "reward_model": rm_spec},
         outputs={"eval_json": str(report.eval_json), "eval_md": str(report.eval_md), "metrics": str(report.metrics),
                  "runs": {r.name: r.to_dict()["files"] for r in runs}},
-        reward_model=rm_id, runs=[{"name": n, "model": m, "fingerprint": _model_fingerprint(m, g)} for n, m, g in zip(names, models, ggufs)],
+        reward_model=rm_id, runs=[{"name": n, "model": m, "fingerprint": weights_stat_fingerprint(m, g)} for n, m, g in zip(names, models, ggufs)],
     )
     pub.done()
     return report

@@ -98,7 +98,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Protocol, Seque
 import numpy as np
 import polars as pl
 
-from deft._util import chars_per_token, clip_text, find_sub, is_oom, pickle_only_weights, tokenize_clipped
+from deft._hf import default_device, dtype_kwarg, log_split, pickle_only_weights, split_on_oom
+from deft._util import chars_per_token, clip_text, find_sub, tokenize_clipped
 from deft.errors import DeftError
 from deft.io import MetricsLog, atomic_path, write_json_atomic
 from deft.render import render_chat, render_hh, render_oasst
@@ -170,26 +171,6 @@ class RewardModel(Protocol):
 # --------------------------------------------------------------------------
 # Hugging Face sequence-classification reward models
 # --------------------------------------------------------------------------
-
-
-def _default_device() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        local = os.environ.get("LOCAL_RANK")
-        return f"cuda:{int(local)}" if local is not None else "cuda"
-    return "cpu"
-
-
-def _dtype_kwarg() -> str:
-    """``dtype`` (transformers >= 4.56) or the older ``torch_dtype``."""
-    import transformers
-
-    try:
-        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    except ValueError:
-        return "dtype"
-    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
 def _check_local_weights(path: Path, name: str) -> None:
@@ -264,13 +245,13 @@ class HFRewardModel:
         local = Path(name)
         if local.is_dir():
             _check_local_weights(local, name)
-        device = device or _default_device()
+        device = device or default_device()
         torch_device = torch.device(device)
         if dtype is None:
             dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
         elif isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        kwargs = {_dtype_kwarg(): dtype}
+        kwargs = {dtype_kwarg(): dtype}
         try:
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 name, config=config, use_safetensors=True, trust_remote_code=trust_remote_code,
@@ -637,19 +618,10 @@ def plan_batches(lengths: Sequence[int], *, batch_size: Optional[int] = None,
 
 
 
-def _score_with_split(model: RewardModel, items: List[Any]) -> np.ndarray:
-    """score_batch, halving the batch on a CUDA out-of-memory error."""
-    try:
-        return np.asarray(model.score_batch(items), dtype=np.float64)
-    except Exception as e:  # noqa: BLE001
-        if not is_oom(e) or len(items) == 1:
-            raise
-    import torch
-
-    torch.cuda.empty_cache()
-    half = len(items) // 2
-    log.warning("out of memory on a batch of %d; retrying as %d + %d", len(items), half, len(items) - half)
-    return np.concatenate([_score_with_split(model, items[:half]), _score_with_split(model, items[half:])])
+def score_with_split(model: RewardModel, items: List[Any]) -> np.ndarray:
+    """``model.score_batch(items)`` as float64, halving the batch on a CUDA out-of-memory error."""
+    return split_on_oom(lambda b: np.asarray(model.score_batch(b), dtype=np.float64), items,
+                        combine=lambda a, b: np.concatenate([a, b]), on_split=log_split(log, "on"))
 
 
 class _Progress:
@@ -821,7 +793,7 @@ def _score_shard(frame: pl.DataFrame, model: RewardModel, ids: List[str], n_resp
     try:
         for batch in batches:
             batch_items = [items[i] for i in batch]
-            scores = _score_with_split(model, batch_items)
+            scores = score_with_split(model, batch_items)
             if scores.shape != (len(batch_items),):
                 raise RuntimeError(f"{model.name}: score_batch returned shape {scores.shape} for {len(batch_items)} items")
             if not np.all(np.isfinite(scores)):

@@ -103,7 +103,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import polars as pl
 
-from deft._util import find_sub, is_oom, pickle_only_weights
+from deft._hf import default_device, dtype_kwarg, pickle_only_weights, quiet_transformers, split_on_oom
+from deft._util import find_sub
 from deft.io import locked_output
 
 __all__ = [
@@ -630,14 +631,13 @@ class ResponseEmbedder:
         import torch
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        from deft.builtin_rm import _quiet_transformers, minilm_fingerprint, minilm_path
+        from deft.builtin_rm import minilm_fingerprint, minilm_path
         from deft.io import sha256_file
-        from deft.score import _default_device, _dtype_kwarg
 
         if template not in ("auto", "chat", "plain"):
             raise ValueError(f"unknown template {template!r}; expected auto, chat or plain")
         if device is None:
-            device = _default_device()
+            device = default_device()
         torch_device = torch.device(device)
         builtin = str(embedder) == "builtin"
         if builtin:
@@ -661,7 +661,7 @@ class ResponseEmbedder:
                         identity[f.replace(".json", "_sha256")] = sha256_file(local / f)
                 if not any(local.glob("*.safetensors")):
                     raise ValueError(f"embedder {source}: {_missing_weights_reason(local)}")
-        with _quiet_transformers():
+        with quiet_transformers():
             config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
             if getattr(config, "is_encoder_decoder", False):
                 raise ValueError(f"embedder {source}: encoder-decoder models ({config.model_type}) are not supported; "
@@ -675,7 +675,7 @@ class ResponseEmbedder:
             try:
                 model, info = AutoModel.from_pretrained(
                     source, config=config, use_safetensors=True, trust_remote_code=trust_remote_code,
-                    output_loading_info=True, **{_dtype_kwarg(): dtype})
+                    output_loading_info=True, **{dtype_kwarg(): dtype})
             except OSError as e:
                 if "safetensors" in str(e):
                     raise ValueError(f"embedder {source}: no safetensors weights found; deft refuses pickled weights ({e})") from None
@@ -848,17 +848,8 @@ class ResponseEmbedder:
         return emb.cpu().numpy().astype(np.float32, copy=False)
 
     def _embed_split(self, items: List[EncodedResponse]) -> np.ndarray:
-        try:
-            return self.embed_items(items)
-        except RuntimeError as e:
-            if not is_oom(e) or len(items) == 1:
-                raise
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        half = len(items) // 2
-        return np.concatenate([self._embed_split(items[:half]), self._embed_split(items[half:])])
+        """:meth:`embed_items`, halving the batch on a CUDA out-of-memory error."""
+        return split_on_oom(self.embed_items, items, combine=lambda a, b: np.concatenate([a, b]))
 
     def embed(
         self,

@@ -74,6 +74,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from deft._hf import is_oom, load_causal_lm, load_tokenizer, vocab_hash, weights_fingerprint
 from deft.config import load_config
 from deft.io import locked_output
 from deft.losses import IGNORE_INDEX
@@ -257,9 +258,7 @@ def policy_tokenizers(cfg: Mapping[str, Any]):
     """The policy's tokenizer as ``(hf_tokenizer, PolicyTokenizer)``: the
     Hugging Face one (chat template, EOS, saving) and deft's native identity of
     the same ``tokenizer.json`` (the vocabulary `deft distribution` counted)."""
-    from deft._util import load_tokenizer
     from deft.distribution import PolicyTokenizer
-    from deft.distribution import _vocab_hash  # the same identity `deft distribution` records
     from deft.io import sha256_text
 
     spec = cfg["tokenizer"] or cfg["model"]
@@ -269,7 +268,7 @@ def policy_tokenizers(cfg: Mapping[str, Any]):
     if backend is None:
         raise ValueError(f"tokenizer {spec}: not a fast (tokenizers-based) tokenizer; deft needs its tokenizer.json")
     text = backend.to_str()
-    vh, size = _vocab_hash(text)
+    vh, size = vocab_hash(text)  # the same identity `deft distribution` records
     ptok = PolicyTokenizer(json=text, source=str(spec), sha256=sha256_text(text), vocab_hash=vh, vocab_size=size,
                            chat_template=getattr(hf_tok, "chat_template", None))
     return hf_tok, ptok
@@ -372,32 +371,8 @@ def epoch_order(n: int, seed: int, epoch: int, group: int) -> np.ndarray:
 
 
 def _model_fingerprint(cfg: Mapping[str, Any]) -> str:
-    """Identity of the initial weights: file hashes for a local folder, the
-    resolved commit for a hub id."""
-    p = Path(cfg["model"])
-    h = hashlib.sha256()
-    if p.is_dir():
-        names = sorted(f for f in p.iterdir() if f.is_file() and (f.suffix in (".safetensors", ".bin", ".gguf", ".pt") or f.name == "config.json"))
-        if cfg.get("gguf_file"):
-            names.append(p / cfg["gguf_file"])
-        from deft.io import sha256_file_cached  # `deft run` has hashed these already
-
-        for f in names:
-            if f.exists():
-                h.update(f.name.encode())
-                h.update(sha256_file_cached(f).encode())
-    else:
-        h.update(str(cfg["model"]).encode())
-        try:
-            from transformers import AutoConfig
-
-            c = AutoConfig.from_pretrained(cfg["model"])
-            h.update(str(getattr(c, "_commit_hash", "")).encode())
-        except Exception:  # noqa: BLE001
-            pass
-        if cfg.get("gguf_file"):
-            h.update(str(cfg["gguf_file"]).encode())
-    return h.hexdigest()
+    """Identity of the initial weights (:func:`deft._hf.weights_fingerprint`)."""
+    return weights_fingerprint(cfg["model"], cfg.get("gguf_file"))
 
 
 def _forward(model, batch, device, autocast_dtype, need_hidden: bool):
@@ -687,7 +662,6 @@ def _git_commit() -> Optional[str]:
 def _load_model(cfg: Mapping[str, Any]):
     import torch
 
-    from deft._util import load_causal_lm
 
     try:
         model = load_causal_lm(cfg["model"], dtype=torch.float32, gguf_file=cfg.get("gguf_file"),
@@ -1064,7 +1038,6 @@ def _load_checkpoint_file(path: Path, load: Callable[[Path], Any]) -> Any:
     naming the file."""
     import pickle
 
-    from deft._util import is_oom
     from deft.errors import CheckpointError
 
     try:
