@@ -9,18 +9,18 @@ import numpy as np
 import pytest
 from scipy.special import expit
 
-from deft.evaluate import WinTieLose, _reward_100, win_tie_lose
+from deft.evaluate import WinTieLose, reward_100, win_tie_lose
 
 
-def test_reward_100_is_100_sigmoid_without_overflow():
+def testreward_100_is_100_sigmoid_without_overflow():
     s = [-1000.0, -30.0, -2.5, -1e-9, 0.0, 1e-9, 0.75, 4.0, 30.0, 1000.0]
-    got = _reward_100(s)
+    got = reward_100(s)
     assert got.dtype == np.float64
     np.testing.assert_allclose(got, 100.0 * expit(np.array(s)), rtol=1e-15, atol=0)
     assert got[4] == 50.0 and got[0] == 0.0 and got[-1] == 100.0
     # float32 input is computed in float64
     x32 = np.array([0.1, -3.3, 12.0], dtype=np.float32)
-    np.testing.assert_array_equal(_reward_100(x32), 100.0 * expit(x32.astype(np.float64)))
+    np.testing.assert_array_equal(reward_100(x32), 100.0 * expit(x32.astype(np.float64)))
 
 
 def test_win_tie_lose_record():

@@ -52,10 +52,10 @@ def _setup(assets, **extra):
         batch = collate(prep.examples, prep.pad_token_id)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         from deft.losses import response_logprobs
-        from deft.train import _to_slots
+        from deft.train import to_slots
 
         logp, _ = response_logprobs(out.logits, batch["labels"])
-        ref = _to_slots(logp, batch)
+        ref = to_slots(logp, batch)
     return cfg, prep, model, q, ref
 
 

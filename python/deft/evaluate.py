@@ -996,7 +996,7 @@ def score_responses(rm: Any, contexts: Sequence[Sequence[Mapping[str, str]]], re
     return out
 
 
-def _reward_100(scores: np.ndarray) -> np.ndarray:
+def reward_100(scores: np.ndarray) -> np.ndarray:
     """100 * sigmoid(scores), without overflow."""
     s = np.asarray(scores, dtype=np.float64)
     e = np.exp(-np.abs(s))
@@ -1511,7 +1511,7 @@ def evaluate(
         if base is not None:
             if base.run is not None:
                 base_gens = {s.id: run_records[base.run][s.id]["generation"] for s in samples}
-                base_rewards = dict(zip((s.id for s in samples), _reward_100(all_scores[base.run]).tolist()))
+                base_rewards = dict(zip((s.id for s in samples), reward_100(all_scores[base.run]).tolist()))
             else:
                 by_id = {s.id: s for s in samples}
                 common = [s for s in samples if s.id in base.generations]
@@ -1527,7 +1527,7 @@ def evaluate(
                                          description="baseline/reward")
                     base.scores.update(zip((s.id for s in need), sc.tolist()))
                 base_gens = {s.id: base.generations[s.id] for s in common}
-                base_rewards = {k: float(_reward_100(np.array([base.scores[k]]))[0]) for k in base_gens}
+                base_rewards = {k: float(reward_100(np.array([base.scores[k]]))[0]) for k in base_gens}
                 extra = len(set(base.generations) - set(by_id))
                 missing = len(samples) - len(common)
                 if extra or missing:
@@ -1539,7 +1539,7 @@ def evaluate(
             gens = [run_records[r.name][s.id]["generation"] for s in samples]
             refs = [s.reference for s in samples]
             scores = all_scores[r.name]
-            rewards = _reward_100(scores)
+            rewards = reward_100(scores)
             bleus = np.array([100.0 * pro_bleu(ref.strip(), g.strip()) for ref, g in zip(refs, gens)], dtype=np.float64)
             for sub in subsets:
                 m = [i for i, s in enumerate(samples) if s.subset == sub]

@@ -86,7 +86,7 @@ from deft.config import ConfigError, Field, apply_override, read_config
 from deft.config import validate as validate_train
 from deft.errors import DeftError
 from deft.io import locked_output
-from deft import pipeline as _pl
+from deft import pipeline as pl_
 
 __all__ = ["EXPERIMENT_SCHEMA", "load_experiment_config", "run_experiment", "summarise", "bootstrap_mean_ci",
            "paired_difference", "split_by_prompt", "prompt_key", "evaluate_model", "ExperimentResult"]
@@ -114,8 +114,8 @@ EXPERIMENT_SECTION: Dict[str, Any] = {
 EXPERIMENT_SCHEMA: Dict[str, Any] = {
     **copy.deepcopy(TRAIN_SCHEMA),
     "run_dir": Field("runs/experiment", "str", help="every step writes into a folder of this one"),
-    "inputs": copy.deepcopy(_pl.PIPELINE_SCHEMA["inputs"]),
-    "grade": copy.deepcopy(_pl.PIPELINE_SCHEMA["grade"]),
+    "inputs": copy.deepcopy(pl_.PIPELINE_SCHEMA["inputs"]),
+    "grade": copy.deepcopy(pl_.PIPELINE_SCHEMA["grade"]),
     "experiment": EXPERIMENT_SECTION,
 }
 
@@ -265,14 +265,14 @@ def split_by_prompt(frame: Any, eval_fraction: float, salt: int = 0) -> Tuple[An
     return frame.filter(~held), frame.filter(held)
 
 
-class _Split(_pl._Stage):
+class _Split(pl_.Stage):
     name = "split"
 
     def params(self):
         e = self.cfg["experiment"]
-        return {"inputs": [_pl._file_hash(p) for p in self.cfg["inputs"]["files"]], "eval_fraction": e["eval_fraction"],
+        return {"inputs": [pl_.file_hash(p) for p in self.cfg["inputs"]["files"]], "eval_fraction": e["eval_fraction"],
                 "split_seed": e["split_seed"], "on_error": self.cfg["inputs"]["on_error"],
-                "eval_files": [_pl._file_hash(p) for p in e["eval_files"]], "order": "prompt-key"}
+                "eval_files": [pl_.file_hash(p) for p in e["eval_files"]], "order": "prompt-key"}
 
     def outputs(self):
         return {"train": self.folder / "train.parquet", "eval": self.folder / "eval.parquet", "split": self.folder / "split.json"}
@@ -332,7 +332,7 @@ class _Split(_pl._Stage):
 
 def _pipeline_view(cfg: Mapping[str, Any], run_dir: Path) -> Dict[str, Any]:
     """The experiment as a `deft run` config over the training split (for its grade and distribution stages)."""
-    p = {k: copy.deepcopy(cfg[k]) for k in _pl.PIPELINE_SCHEMA if k in cfg}
+    p = {k: copy.deepcopy(cfg[k]) for k in pl_.PIPELINE_SCHEMA if k in cfg}
     p["inputs"] = {"files": [str(run_dir / "split" / "train.parquet")], "on_error": "raise"}
     p["select"] = {"enabled": False}
     p["run_dir"] = str(run_dir)
@@ -343,7 +343,7 @@ def _pipeline_view(cfg: Mapping[str, Any], run_dir: Path) -> Dict[str, Any]:
 # subsets, training and evaluation units
 
 
-class _Subset(_pl._Stage):
+class _Subset(pl_.Stage):
     """The graded training rows of one data choice (``A``, ``all``, ``random-SEED``)."""
 
     def __init__(self, cfg, run_dir, upstream, kind: str, seed: Optional[int]):
@@ -387,7 +387,7 @@ def _subset_name(arm: Arm, seed: int) -> str:
     return arm.data if arm.data != "random" else f"random-{seed}"
 
 
-class _TrainUnit(_pl._Stage):
+class _TrainUnit(pl_.Stage):
     name = "train"
 
     def __init__(self, cfg, run_dir, upstream, arm: Arm, seed: int):
@@ -404,10 +404,10 @@ class _TrainUnit(_pl._Stage):
         return tcfg
 
     def params(self):
-        tcfg = _pl.train_fingerprint_config(self.train_config())
+        tcfg = pl_.train_fingerprint_config(self.train_config())
         tcfg["train"]["ref_cache_dir"] = None  # a cache: does not change the result
-        return {"config": tcfg, "model": _pl._spec_hash(self.cfg["model"], gguf_file=self.cfg.get("gguf_file")),
-                "tokenizer": _pl._spec_hash(self.cfg["tokenizer"], weights=False)}
+        return {"config": tcfg, "model": pl_.spec_hash(self.cfg["model"], gguf_file=self.cfg.get("gguf_file")),
+                "tokenizer": pl_.spec_hash(self.cfg["tokenizer"], weights=False)}
 
     def outputs(self):
         return {"model": self.folder / "model", "metrics": self.folder / "metrics.jsonl", "manifest": self.folder / "manifest.json"}
@@ -421,7 +421,7 @@ class _TrainUnit(_pl._Stage):
         train(self.train_config(), resume=resume)
 
 
-class _EvalUnit(_pl._Stage):
+class _EvalUnit(pl_.Stage):
     name = "eval"
 
     def __init__(self, cfg, run_dir, upstream, arm: Arm, seed: Optional[int]):
@@ -432,11 +432,11 @@ class _EvalUnit(_pl._Stage):
     def params(self):
         e = self.cfg["experiment"]
         p = {"experiment": {k: e[k] for k in ("eval_pairs", "eval_prompts", "reward_template", "batch_size", "device")},
-             "reward_model": e["reward_model"] if e["reward_model"] == "builtin" else _pl._spec_hash(e["reward_model"]),
+             "reward_model": e["reward_model"] if e["reward_model"] == "builtin" else pl_.spec_hash(e["reward_model"]),
              "generation": self.cfg["generation"], "data": {k: self.cfg["data"][k] for k in ("template", "max_length", "max_prompt_length")},
-             "tokenizer": _pl._spec_hash(self.cfg["tokenizer"], weights=False)}
+             "tokenizer": pl_.spec_hash(self.cfg["tokenizer"], weights=False)}
         if self.arm.base:
-            p["model"] = _pl._spec_hash(self.cfg["model"], gguf_file=self.cfg.get("gguf_file"))
+            p["model"] = pl_.spec_hash(self.cfg["model"], gguf_file=self.cfg.get("gguf_file"))
         return p
 
     def outputs(self):
@@ -468,9 +468,9 @@ def evaluate_model(cfg: Mapping[str, Any], eval_split: Path, spec: str, *, gguf_
     import torch
 
     from deft.distribution import resolve_template
-    from deft.evaluate import _reward_100, generate, load_policy, score_responses
+    from deft.evaluate import generate, load_policy, reward_100, score_responses
     from deft.losses import response_logprobs
-    from deft.train import _to_slots, collate, frame_examples, policy_tokenizers, render_prompt
+    from deft.train import collate, frame_examples, policy_tokenizers, render_prompt, to_slots
 
     e = cfg["experiment"]
     t0 = time.perf_counter()
@@ -493,8 +493,8 @@ def evaluate_model(cfg: Mapping[str, Any], eval_split: Path, spec: str, *, gguf_
             batch = collate(chunk, pad)
             out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False)
             lp, n = response_logprobs(out.logits.float(), batch["labels"].to(device))
-            logp[i:i + len(chunk)] = _to_slots(lp.double(), batch).cpu().numpy()
-            ntok[i:i + len(chunk)] = _to_slots(n, batch, 0).cpu().numpy()
+            logp[i:i + len(chunk)] = to_slots(lp.double(), batch).cpu().numpy()
+            ntok[i:i + len(chunk)] = to_slots(n, batch, 0).cpu().numpy()
     t_pairs = time.perf_counter() - t0
     gens: Dict[str, Any] = {"ids": [], "text": [], "score": [], "reward": []}
     if e["eval_prompts"] > 0:
@@ -508,7 +508,7 @@ def evaluate_model(cfg: Mapping[str, Any], eval_split: Path, spec: str, *, gguf_
         rm = load_reward_model(e["reward_model"], template=e["reward_template"], device=e["device"],
                                trust_remote_code=cfg["trust_remote_code"])
         score = score_responses(rm, rows["context"].to_list(), texts)
-        gens = {"ids": rows["id"].to_list(), "text": texts, "score": score.tolist(), "reward": _reward_100(score).tolist(),
+        gens = {"ids": rows["id"].to_list(), "text": texts, "score": score.tolist(), "reward": reward_100(score).tolist(),
                 "reward_model": str(getattr(rm, "name", e["reward_model"]))}
     return {"model": spec, "gguf_file": gguf_file, "template": template, "device": device.type, "dtype": "float32",
             "pairs": {"ids": pairs["id"].to_list(), "logp_chosen": logp[:, 0].tolist(), "logp_rejected": logp[:, 1].tolist(),
@@ -800,7 +800,7 @@ def run_experiment(cfg: Mapping[str, Any], *, config_path: Optional[str] = None,
 
     run_dir = Path(cfg["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    _pl._load_hash_cache(run_dir)
+    pl_.load_hash_cache(run_dir)
     write_json_atomic(run_dir / "config.json", {"config": dict(cfg), "config_file": config_path, "overrides": list(overrides)})
     log = MetricsLog(run_dir / "experiment.jsonl")
     e = cfg["experiment"]
@@ -817,11 +817,11 @@ def run_experiment(cfg: Mapping[str, Any], *, config_path: Optional[str] = None,
         bar = tqdm(total=total, desc="experiment", unit="step", dynamic_ncols=True, position=0)
     actions: List[Tuple[str, str]] = []
 
-    def step(stage: _pl._Stage, label: str, upstream: Mapping[str, str]) -> str:
+    def step(stage: pl_.Stage, label: str, upstream: Mapping[str, str]) -> str:
         fp = stage.fingerprint()
-        _pl._save_hash_cache(run_dir)
+        pl_.save_hash_cache(run_dir)
         t0 = time.perf_counter()
-        action = _pl.execute_stage(stage, fp, False, upstream, log=lambda m: _log(f"{label}: {m.split(': ', 1)[-1]}"))
+        action = pl_.execute_stage(stage, fp, False, upstream, log=lambda m: _log(f"{label}: {m.split(': ', 1)[-1]}"))
         log.log(step=label, action=action, seconds=round(time.perf_counter() - t0, 3), fingerprint=fp)
         actions.append((label, action))
         if bar is not None:
@@ -833,8 +833,8 @@ def run_experiment(cfg: Mapping[str, Any], *, config_path: Optional[str] = None,
     try:
         up: Dict[str, str] = {}
         up["split"] = step(_Split(cfg, run_dir, {}), "split", {})
-        up["grade"] = step(_pl._Grade(pview, run_dir, {"split": up["split"]}), "grade", {"split": up["split"]})
-        up["distribution"] = step(_pl._Distribution(pview, run_dir, {"grade": up["grade"]}), "distribution", {"grade": up["grade"]})
+        up["grade"] = step(pl_.GradeStage(pview, run_dir, {"split": up["split"]}), "grade", {"split": up["split"]})
+        up["distribution"] = step(pl_.DistributionStage(pview, run_dir, {"grade": up["grade"]}), "distribution", {"grade": up["grade"]})
         sub_fp: Dict[str, str] = {}
         for kind, seed in subsets:
             st = _Subset(cfg, run_dir, {"grade": up["grade"]}, kind, seed)

@@ -147,7 +147,7 @@ def _h(obj: Any) -> str:
 HASH_CACHE = ".hashes.json"
 
 
-def _load_hash_cache(run_dir: Path) -> None:
+def load_hash_cache(run_dir: Path) -> None:
     from deft.io import SHA256_MEMO
 
     try:
@@ -158,14 +158,14 @@ def _load_hash_cache(run_dir: Path) -> None:
         pass  # no cache (or a torn one): hash again
 
 
-def _save_hash_cache(run_dir: Path) -> None:
+def save_hash_cache(run_dir: Path) -> None:
     from deft.io import SHA256_MEMO, write_json_atomic
 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / HASH_CACHE, SHA256_MEMO)
 
 
-def _file_hash(path: Any) -> Dict[str, Any]:
+def file_hash(path: Any) -> Dict[str, Any]:
     from deft.io import sha256_file_cached
 
     p = Path(path)
@@ -178,7 +178,7 @@ _WEIGHTS = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 _TOKENIZER_FILES = (".json", ".model", ".txt", ".jinja", ".tiktoken")
 
 
-def _spec_hash(spec: Optional[str], *, weights: bool = True, gguf_file: Optional[str] = None) -> Any:
+def spec_hash(spec: Optional[str], *, weights: bool = True, gguf_file: Optional[str] = None) -> Any:
     """A model/tokenizer spec: file hashes when it is a local file or folder
     (config, tokenizer files and, with ``weights``, the weight files), else the
     name (a hub id)."""
@@ -186,12 +186,12 @@ def _spec_hash(spec: Optional[str], *, weights: bool = True, gguf_file: Optional
         return None
     p = Path(spec)
     if p.is_file():
-        return _file_hash(p)["sha256"]
+        return file_hash(p)["sha256"]
     if p.is_dir():
         suffixes = _TOKENIZER_FILES + (_WEIGHTS if weights else ())
         names = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in suffixes
                        and (f.suffix != ".gguf" or gguf_file is None or f.name == gguf_file))
-        return {f.name: _file_hash(f)["sha256"] for f in names}
+        return {f.name: file_hash(f)["sha256"] for f in names}
     return spec if gguf_file is None else f"{spec}:{gguf_file}"
 
 
@@ -273,7 +273,7 @@ def _tokenizer_spec(cfg: Mapping[str, Any]) -> str:
     return cfg["tokenizer"] or cfg["model"]
 
 
-class _Stage:
+class Stage:
     """One stage: its folder, fingerprint parameters, outputs and how to run it."""
 
     name: str = ""
@@ -313,15 +313,15 @@ class _Stage:
         return _h({"stage": self.name, "params": self.params(), "upstream": dict(self.upstream)})
 
 
-class _Select(_Stage):
+class SelectStage(Stage):
     name = "select"
 
     def enabled(self) -> bool:
         return bool(self.cfg["select"]["enabled"])
 
     def params(self):
-        return {"inputs": [_file_hash(p) for p in self.cfg["inputs"]["files"]], "select": self.cfg["select"],
-                "embedder": _spec_hash(self.cfg["select"]["embedder"]) if self.cfg["select"]["embedder"] != "builtin" else "builtin",
+        return {"inputs": [file_hash(p) for p in self.cfg["inputs"]["files"]], "select": self.cfg["select"],
+                "embedder": spec_hash(self.cfg["select"]["embedder"]) if self.cfg["select"]["embedder"] != "builtin" else "builtin",
                 "on_error": self.cfg["inputs"]["on_error"]}
 
     def outputs(self):
@@ -340,7 +340,7 @@ class _Select(_Stage):
                      trust_remote_code=self.cfg["trust_remote_code"])
 
 
-class _Grade(_Stage):
+class GradeStage(Stage):
     name = "grade"
 
     def _inputs(self) -> List[str]:
@@ -351,9 +351,9 @@ class _Grade(_Stage):
     def params(self):
         p = {"grade": self.cfg["grade"], "on_error": self.cfg["inputs"]["on_error"]}
         if not self.cfg["select"]["enabled"]:  # after select, the select fingerprint stands for the inputs
-            p["inputs"] = [_file_hash(f) for f in self._inputs()]
+            p["inputs"] = [file_hash(f) for f in self._inputs()]
         if self.cfg["grade"]["reward_model"] != "builtin":
-            p["reward_model"] = _spec_hash(self.cfg["grade"]["reward_model"])
+            p["reward_model"] = spec_hash(self.cfg["grade"]["reward_model"])
         return p
 
     def outputs(self):
@@ -376,11 +376,11 @@ class _Grade(_Stage):
                     trust_remote_code=self.cfg["trust_remote_code"])
 
 
-class _Distribution(_Stage):
+class DistributionStage(Stage):
     name = "distribution"
 
     def params(self):
-        return {"tokenizer": _spec_hash(_tokenizer_spec(self.cfg), weights=False), "template": self.cfg["data"]["template"]}
+        return {"tokenizer": spec_hash(_tokenizer_spec(self.cfg), weights=False), "template": self.cfg["data"]["template"]}
 
     def outputs(self):
         return {"qdiff": self.folder / "qdiff.safetensors", "top_tokens": self.folder / "top_tokens.json"}
@@ -402,13 +402,13 @@ class _Distribution(_Stage):
         write_json_atomic(self.outputs()["top_tokens"], top)
 
 
-class _Train(_Stage):
+class TrainStage(Stage):
     name = "train"
 
     def params(self):
         tcfg = train_fingerprint_config(_train_config(self.cfg, self.run_dir))
-        return {"config": tcfg, "model": _spec_hash(self.cfg["model"], gguf_file=self.cfg.get("gguf_file")),
-                "tokenizer": _spec_hash(self.cfg["tokenizer"], weights=False)}
+        return {"config": tcfg, "model": spec_hash(self.cfg["model"], gguf_file=self.cfg.get("gguf_file")),
+                "tokenizer": spec_hash(self.cfg["tokenizer"], weights=False)}
 
     def outputs(self):
         return {"model": self.folder / "model", "metrics": self.folder / "metrics.jsonl", "manifest": self.folder / "manifest.json"}
@@ -457,7 +457,7 @@ def _launch_train(launcher: str, tcfg: Mapping[str, Any], folder: Path, resume: 
         raise PipelineError(f"the train stage under {launcher!r} exited with status {r.returncode}; rerun `deft run` to resume it")
 
 
-class _Eval(_Stage):
+class EvalStage(Stage):
     name = "eval"
 
     def enabled(self) -> bool:
@@ -465,14 +465,14 @@ class _Eval(_Stage):
 
     def params(self):
         e = self.cfg["eval"]
-        p = {"eval": e, "generation": self.cfg["generation"], "files": [_file_hash(f) for f in e["files"]],
+        p = {"eval": e, "generation": self.cfg["generation"], "files": [file_hash(f) for f in e["files"]],
              "template": self.cfg["data"]["template"]}
         if e["baseline"] == "base":
-            p["base"] = _spec_hash(self.cfg["model"], gguf_file=self.cfg.get("gguf_file"))
+            p["base"] = spec_hash(self.cfg["model"], gguf_file=self.cfg.get("gguf_file"))
         elif e["baseline"]:
-            p["baseline"] = _spec_hash(e["baseline"])
+            p["baseline"] = spec_hash(e["baseline"])
         if e["reward_model"] != "builtin":
-            p["reward_model"] = _spec_hash(e["reward_model"])
+            p["reward_model"] = spec_hash(e["reward_model"])
         return p
 
     def outputs(self):
@@ -508,14 +508,14 @@ def _run_eval(cfg: Mapping[str, Any], run_dir: Path, folder: Path) -> None:
              allow_pickle=cfg["allow_pickle"], progress=cfg["train"]["progress"], **kw)
 
 
-_STAGE_CLASSES = {"select": _Select, "grade": _Grade, "distribution": _Distribution, "train": _Train, "eval": _Eval}
+_STAGE_CLASSES = {"select": SelectStage, "grade": GradeStage, "distribution": DistributionStage, "train": TrainStage, "eval": EvalStage}
 
 
 # ---------------------------------------------------------------------------
 # driver
 
 
-def _decide(stage: _Stage, fp: str, forced: bool) -> str:
+def _decide(stage: Stage, fp: str, forced: bool) -> str:
     """"skip", "resume" or "run" for a stage with fingerprint ``fp``."""
     rec = _read_stage(stage.folder)
     same = rec is not None and rec.get("fingerprint") == fp and not forced
@@ -533,7 +533,7 @@ def plan_pipeline(cfg: Mapping[str, Any], *, from_stage: Optional[str] = None) -
     inputs will be new)."""
     _check_from(from_stage)
     run_dir = Path(cfg["run_dir"])
-    _load_hash_cache(run_dir)
+    load_hash_cache(run_dir)
     upstream: Dict[str, str] = {}
     out: List[Dict[str, str]] = []
     forced = dirty = False
@@ -560,7 +560,7 @@ def _check_from(from_stage: Optional[str]) -> None:
         raise ConfigError(f"--from {from_stage!r}: not a stage; stages: {', '.join(STAGES)}")
 
 
-def execute_stage(stage: "_Stage", fp: str, forced: bool, upstream: Mapping[str, str],
+def execute_stage(stage: "Stage", fp: str, forced: bool, upstream: Mapping[str, str],
                   log: Optional[Callable[[str], None]] = None) -> str:
     """Skip, resume or run one stage with fingerprint ``fp`` (see the module
     docstring), keeping its ``stage.json``; returns ``skipped``, ``resumed`` or ``ran``."""
@@ -605,7 +605,7 @@ def run_pipeline(cfg: Mapping[str, Any], *, from_stage: Optional[str] = None, co
     _check_from(from_stage)
     run_dir = Path(cfg["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    _load_hash_cache(run_dir)
+    load_hash_cache(run_dir)
     metrics = MetricsLog(run_dir / "pipeline.jsonl")
     write_json_atomic(run_dir / "config.json", {"config": dict(cfg), "config_file": config_path, "overrides": list(overrides)})
     upstream: Dict[str, str] = {}
@@ -618,7 +618,7 @@ def run_pipeline(cfg: Mapping[str, Any], *, from_stage: Optional[str] = None, co
             results.append(StageResult(name, "disabled", stage.folder, ""))
             continue
         fp = stage.fingerprint()
-        _save_hash_cache(run_dir)
+        save_hash_cache(run_dir)
         outs = stage.outputs()
         t0 = time.perf_counter()
         action = execute_stage(stage, fp, forced, upstream)

@@ -393,7 +393,7 @@ def _seq_logps(out, batch, device):
     return response_logprobs(out.logits, batch["labels"].to(device))
 
 
-def _to_slots(values, batch, fill=0.0):
+def to_slots(values, batch, fill=0.0):
     import torch
 
     B, l = batch["valid"].shape
@@ -411,8 +411,8 @@ def loss_terms(cfg, method: str, module, out, batch, device, q_diff, ref: Option
     from deft.losses import dpo_loss, ipo_loss, length_normalized_scores, pro_loss, rrhf_loss, sft_loss
 
     logp, ntok = _seq_logps(out, batch, device)
-    logp_s = _to_slots(logp, batch)
-    len_s = _to_slots(ntok, batch, 0)
+    logp_s = to_slots(logp, batch)
+    len_s = to_slots(ntok, batch, 0)
     valid = batch["valid"].to(device)
     rewards = batch["rewards"].to(device)
     m = cfg["method"]
@@ -1271,7 +1271,7 @@ def _reference_logps(cfg, prep: Prepared, runner, device, autocast_dtype, d: Dis
             batch = collate([prep.examples[j] for j in idx], prep.pad_token_id)
             out = _forward(runner, batch, device, autocast_dtype, need_hidden=False)
             logp, _ = _seq_logps(out, batch, device)
-            vals = _to_slots(logp.float(), batch).cpu().double()
+            vals = to_slots(logp.float(), batch).cpu().double()
             for k, j in enumerate(idx):
                 if d.rank * per_rank + i + k < n:  # owned, not padding
                     ref[j] = vals[k]
