@@ -277,22 +277,12 @@ def distribution(
     missing = [n for n, v in (("--graded", graded), ("--tokenizer", tokenizer), ("--output", output)) if v is None]
     if missing:
         raise ValueError(f"missing {', '.join(missing)} (usage: deft distribution --graded graded.parquet --tokenizer PATH --output qdiff.safetensors)")
-    from deft.distribution import build_distribution, plot_top_tokens, resolve_tokenizer, save_distribution, top_tokens
-    from deft.grade import read_graded
-    from deft.io import begin_publication, check_publication
+    from deft.distribution import distribution_files
 
     assert graded is not None and tokenizer is not None and output is not None
-    check_publication(output, [output], overwrite)
-    if not graded.exists():
-        raise FileNotFoundError(2, "graded file not found", str(graded))
-    tok = resolve_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
-    dist = build_distribution(read_graded(graded, ("responses", "polarity")), tok, template=template, num_threads=num_threads, graded_path=graded)
-    tt = top_tokens(dist, tok, top)
-    pub = begin_publication(output, [plot], overwrite=overwrite, refuse=[output])  # the file is the commit record: plot first
-    if plot:
-        plot_top_tokens(tt, plot)
-    save_distribution(dist, output, overwrite=True)
-    pub.done()
+    run = distribution_files(graded, tokenizer, output, template=template, num_threads=num_threads, top=top, plot=plot,
+                             overwrite=overwrite, trust_remote_code=trust_remote_code)
+    dist, tt = run.distribution, run.top
     m = dist.metadata
     console.print(
         f"Q+: {int(m['pos_tokens']):,} tokens from {int(m['pos_responses']):,} responses; "

@@ -191,6 +191,58 @@ def build_distribution(
     return Distribution(q_pos, q_neg, q_diff, meta)
 
 
+@dataclass
+class DistributionRun:
+    """What :func:`distribution_files` made: the distribution, its top tokens
+    and the files written."""
+
+    distribution: Distribution
+    top: Dict[str, List[Dict[str, Any]]]
+    output: Path
+    plot: Optional[Path]
+    top_json: Optional[Path]
+
+
+def distribution_files(
+    graded: Union[str, Path],
+    tokenizer: Union[str, "os.PathLike[str]", PolicyTokenizer],
+    output: Union[str, Path],
+    *,
+    template: str = "auto",
+    num_threads: Optional[int] = None,
+    top: int = 15,
+    plot: Optional[Union[str, Path]] = None,
+    top_json: Optional[Union[str, Path]] = None,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+) -> DistributionRun:
+    """The `deft distribution` stage: Q_diff of ``graded`` (graded.parquet)
+    for the policy ``tokenizer``, its ``top`` tokens, and the files: the
+    optional ``plot`` (PNG) and ``top_json``, then ``output`` (safetensors,
+    the commit record of the publication, written last)."""
+    from deft.grade import read_graded
+    from deft.io import begin_publication, write_json_atomic
+
+    graded, output = Path(graded), Path(output)
+    plot_p = Path(plot) if plot is not None else None
+    json_p = Path(top_json) if top_json is not None else None
+    check_publication(output, [output], overwrite)
+    if not graded.exists():
+        raise FileNotFoundError(2, "graded file not found", str(graded))
+    tok = tokenizer if isinstance(tokenizer, PolicyTokenizer) else resolve_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
+    dist = build_distribution(read_graded(graded, ("responses", "polarity")), tok, template=template, num_threads=num_threads,
+                              graded_path=graded)
+    tt = top_tokens(dist, tok, top)
+    pub = begin_publication(output, [plot_p, json_p], overwrite=overwrite, refuse=[output])  # the file is the commit record
+    if plot_p is not None:
+        plot_top_tokens(tt, plot_p)
+    if json_p is not None:
+        write_json_atomic(json_p, tt)
+    save_distribution(dist, output, overwrite=True)
+    pub.done()
+    return DistributionRun(dist, tt, output, plot_p, json_p)
+
+
 @locked_output("distribution", "path", beside=True)
 def save_distribution(dist: Distribution, path: Union[str, Path], *, overwrite: bool = False) -> Path:
     """Write ``dist`` to ``path`` (safetensors), atomically, under the file's

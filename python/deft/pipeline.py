@@ -386,20 +386,16 @@ class DistributionStage(Stage):
         return {"qdiff": self.folder / "qdiff.safetensors", "top_tokens": self.folder / "top_tokens.json"}
 
     def commit_record(self):
-        return None  # the stage writes its files one by one (atomically), no publication
+        # None: stage.json alone says whether the stage finished (distribution_files removes its own marker
+        # when done; a kill leaves the stage "running", which reruns it)
+        return None
 
     def run(self, resume: bool) -> None:
-        from deft.distribution import build_distribution, plot_top_tokens, resolve_tokenizer, save_distribution, top_tokens
-        from deft.grade import read_graded
-        from deft.io import write_json_atomic
+        from deft.distribution import distribution_files
 
-        graded = self.run_dir / "grade" / "graded.parquet"
-        tok = resolve_tokenizer(_tokenizer_spec(self.cfg), trust_remote_code=self.cfg["trust_remote_code"])
-        dist = build_distribution(read_graded(graded, ("responses", "polarity")), tok, template=self.cfg["data"]["template"], graded_path=graded)
-        save_distribution(dist, self.outputs()["qdiff"], overwrite=True)
-        top = top_tokens(dist, tok, 20)
-        plot_top_tokens(top, self.folder / "top_tokens.png")
-        write_json_atomic(self.outputs()["top_tokens"], top)
+        distribution_files(self.run_dir / "grade" / "graded.parquet", _tokenizer_spec(self.cfg), self.outputs()["qdiff"],
+                           template=self.cfg["data"]["template"], top=20, plot=self.folder / "top_tokens.png",
+                           top_json=self.outputs()["top_tokens"], overwrite=True, trust_remote_code=self.cfg["trust_remote_code"])
 
 
 class TrainStage(Stage):
