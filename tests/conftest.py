@@ -120,6 +120,22 @@ def tiny_llama(tok, *, seed: int = 0, **overrides: Any):
     return LlamaForCausalLM(cfg)
 
 
+#: The smaller tiny Llama some tests use (one layer of width 16).
+SMALLER_LLAMA = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+
+
+def save_tiny_llama(folder: Path, tok=None, *, seed: int = 0, **overrides: Any) -> Path:
+    """:func:`tiny_llama` (with ``overrides``) saved with its tokenizer (the
+    real SmolLM2 one unless ``tok``) into ``folder``, as a model folder."""
+    if tok is None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(shared_file("tokenizers/smollm2")))
+    tiny_llama(tok, seed=seed, **overrides).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return Path(folder)
+
+
 def tiny_train_assets(root: Path, *, lm_head_scale: float = 1.0, adjust=None) -> dict:
     """What the trainer tests train on, under ``root``: :func:`tiny_llama` with
     the SmolLM2 tokenizer (``tiny-llama/``; its lm_head multiplied by

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import save_tiny_reward_model, shared_file
+from conftest import SMALLER_LLAMA, save_tiny_llama, save_tiny_reward_model, shared_file
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -85,16 +85,7 @@ def test_corrupt_part_files_are_one_line(graded_once, tmp_path):
 
 def test_pipeline_error_is_one_line(tmp_path):
     """A train stage whose launcher fails raises PipelineError: one line, exit 2."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(str(shared_file("tokenizers/smollm2")))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=256, eos_token_id=tok.eos_token_id,
-                      bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "policy")
-    tok.save_pretrained(tmp_path / "policy")
+    save_tiny_llama(tmp_path / "policy", **SMALLER_LLAMA, max_position_embeddings=256)
     _rows(tmp_path / "test_harmless_base.jsonl", 30)
     sets = {"model": str(tmp_path / "policy"), "inputs.files": f"[{tmp_path / 'test_harmless_base.jsonl'}]",
             "grade.use_input_scores": "true", "grade.a": "20", "eval.enabled": "false", "run_dir": str(tmp_path / "run"),

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import shared_file
+from conftest import save_tiny_llama, shared_file
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -48,17 +48,11 @@ def _head_lines(src: Path, n: int):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A tiny random Llama with the SmolLM2 tokenizer, 5 + 3 real PRO-HH test rows, 2 MT-Bench questions."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     root = tmp_path_factory.mktemp("eval_assets")
     tok = AutoTokenizer.from_pretrained(str(shared_file("tokenizers/smollm2")))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
-    model_dir = root / "tiny-llama"
-    LlamaForCausalLM(cfg).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    model_dir = save_tiny_llama(root / "tiny-llama", tok)
     harmless = root / "test_harmless_base.jsonl"
     harmless.write_text("".join(_head_lines(shared_file("data/pro-hh/test_harmless_base.jsonl.gz"), N_HARMLESS)), encoding="utf-8")
     helpful = root / "test_helpful_base.jsonl"

@@ -51,18 +51,14 @@ def test_importing_deft_silences_deepspeeds_cpu_guess() -> None:
 def test_generation_progress_moves_within_a_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     """The eval bar moves at every decoding step, not once per batch of prompts,
     and ends exactly at the number of prompts."""
-    import torch
     import tqdm.auto
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
-    from conftest import shared_file
+    from conftest import SMALLER_LLAMA, shared_file, tiny_llama
     from deft.evaluate import generate
 
     tok = AutoTokenizer.from_pretrained(str(shared_file("tokenizers/smollm2")))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(tok, **SMALLER_LLAMA, max_position_embeddings=2048).eval()
     seen = []
 
     class Recorder(tqdm.auto.tqdm):

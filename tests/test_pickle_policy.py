@@ -12,21 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import shared_file
+from conftest import SMALLER_LLAMA, shared_file, tiny_llama
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 
 def _tiny_llama(folder: Path, *, safe: bool) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(shared_file("tokenizers/smollm2")))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=True,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
-    model = LlamaForCausalLM(cfg)
+    model = tiny_llama(tok, **SMALLER_LLAMA, max_position_embeddings=256, tie_word_embeddings=True)
     model.save_pretrained(folder, safe_serialization=safe)
     if not safe and not (folder / "pytorch_model.bin").exists():  # transformers >= 5 writes safetensors regardless
         from safetensors.torch import load_file
@@ -126,7 +122,7 @@ def test_cli_train_refuses_pickle_policy_and_allow_pickle_opts_in(models, tmp_pa
 
 def test_allow_pickle_config_key_and_pipeline_pass_through(tmp_path):
     from deft.config import load_config
-    from deft.pipeline import _Train, _train_config, load_pipeline_config
+    from deft.pipeline import TrainStage, _train_config, load_pipeline_config
 
     base = ["model=m", "data.graded=g", "deft.enabled=false"]
     assert load_config(None, base)["allow_pickle"] is False
@@ -135,4 +131,4 @@ def test_allow_pickle_config_key_and_pipeline_pass_through(tmp_path):
     assert _train_config(cfg, tmp_path)["allow_pickle"] is True
     # opting in does not change what the train stage computes, so it does not invalidate it
     off = load_pipeline_config(None, ["model=m", "inputs.files=[x]", "eval.enabled=false"])
-    assert _Train(cfg, tmp_path, {}).params() == _Train(off, tmp_path, {}).params()
+    assert TrainStage(cfg, tmp_path, {}).params() == TrainStage(off, tmp_path, {}).params()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KILL_AT_SECOND_CHECKPOINT, shared_file
+from conftest import KILL_AT_SECOND_CHECKPOINT, save_tiny_llama, shared_file
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -89,17 +89,8 @@ def slice_assets(tmp_path_factory):
     """A tiny random Llama with the real SmolLM2 tokenizer, 120 PRO harmless-base
     rows (their stored OpenAssistant RM scores grade them) and 3 helpful-base
     test rows."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("pipeline_assets")
-    tok = AutoTokenizer.from_pretrained(str(shared_file("tokenizers/smollm2")))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
-    model_dir = root / "tiny-llama"
-    LlamaForCausalLM(cfg).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    model_dir = save_tiny_llama(root / "tiny-llama", max_position_embeddings=512)
     files = {}
     for name, n in (("test_harmless_base", 120), ("test_helpful_base", 3)):
         lines = gzip.open(shared_file(f"data/pro-hh/{name}.jsonl.gz"), "rt", encoding="utf-8").read().splitlines()[:n]

@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from conftest import shared_file, write_records
+from conftest import save_tiny_llama, shared_file, write_records
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -472,18 +472,12 @@ def test_truncation_keeps_the_response_head_and_the_context_tail(minilm):
 def test_causal_lm_embedder_pools_response_positions(tmp_path):
     """A causal LM folder (tiny random Llama, SmolLM2 tokenizer): AutoModel's base model,
     prompt rendered as the trainer does, mean over the response positions."""
-    from transformers import AutoModel, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModel, AutoTokenizer
 
     from deft.render import render_hh
 
     tok = AutoTokenizer.from_pretrained(str(shared_file("tokenizers/smollm2")))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
-    folder = tmp_path / "tiny-llama"
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = save_tiny_llama(tmp_path / "tiny-llama", tok, max_position_embeddings=512)
     emb = ResponseEmbedder.load(str(folder), device="cpu", template="plain", max_length=128)
     assert emb.kind == "causal" and emb.identity["model_type"] == "llama"
     ctx = [CTX1, CTX2, CTX1]
