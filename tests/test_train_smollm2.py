@@ -61,7 +61,10 @@ def test_deft_dpo_on_smollm2_moves_loss_and_rdis(tmp_path):
     assert res.global_step == 4 and len(rows) == 4
     l_m = np.array([r["L_m"] for r in rows])
     r_dis = np.array([r["R_dis"] for r in rows])
-    assert l_m[0] == pytest.approx(np.log(2), abs=1e-3)  # policy == reference at the start
+    pair = np.array([r["pair_loss"] for r in rows])  # deft-dpo.yaml carries Table A.1's SFT term
+    assert l_m == pytest.approx(pair + np.array([r["sft_term"] for r in rows]), rel=1e-6)
+    assert pair[0] == pytest.approx(np.log(2), abs=1e-3)  # policy == reference at the start
+    assert pair[-1] < pair[0] - 0.01, pair
     assert l_m[-1] < l_m[0] - 0.01, l_m  # the same 2 samples every step: DPO loss falls
     assert r_dis[-1] > r_dis[0], r_dis  # and the output distribution moves along Q_diff
     assert (out / "model" / "model.safetensors").exists()
