@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import yaml
 
 from deft.errors import DeftError
+from deft.render import POLICY_TEMPLATES
 
 __all__ = ["SCHEMA", "METHODS", "DEFAULT_SFT_WEIGHT", "sft_weight", "ConfigError", "load_config", "apply_override", "defaults", "validate"]
 
@@ -49,7 +50,7 @@ SCHEMA: Dict[str, Any] = {
     "data": {
         "graded": Field(None, "str", nullable=True, help="graded.parquet from `deft grade` (required)"),
         "levels": Field(["A"], "list", help="levels trained on; [A, B, C] is the paper's -D^A ablation"),
-        "template": Field("auto", "str", choices=("auto", "chat", "plain"), help="prompt template; must match the distribution's"),
+        "template": Field("auto", "str", choices=POLICY_TEMPLATES, help="prompt template; must match the distribution's"),
         "max_length": Field(512, "int", help="prompt + response + EOS tokens"),
         "max_prompt_length": Field(384, "int", help="prompt tokens (left-truncated)"),
         "max_responses": Field(None, "int", nullable=True, help="PRO/RRHF: keep at most this many responses (best, ..., worst kept)"),

@@ -4,7 +4,7 @@ Q+ counts the tokens of every response graded +1, Q- those graded -1, over all
 levels of ``graded.parquet`` (the training set is level A only, the
 distribution uses everything). Responses are tokenised exactly as the trainer
 tokenises them: with the policy's tokenizer, no special tokens, and the
-response prefix of the prompt template (:func:`response_prefix`): after a plain
+response prefix of the prompt template (:func:`deft.render.response_prefix`): after a plain
 HH prompt ending in ``"Assistant:"`` the response is ``" " + response`` (the
 space belongs to the response, as in HH transcripts); after a chat-template
 prompt it is the response as is. The EOS the trainer appends is not counted.
@@ -30,20 +30,9 @@ import polars as pl
 
 from deft._hf import vocab_hash
 from deft.io import atomic_path, check_publication, locked_output, sha256_file, sha256_text
+from deft.render import resolve_template, response_prefix
 
 FORMAT = "deft-qdiff-v1"
-TEMPLATES = ("auto", "plain", "chat")
-
-
-def response_prefix(template: str) -> str:
-    """Text the trainer puts between the rendered prompt and the response."""
-    if template == "plain":
-        return " "
-    if template == "chat":
-        return ""
-    raise ValueError(f"template must be 'plain' or 'chat', got {template!r}")
-
-
 @dataclass
 class PolicyTokenizer:
     """A policy tokenizer resolved for native use: JSON text plus identity."""
@@ -105,14 +94,6 @@ def resolve_tokenizer(spec: Union[str, "os.PathLike[str]"], *, trust_remote_code
         text, chat = backend.to_str(), getattr(tok, "chat_template", None)
     vh, size = vocab_hash(text)
     return PolicyTokenizer(json=text, source=str(spec), sha256=sha256_text(text), vocab_hash=vh, vocab_size=size, chat_template=chat)
-
-
-def resolve_template(template: str, tok: PolicyTokenizer) -> str:
-    if template not in TEMPLATES:
-        raise ValueError(f"template must be one of {', '.join(TEMPLATES)}, got {template!r}")
-    if template == "auto":
-        return "chat" if tok.chat_template else "plain"
-    return template
 
 
 @dataclass

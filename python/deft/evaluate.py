@@ -11,13 +11,13 @@ Pipeline
    the row has no scores). ``limit`` keeps the first ``limit`` rows of every
    subset (and the first ``limit`` MT-Bench questions).
 2. **Prompts** are rendered exactly as ``deft train`` renders them
-   (:func:`deft.train.render_prompt`): the tokenizer's chat template with the
+   (:func:`deft.render.render_prompt`): the tokenizer's chat template with the
    generation prompt for template ``chat``, else plain HH text ending in
    ``"\\n\\nAssistant:"``. ``template="auto"`` takes the template recorded in
    the ``manifest.json`` of the ``deft train`` run the model folder came from
    (``runs/x/train/model`` -> ``runs/x/train/manifest.json``), else ``chat``
-   when the tokenizer has a chat template, else ``plain`` -- the rule of
-   :func:`deft.distribution.resolve_template`. Prompts are tokenised like the
+   when the tokenizer has a chat template, else ``plain``
+   (:func:`deft.render.resolve_model_template`). Prompts are tokenised like the
    trainer's (the tokenizer's ``tokenizer.json`` through the native encoder,
    no special tokens) and left-truncated to ``max_prompt_length`` (384) tokens.
 3. **Generation** (:func:`generate`): greedy (``do_sample=False``,
@@ -102,6 +102,7 @@ import numpy as np
 from deft._hf import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype, split_on_oom, weights_stat_fingerprint
 from deft._util import md_table
 from deft.io import locked_output
+from deft.render import render_prompt, resolve_model_template
 
 __all__ = [
     "DEFAULT_TIE_MARGIN",
@@ -544,46 +545,6 @@ def load_policy(
     return lm, tok
 
 
-def _train_manifest_template(spec: str) -> Optional[str]:
-    """The template recorded by `deft train` for a model folder it saved."""
-    p = Path(spec).expanduser()
-    if not p.is_dir():
-        return None
-    man = p.parent / "manifest.json"
-    if not man.is_file():
-        return None
-    try:
-        doc = json.loads(man.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(doc, dict) or doc.get("stage") != "train":
-        return None
-    out = doc.get("outputs") or {}
-    if isinstance(out, dict) and out.get("model") and Path(out["model"]).name != p.name:
-        return None
-    t = doc.get("template")
-    return t if t in ("plain", "chat") else None
-
-
-def _resolve_prompt_template(template: str, spec: str, tok: Any) -> str:
-    from deft.distribution import TEMPLATES, resolve_template
-
-    if template not in TEMPLATES:
-        raise ValueError(f"template must be one of {', '.join(TEMPLATES)}, got {template!r}")
-    chat = getattr(tok, "chat_template", None)
-    if template == "auto":
-        recorded = _train_manifest_template(spec)
-        if recorded is not None:
-            template = recorded
-    if template == "chat" and not chat:
-        raise ValueError(f"template 'chat' but the tokenizer of {spec} has no chat template")
-
-    class _T:  # resolve_template reads only .chat_template
-        chat_template = chat
-
-    return resolve_template(template, _T())  # type: ignore[arg-type]
-
-
 # ---------------------------------------------------------------------------
 # generation
 
@@ -910,10 +871,9 @@ def write_mt_bench_answers(
     (``question_id, answer_id, model_id, choices: [{index: 0, turns}], tstamp``).
     Questions already in ``path`` are skipped (resume); at the end the file is
     rewritten sorted by ``question_id``, atomically. Prompts are rendered with
-    :func:`deft.train.render_prompt` (``template`` ``plain`` or ``chat``) and
+    :func:`deft.render.render_prompt` (``template`` ``plain`` or ``chat``) and
     answers cut with :func:`cut_generation`."""
     from deft.io import write_text_atomic
-    from deft.train import render_prompt
 
     path = Path(path)
     done = {r["question_id"] for r in _read_resumable_jsonl(path, "question_id", ("question_id", "choices"))}
@@ -1402,7 +1362,7 @@ def evaluate(
 
         remove_stale_temporaries(run_dir)  # of writes a killed run did not finish (plan.json, samples)
         hf_tok = _load_tokenizer(spec, tokenizer=tok_spec, gguf_file=gguf, trust_remote_code=trust_remote_code)
-        tmpl = _resolve_prompt_template(template, spec, hf_tok)
+        tmpl = resolve_model_template(template, spec, hf_tok)
         plan = {"version": PLAN_VERSION, "model": spec, "fingerprint": weights_stat_fingerprint(spec, gguf), "tokenizer": tok_spec,
                 "template": tmpl, "max_new_tokens": max_new_tokens, "max_prompt_length": max_prompt_length,
                 "mt_bench_max_new_tokens": mt_bench_max_new_tokens, "mt_bench_max_prompt_length": mt_bench_max_prompt_length,
@@ -1412,8 +1372,6 @@ def evaluate(
         remove_stale_temporaries(mt_path.parent)
         if overwrite:
             mt_path.unlink(missing_ok=True)
-        from deft.train import render_prompt
-
         prompts = [render_prompt(s.context, tmpl, hf_tok) for s in samples]
         gen_path = run_dir / GENERATIONS
         existing = _read_resumable_jsonl(gen_path, "id", ("id", "prompt", "generation"))

@@ -86,6 +86,7 @@ from deft.config import ConfigError, Field, apply_override, read_config
 from deft.config import validate as validate_train
 from deft.errors import DeftError
 from deft.io import locked_output
+from deft.render import RM_TEMPLATES, render_hh, render_prompt, resolve_template
 from deft import pipeline as pl_
 
 __all__ = ["EXPERIMENT_SCHEMA", "load_experiment_config", "run_experiment", "summarise", "bootstrap_mean_ci",
@@ -102,7 +103,7 @@ EXPERIMENT_SECTION: Dict[str, Any] = {
     "eval_pairs": Field(128, "int", help="held-out pairs for accuracy, margin, NLL and log-ratio"),
     "eval_prompts": Field(16, "int", help="held-out prompts generated from and scored by the reward model (0: none)"),
     "reward_model": Field("builtin", "str", help="the evaluation reward model (builtin, a folder or a hub id); not the grading one"),
-    "reward_template": Field("auto", "str", choices=("auto", "oasst", "chat", "plain")),
+    "reward_template": Field("auto", "str", choices=RM_TEMPLATES),
     "batch_size": Field(8, "int", help="evaluation batch size (pairs and generations)"),
     "tie_margin": Field(1.0, "float", help="reward points (0-100) within which a generation ties with the base model's"),
     "bootstrap": Field(2000, "int", help="bootstrap resamples of the 95% intervals"),
@@ -247,7 +248,6 @@ def load_experiment_config(path: Optional[str], overrides: Sequence[str] = ()) -
 def prompt_key(context: Sequence[Mapping[str, str]], salt: int = 0) -> str:
     """SHA-256 of the conversation before the responses (rendered as HH text)
     and the salt: one key per prompt, whatever its responses."""
-    from deft.render import render_hh
 
     return hashlib.sha256(f"{salt}\n".encode() + render_hh(list(context)).encode("utf-8")).hexdigest()
 
@@ -467,10 +467,9 @@ def evaluate_model(cfg: Mapping[str, Any], eval_split: Path, spec: str, *, gguf_
     import polars as pl
     import torch
 
-    from deft.distribution import resolve_template
     from deft.evaluate import generate, load_policy, reward_100, score_responses
     from deft.losses import response_logprobs
-    from deft.train import collate, frame_examples, policy_tokenizers, render_prompt, to_slots
+    from deft.train import collate, frame_examples, policy_tokenizers, to_slots
 
     e = cfg["experiment"]
     t0 = time.perf_counter()

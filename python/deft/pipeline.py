@@ -54,6 +54,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 from deft._util import md_table
 from deft.io import interrupted_publication, locked_output
 from deft.errors import DeftError
+from deft.render import RM_TEMPLATES
 from deft.config import SCHEMA as TRAIN_SCHEMA
 from deft.config import ConfigError, Field, read_config
 from deft.config import validate as validate_train
@@ -82,7 +83,7 @@ PIPELINE_SCHEMA: Dict[str, Any] = {
     },
     "grade": {
         "reward_model": Field("builtin", "str", help="builtin, a hub id or a local folder"),
-        "template": Field("auto", "str", choices=("auto", "oasst", "chat", "plain")),
+        "template": Field("auto", "str", choices=RM_TEMPLATES),
         "use_input_scores": Field(False, "bool", help="grade with the scores the input carries (PRO reward)"),
         "a": Field(3.73, "float", help="percent of samples in level A"),
         "c": Field(12.5, "float", help="percent of samples in level C"),
@@ -95,7 +96,7 @@ PIPELINE_SCHEMA: Dict[str, Any] = {
         "enabled": Field(True, "bool"),
         "files": Field([], "list", help="test data (any format deft reads; MT-Bench question.jsonl too)"),
         "reward_model": Field("builtin", "str"),
-        "template": Field("auto", "str", choices=("auto", "oasst", "chat", "plain"), help="the reward model's template"),
+        "template": Field("auto", "str", choices=RM_TEMPLATES, help="the reward model's template"),
         "baseline": Field("base", "str", nullable=True, help="base: also evaluate the untrained model and judge against it; "
                                                             "another `deft run` folder (its trained model), an eval folder or generations file; null: none"),
         "max_prompt_length": Field(384, "int"),

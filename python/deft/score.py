@@ -102,7 +102,7 @@ from deft._hf import default_device, dtype_kwarg, log_split, pickle_only_weights
 from deft._util import chars_per_token, clip_text, find_sub, tokenize_clipped
 from deft.errors import DeftError
 from deft.io import MetricsLog, atomic_path, write_json_atomic
-from deft.render import render_chat, render_hh, render_oasst
+from deft.render import RM_TEMPLATES, render_pair, resolve_rm_template
 
 
 __all__ = [
@@ -126,8 +126,8 @@ log = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
 Context = Sequence[Mapping[str, str]]
 
-#: Accepted ``template`` values of :class:`HFRewardModel`.
-TEMPLATES = ("auto", "oasst", "chat", "plain")
+#: Accepted ``template`` values of :class:`HFRewardModel` (:data:`deft.render.RM_TEMPLATES`).
+TEMPLATES = RM_TEMPLATES
 #: Default token budget per batch on CPU (padded tokens).
 CPU_BATCH_TOKENS = 8192
 #: Bounds of the CUDA token budget derived from free memory.
@@ -209,7 +209,7 @@ class HFRewardModel:
         self.name = name
         self.revision = revision
         self.max_length = int(max_length)
-        self.template = self._resolve_template(template)
+        self.template = resolve_rm_template(template, tokenizer)
         pad = tokenizer.pad_token_id
         if pad is None:
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -275,15 +275,6 @@ class HFRewardModel:
 
     # -- rendering and encoding --------------------------------------------
 
-    def _resolve_template(self, template: str) -> str:
-        if template != "auto":
-            return template
-        if "<|prompter|>" in self.tokenizer.get_vocab():
-            return "oasst"
-        if getattr(self.tokenizer, "chat_template", None):
-            return "chat"
-        return "plain"
-
     def _probe_special_tokens(self) -> Tuple[List[int], List[int]]:
         """The special ids the tokenizer adds before/after one sequence (for
         templates tokenized with ``add_special_tokens=True``)."""
@@ -301,11 +292,7 @@ class HFRewardModel:
 
     def render(self, context: Context, response: str) -> str:
         """The text the model scores for one pair, before tokenization."""
-        if self.template == "oasst":
-            return render_oasst(context, response)
-        if self.template == "chat":
-            return render_chat(context, self.tokenizer, response)
-        return render_hh(context) + " " + response
+        return render_pair(context, response, self.template, self.tokenizer)
 
     def encode(self, contexts: Sequence[Context], responses: Sequence[str]) -> List[np.ndarray]:
         """Token ids (int32 arrays) per pair, left-truncated to ``max_length``

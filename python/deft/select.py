@@ -106,6 +106,7 @@ import polars as pl
 from deft._hf import default_device, dtype_kwarg, pickle_only_weights, quiet_transformers, split_on_oom
 from deft._util import find_sub
 from deft.io import locked_output
+from deft.render import POLICY_TEMPLATES, render_prompt, resolve_template, response_prefix
 
 __all__ = [
     "STRATEGIES",
@@ -634,8 +635,8 @@ class ResponseEmbedder:
         from deft.builtin_rm import minilm_fingerprint, minilm_path
         from deft.io import sha256_file
 
-        if template not in ("auto", "chat", "plain"):
-            raise ValueError(f"unknown template {template!r}; expected auto, chat or plain")
+        if template not in POLICY_TEMPLATES:
+            raise ValueError(f"template must be one of {', '.join(POLICY_TEMPLATES)}, got {template!r}")
         if device is None:
             device = default_device()
         torch_device = torch.device(device)
@@ -696,10 +697,7 @@ class ResponseEmbedder:
         if not 16 <= length <= cap:
             raise ValueError(f"max_length must be in 16..{cap} for {name}, got {length}")
         if kind == "causal":
-            if template == "auto":
-                template = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
-            if template == "chat" and not getattr(tokenizer, "chat_template", None):
-                raise ValueError(f"template 'chat': the tokenizer of {source} has no chat template")
+            template = resolve_template(template, tokenizer, require=source)
         else:
             template = "plain"
         identity.update({"model_type": config.model_type, "dtype": str(dtype).replace("torch.", ""),
@@ -747,11 +745,7 @@ class ResponseEmbedder:
         return [list(x) for x in out["input_ids"]]
 
     def _prompts(self, contexts: Sequence[Any]) -> List[str]:
-        from deft.render import render_chat, render_hh
-
-        if self.template == "chat":
-            return [render_chat(c, self.tokenizer) for c in contexts]
-        return [render_hh(c) for c in contexts]
+        return [render_prompt(c, self.template, self.tokenizer) for c in contexts]
 
     def encode(self, contexts: Sequence[Any], responses: Sequence[str]) -> List[EncodedResponse]:
         """One :class:`EncodedResponse` per (context, response), truncated as
@@ -767,7 +761,7 @@ class ResponseEmbedder:
         # response its head): huge texts are cut to that before tokenising, with
         # the same kept tokens (deft._util.tokenize_clipped).
         cpt = chars_per_token(self.tokenizer)
-        prefix = " " if (self.kind == "causal" and self.template == "plain" and self.with_context) else ""
+        prefix = response_prefix(self.template) if (self.kind == "causal" and self.with_context) else ""
         resp_ids = tokenize_clipped(self._tokenize, [prefix + r if r else r for r in responses], self.max_length, "right", cpt)
         if self.with_context:
             texts = self._prompts(contexts)

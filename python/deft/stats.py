@@ -25,7 +25,7 @@ import numpy as np
 import polars as pl
 
 from deft._native import Tokenizer
-from deft.data import render_hh
+from deft.render import render_hh
 
 QUANTILES = (0.0, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
 

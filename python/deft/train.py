@@ -78,6 +78,7 @@ from deft._hf import is_oom, load_causal_lm, load_tokenizer, vocab_hash, weights
 from deft.config import load_config
 from deft.io import locked_output
 from deft.losses import IGNORE_INDEX
+from deft.render import render_prompt, resolve_template, response_prefix
 
 __all__ = ["Example", "encode_examples", "select_responses", "prepare_data", "train", "TrainResult"]
 
@@ -127,14 +128,6 @@ def select_responses(responses: Sequence[str], scores: Optional[Sequence[float]]
         keep = list(range(max_responses - 1)) + [len(responses) - 1]
         return [responses[i] for i in keep], [sc[i] for i in keep]
     return responses, sc
-
-
-def render_prompt(context: Any, template: str, hf_tokenizer: Any = None) -> str:
-    from deft.render import render_chat, render_hh
-
-    if template == "chat":
-        return render_chat(context, hf_tokenizer)
-    return render_hh(context)
 
 
 def encode_examples(
@@ -277,7 +270,6 @@ def policy_tokenizers(cfg: Mapping[str, Any]):
 def frame_examples(cfg: Mapping[str, Any], frame: Any, template: str, hf_tok: Any, ptok: Any, method: Optional[str] = None) -> List[Example]:
     """Tokenised :class:`Example` s of the rows of a canonical (or graded)
     frame, as ``method`` (default ``method.name``) uses their responses."""
-    from deft.distribution import response_prefix
 
     method = method or cfg["method"]["name"]
     has_scores = "scores" in frame.columns
@@ -299,7 +291,7 @@ def prepare_data(cfg: Mapping[str, Any]) -> Prepared:
     """Load the graded data, the distribution and the tokenizer; tokenise."""
     import polars as pl
 
-    from deft.distribution import load_distribution, resolve_template
+    from deft.distribution import load_distribution
 
     spec = cfg["tokenizer"] or cfg["model"]
     hf_tok, ptok = policy_tokenizers(cfg)
