@@ -12,6 +12,7 @@ a string) are accepted for float keys.
 from __future__ import annotations
 
 import copy
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -297,7 +298,6 @@ def resolve_package_path(spec: str) -> str:
     is returned as it is."""
     if not spec.startswith("pkg:"):
         return spec
-    import importlib.util
 
     name = spec[4:]
     try:

@@ -28,8 +28,15 @@ from typing import Any, Dict, List, Optional, Union
 import numpy as np
 import polars as pl
 
+# Imported inside the functions that use them, on purpose: transformers, safetensors and matplotlib;
+# importing deft stays fast.
+from deft import __version__
 from deft._hf import vocab_hash
-from deft.io import atomic_path, check_publication, locked_output, sha256_file, sha256_text
+from deft._native import Tokenizer
+from deft.grade import read_graded
+from deft.io import (
+    atomic_path, begin_publication, check_publication, locked_output, sha256_file, sha256_text, write_json_atomic,
+)
 from deft.render import resolve_template, response_prefix
 
 FORMAT = "deft-qdiff-v1"
@@ -48,8 +55,6 @@ class PolicyTokenizer:
     @property
     def native(self):
         if self._native is None:
-            from deft._native import Tokenizer
-
             self._native = Tokenizer.from_str(self.json)
         return self._native
 
@@ -166,7 +171,6 @@ def build_distribution(
         if manifest.exists():
             meta["graded_manifest"] = str(manifest)
             meta["graded_manifest_sha256"] = sha256_file(manifest)
-    from deft import __version__
 
     meta["deft_version"] = __version__
     return Distribution(q_pos, q_neg, q_diff, meta)
@@ -201,9 +205,6 @@ def distribution_files(
     for the policy ``tokenizer``, its ``top`` tokens, and the files: the
     optional ``plot`` (PNG) and ``top_json``, then ``output`` (safetensors,
     the commit record of the publication, written last)."""
-    from deft.grade import read_graded
-    from deft.io import begin_publication, write_json_atomic
-
     graded, output = Path(graded), Path(output)
     plot_p = Path(plot) if plot is not None else None
     json_p = Path(top_json) if top_json is not None else None

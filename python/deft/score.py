@@ -87,6 +87,7 @@ A CUDA out-of-memory error splits the batch in halves and retries.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -98,8 +99,11 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Protocol, Seque
 import numpy as np
 import polars as pl
 
+# Imported inside the functions that use them, on purpose: torch, transformers and rich; importing deft
+# stays fast.
 from deft._hf import default_device, dtype_kwarg, log_split, pickle_only_weights, split_on_oom
 from deft._util import chars_per_token, clip_text, find_sub, tokenize_clipped
+from deft.builtin_rm import BuiltinRewardModel
 from deft.errors import DeftError
 from deft.io import MetricsLog, atomic_path, write_json_atomic
 from deft.render import RM_TEMPLATES, render_pair, resolve_rm_template
@@ -410,8 +414,6 @@ def load_reward_model(name_or_path: str = "builtin", *, template: str = "auto", 
     sequence-classification model by hub name or local path
     (:meth:`HFRewardModel.load`)."""
     if name_or_path == "builtin":
-        from deft.builtin_rm import BuiltinRewardModel
-
         if template not in ("auto", "builtin"):
             log.warning("the builtin reward model renders (context, response) its own fixed way (a sentence pair); "
                         "template %r is not used", template)
@@ -557,8 +559,6 @@ def _write_part(shard_dir: Path, index: int, rows: List[int], ids: List[str], re
 
 @contextlib.contextmanager
 def _shard_lock(shard_dir: Path, what: str) -> Iterator[None]:
-    import fcntl
-
     shard_dir.mkdir(parents=True, exist_ok=True)
     with open(shard_dir / "lock", "a+") as f:
         try:

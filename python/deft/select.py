@@ -103,9 +103,15 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import polars as pl
 
+# Imported inside the functions that use them, on purpose: torch, transformers, rich and matplotlib;
+# importing deft stays fast.
 from deft._hf import default_device, dtype_kwarg, pickle_only_weights, quiet_transformers, split_on_oom
-from deft._util import find_sub
-from deft.io import locked_output
+from deft._util import chars_per_token, find_sub, tokenize_clipped
+from deft.builtin_rm import minilm_fingerprint, minilm_path
+from deft.data import SCHEMA, load_many, save, validate_frame
+from deft.io import (
+    atomic_path, begin_publication, check_publication, input_record, locked_output, sha256_file, write_manifest,
+)
 from deft.render import POLICY_TEMPLATES, render_prompt, resolve_template, response_prefix
 
 __all__ = [
@@ -403,8 +409,6 @@ def select_pairs(
         orient: ``rank`` or ``score``: what decides which response of the
             chosen pair is better when both are available.
     """
-    from deft.data import validate_frame
-
     _check_strategy(strategy)
     fraction = _check_fraction(fraction)
     seed = _check_seed(seed)
@@ -482,7 +486,6 @@ def select_pairs(
         info = {"strategy": strategy, "pair": [b, w], "similarity": rec["similarity"][r],
                 "n_responses": lengths[r], "oriented_by": rec["oriented_by"][r]}
         new_meta.append(_merge_meta(m, info))
-    from deft.data import SCHEMA
 
     out = sub.with_columns(
         pl.Series("responses", new_resp, dtype=SCHEMA["responses"]),
@@ -632,9 +635,6 @@ class ResponseEmbedder:
         import torch
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        from deft.builtin_rm import minilm_fingerprint, minilm_path
-        from deft.io import sha256_file
-
         if template not in POLICY_TEMPLATES:
             raise ValueError(f"template must be one of {', '.join(POLICY_TEMPLATES)}, got {template!r}")
         if device is None:
@@ -755,7 +755,6 @@ class ResponseEmbedder:
         for k, r in enumerate(responses):
             if not isinstance(r, str):
                 raise ValueError(f"response {k}: expected a string, got {type(r).__name__}")
-        from deft._util import chars_per_token, tokenize_clipped
 
         # Either side keeps at most max_length tokens (the context its tail, the
         # response its head): huge texts are cut to that before tokenising, with
@@ -993,8 +992,6 @@ def plot_similarity(result: SelectResult, path: PathLike, title: Optional[str] =
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from deft.io import atomic_path
-
     sel = result.selection.filter(pl.col("similarity").is_not_null())
     cand = sel.get_column("similarity").to_numpy()
     kept = sel.filter(pl.col("kept")).get_column("similarity").to_numpy()
@@ -1051,9 +1048,6 @@ def select_files(
     embeddings of the loaded rows (as for :func:`select_pairs`, e.g. from
     :func:`embed_responses`); no model is loaded then and the manifest records
     the embedder as ``"precomputed"``."""
-    from deft.data import load_many, save
-    from deft.io import begin_publication, check_publication, input_record, sha256_file, write_manifest
-
     _check_strategy(strategy)
     fraction = _check_fraction(fraction)
     seed = _check_seed(seed)
@@ -1104,7 +1098,6 @@ def select_files(
 
     sel_path, out_path, man_path = paths["selection"], paths["output"], paths["manifest"]
     assert sel_path is not None and out_path is not None and man_path is not None
-    from deft.io import atomic_path
 
     # NAME.manifest.json is the commit record (written last). The publication begins only now, before the
     # first output write: a failure while loading, embedding or selecting leaves an earlier selection (and
