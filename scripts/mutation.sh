@@ -184,7 +184,7 @@ EOF
 
 run_rust() {
   command -v cargo-mutants >/dev/null || cargo install -q cargo-mutants --locked
-  # rust/lib.rs is the PyO3/Arrow glue: `cargo test` cannot call it (it is
+  # the PyO3/Arrow glue (rust/lib.rs, tokenizer.rs, polarity_binding.rs, input.rs, errors.rs): `cargo test` cannot call it (it is
   # exercised from Python by tests/test_native.py and the fuzz harness), so
   # its mutants would all "survive" the Rust tests. The algorithmic modules are
   # mutated; .cargo/mutants.toml says the same.

@@ -212,7 +212,7 @@ def test_reference_and_names():
 
 
 def test_template_from_train_manifest(assets, tmp_path):
-    from deft.evaluate import _resolve_prompt_template
+    from deft.render import resolve_model_template as _resolve_prompt_template
 
     model = tmp_path / "runs" / "x" / "train" / "model"
     model.mkdir(parents=True)
@@ -320,7 +320,7 @@ def test_outputs_and_table_layout(first, assets):
 
 def test_generations_prompts_and_cut(first, assets):
     from deft.data import load_many
-    from deft.train import render_prompt
+    from deft.render import render_prompt
 
     gens = _jsonl(first.output_dir / "tiny-llama" / "generations.jsonl")
     frame = load_many([assets["harmless"], assets["helpful"]]).frame
@@ -458,7 +458,7 @@ def test_baseline_in_run_and_intersection(first, assets, rm, tmp_path, monkeypat
 
 
 def test_mt_bench_answers(assets, tmp_path, monkeypatch):
-    from deft.train import render_prompt
+    from deft.render import render_prompt
 
     seen = []
     real = ev.generate

@@ -83,8 +83,9 @@ def oracle_inputs(assets):
 
     from deft._native import Tokenizer
     from deft.config import load_config
-    from deft.distribution import load_distribution, response_prefix
-    from deft.train import encode_examples, epoch_order, prepare_data, render_prompt
+    from deft.distribution import load_distribution
+    from deft.render import render_prompt, response_prefix
+    from deft.train import encode_examples, epoch_order, prepare_data
 
     cfg = load_config(None, overrides(assets, assets["root"] / "unused"))
     prep = prepare_data(cfg)  # used only for the template and its HF tokenizer

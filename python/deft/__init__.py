@@ -10,6 +10,8 @@ Polars frame), ``deft.stats`` (corpus statistics), ``deft.score`` and
 tokenisation, token counting and Q+/Q- assignment in Rust.
 """
 
+import logging
+import sys
 from importlib.metadata import PackageNotFoundError, version
 
 try:
@@ -26,9 +28,6 @@ def _quiet_deepspeed_cpu_notice() -> None:
     we were unable to detect it." When torch itself sees no CUDA device the
     CPU is the right answer and the warning is noise: drop exactly that record
     (the filter sits on DeepSpeed's logger before DeepSpeed creates it)."""
-    import logging
-    import sys
-
     def keep(record: logging.LogRecord) -> bool:
         if not str(record.msg).startswith("Setting accelerator to CPU"):
             return True

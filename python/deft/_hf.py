@@ -20,6 +20,11 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
+from tokenizers import Tokenizer as PyTokenizer
+
+from deft.errors import UnsafeWeightsError
+from deft.io import sha256_file_cached
+
 __all__ = [
     "PICKLE_SUFFIXES", "default_device", "dtype_kwarg", "is_oom", "load_causal_lm", "load_tokenizer",
     "pickle_only_weights", "pickle_refusal", "quiet_transformers", "resolve_device", "resolve_dtype",
@@ -156,8 +161,6 @@ def load_causal_lm(spec: str, *, dtype: Any, gguf_file: Optional[str] = None, tr
     propagate."""
     from transformers import AutoModelForCausalLM
 
-    from deft.errors import UnsafeWeightsError
-
     kw: dict = {"trust_remote_code": trust_remote_code, "dtype": dtype}
     local = Path(spec).expanduser()
     if gguf_file:
@@ -223,8 +226,6 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 def vocab_hash(tokenizer_json: str) -> Tuple[str, int]:
     """SHA-256 of a tokenizer's vocabulary (token -> id, added tokens
     included) and the vocabulary size: what a Q_diff is indexed by."""
-    from tokenizers import Tokenizer as PyTokenizer
-
     vocab = PyTokenizer.from_str(tokenizer_json).get_vocab(with_added_tokens=True)
     items = sorted(vocab.items(), key=lambda kv: (kv[1], kv[0]))
     size = max(vocab.values()) + 1 if vocab else 0
@@ -236,8 +237,6 @@ def weights_fingerprint(spec: str, gguf_file: Optional[str] = None) -> str:
     config files for a local folder (cached by size and modification time), the
     resolved commit for a hub id. What a training checkpoint and the reference
     cache are keyed by."""
-    from deft.io import sha256_file_cached
-
     p = Path(spec)
     h = hashlib.sha256()
     if p.is_dir():

@@ -3,6 +3,7 @@ text clipping before tokenisation. (Model handling lives in :mod:`deft._hf`.)"""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, List, Sequence
 
 
@@ -56,8 +57,6 @@ _CUT = None
 def _cut_re():
     global _CUT
     if _CUT is None:
-        import re
-
         _CUT = re.compile(r"(?<=\S)[ \t]")  # a space or tab after a non-space: a word boundary
     return _CUT
 

@@ -62,6 +62,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+# Imported inside the functions that use them, on purpose: torch, transformers and safetensors.torch;
+# importing deft stays fast.
 from ._hf import quiet_transformers
 from ._util import chars_per_token, tokenize_clipped
 from .errors import DeftError

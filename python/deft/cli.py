@@ -17,6 +17,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+# Imported inside the functions that use them, on purpose: every stage module (so that `deft --help` and
+# argument errors answer without torch); importing deft stays fast.
 from deft.io import locked_output
 
 app = typer.Typer(

@@ -12,6 +12,7 @@ a string) are accepted for float keys.
 from __future__ import annotations
 
 import copy
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -19,6 +20,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import yaml
 
 from deft.errors import DeftError
+from deft.render import POLICY_TEMPLATES
 
 __all__ = ["SCHEMA", "METHODS", "DEFAULT_SFT_WEIGHT", "sft_weight", "ConfigError", "load_config", "apply_override", "defaults", "validate"]
 
@@ -49,7 +51,7 @@ SCHEMA: Dict[str, Any] = {
     "data": {
         "graded": Field(None, "str", nullable=True, help="graded.parquet from `deft grade` (required)"),
         "levels": Field(["A"], "list", help="levels trained on; [A, B, C] is the paper's -D^A ablation"),
-        "template": Field("auto", "str", choices=("auto", "chat", "plain"), help="prompt template; must match the distribution's"),
+        "template": Field("auto", "str", choices=POLICY_TEMPLATES, help="prompt template; must match the distribution's"),
         "max_length": Field(512, "int", help="prompt + response + EOS tokens"),
         "max_prompt_length": Field(384, "int", help="prompt tokens (left-truncated)"),
         "max_responses": Field(None, "int", nullable=True, help="PRO/RRHF: keep at most this many responses (best, ..., worst kept)"),
@@ -296,7 +298,6 @@ def resolve_package_path(spec: str) -> str:
     is returned as it is."""
     if not spec.startswith("pkg:"):
         return spec
-    import importlib.util
 
     name = spec[4:]
     try:

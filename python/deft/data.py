@@ -118,6 +118,8 @@ from typing import (
 
 import polars as pl
 
+# Imported inside the functions that use them, on purpose: pyarrow (only the fast JSON reader and the Arrow
+# conversions use it); importing deft stays fast.
 from deft.errors import DeftError
 from deft.io import atomic_path
 

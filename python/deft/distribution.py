@@ -4,7 +4,7 @@ Q+ counts the tokens of every response graded +1, Q- those graded -1, over all
 levels of ``graded.parquet`` (the training set is level A only, the
 distribution uses everything). Responses are tokenised exactly as the trainer
 tokenises them: with the policy's tokenizer, no special tokens, and the
-response prefix of the prompt template (:func:`response_prefix`): after a plain
+response prefix of the prompt template (:func:`deft.render.response_prefix`): after a plain
 HH prompt ending in ``"Assistant:"`` the response is ``" " + response`` (the
 space belongs to the response, as in HH transcripts); after a chat-template
 prompt it is the response as is. The EOS the trainer appends is not counted.
@@ -28,22 +28,18 @@ from typing import Any, Dict, List, Optional, Union
 import numpy as np
 import polars as pl
 
+# Imported inside the functions that use them, on purpose: transformers, safetensors and matplotlib;
+# importing deft stays fast.
+from deft import __version__
 from deft._hf import vocab_hash
-from deft.io import atomic_path, check_publication, locked_output, sha256_file, sha256_text
+from deft._native import Tokenizer
+from deft.grade import read_graded
+from deft.io import (
+    atomic_path, begin_publication, check_publication, locked_output, sha256_file, sha256_text, write_json_atomic,
+)
+from deft.render import resolve_template, response_prefix
 
 FORMAT = "deft-qdiff-v1"
-TEMPLATES = ("auto", "plain", "chat")
-
-
-def response_prefix(template: str) -> str:
-    """Text the trainer puts between the rendered prompt and the response."""
-    if template == "plain":
-        return " "
-    if template == "chat":
-        return ""
-    raise ValueError(f"template must be 'plain' or 'chat', got {template!r}")
-
-
 @dataclass
 class PolicyTokenizer:
     """A policy tokenizer resolved for native use: JSON text plus identity."""
@@ -59,8 +55,6 @@ class PolicyTokenizer:
     @property
     def native(self):
         if self._native is None:
-            from deft._native import Tokenizer
-
             self._native = Tokenizer.from_str(self.json)
         return self._native
 
@@ -105,14 +99,6 @@ def resolve_tokenizer(spec: Union[str, "os.PathLike[str]"], *, trust_remote_code
         text, chat = backend.to_str(), getattr(tok, "chat_template", None)
     vh, size = vocab_hash(text)
     return PolicyTokenizer(json=text, source=str(spec), sha256=sha256_text(text), vocab_hash=vh, vocab_size=size, chat_template=chat)
-
-
-def resolve_template(template: str, tok: PolicyTokenizer) -> str:
-    if template not in TEMPLATES:
-        raise ValueError(f"template must be one of {', '.join(TEMPLATES)}, got {template!r}")
-    if template == "auto":
-        return "chat" if tok.chat_template else "plain"
-    return template
 
 
 @dataclass
@@ -185,7 +171,6 @@ def build_distribution(
         if manifest.exists():
             meta["graded_manifest"] = str(manifest)
             meta["graded_manifest_sha256"] = sha256_file(manifest)
-    from deft import __version__
 
     meta["deft_version"] = __version__
     return Distribution(q_pos, q_neg, q_diff, meta)
@@ -220,9 +205,6 @@ def distribution_files(
     for the policy ``tokenizer``, its ``top`` tokens, and the files: the
     optional ``plot`` (PNG) and ``top_json``, then ``output`` (safetensors,
     the commit record of the publication, written last)."""
-    from deft.grade import read_graded
-    from deft.io import begin_publication, write_json_atomic
-
     graded, output = Path(graded), Path(output)
     plot_p = Path(plot) if plot is not None else None
     json_p = Path(top_json) if top_json is not None else None

@@ -11,13 +11,13 @@ Pipeline
    the row has no scores). ``limit`` keeps the first ``limit`` rows of every
    subset (and the first ``limit`` MT-Bench questions).
 2. **Prompts** are rendered exactly as ``deft train`` renders them
-   (:func:`deft.train.render_prompt`): the tokenizer's chat template with the
+   (:func:`deft.render.render_prompt`): the tokenizer's chat template with the
    generation prompt for template ``chat``, else plain HH text ending in
    ``"\\n\\nAssistant:"``. ``template="auto"`` takes the template recorded in
    the ``manifest.json`` of the ``deft train`` run the model folder came from
    (``runs/x/train/model`` -> ``runs/x/train/manifest.json``), else ``chat``
-   when the tokenizer has a chat template, else ``plain`` -- the rule of
-   :func:`deft.distribution.resolve_template`. Prompts are tokenised like the
+   when the tokenizer has a chat template, else ``plain``
+   (:func:`deft.render.resolve_model_template`). Prompts are tokenised like the
    trainer's (the tokenizer's ``tokenizer.json`` through the native encoder,
    no special tokens) and left-truncated to ``max_prompt_length`` (384) tokens.
 3. **Generation** (:func:`generate`): greedy (``do_sample=False``,
@@ -98,10 +98,23 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
+import polars as pl
 
-from deft._hf import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype, split_on_oom, weights_stat_fingerprint
-from deft._util import md_table
-from deft.io import locked_output
+# Imported inside the functions that use them, on purpose: torch, transformers, sacrebleu and tqdm;
+# importing deft stays fast.
+from deft._hf import (
+    load_causal_lm, load_tokenizer, resolve_device, resolve_dtype, split_on_oom, weights_stat_fingerprint,
+)
+from deft._native import Tokenizer
+from deft._util import chars_per_token, md_table, tokenize_clipped
+from deft.data import DataError, load_many
+from deft.errors import UnsafeWeightsError
+from deft.io import (
+    MetricsLog, atomic_path, begin_publication, input_record, locked_output, remove_stale_temporaries,
+    write_json_atomic, write_manifest, write_text_atomic,
+)
+from deft.render import render_prompt, resolve_model_template
+from deft.score import CPU_BATCH_TOKENS, load_reward_model, plan_batches, score_with_split
 
 __all__ = [
     "DEFAULT_TIE_MARGIN",
@@ -382,8 +395,6 @@ def load_mt_bench(path: PathLike, *, limit: Optional[int] = None) -> List[MTBenc
     """Read an MT-Bench ``question.jsonl`` (``question_id``, ``category``,
     ``turns``: a non-empty list of strings). Errors name file, line and field
     (:class:`deft.data.DataError`)."""
-    from deft.data import DataError
-
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(2, "MT-Bench question file not found", str(p))
@@ -439,8 +450,6 @@ def _context_key(context: Sequence[Mapping[str, str]]) -> str:
 
 
 def _load_samples(paths: Sequence[Path], limit: Optional[int]) -> Tuple[List[_Sample], Any]:
-    from deft.data import load_many
-
     res = load_many(paths)
     if res.notes:
         _log(f"{len(res.notes)} rows loaded under a documented special case (e.g. {res.notes[0]})")
@@ -524,8 +533,6 @@ def load_policy(
     Returns ``(model, tokenizer)``."""
     import torch
 
-    from deft.errors import UnsafeWeightsError
-
     _check_model_spec(model, gguf_file)
     dev = resolve_device(device)
     dt = getattr(torch, resolve_dtype(dtype, dev))
@@ -542,46 +549,6 @@ def load_policy(
     if hasattr(lm, "config"):
         lm.config.use_cache = True
     return lm, tok
-
-
-def _train_manifest_template(spec: str) -> Optional[str]:
-    """The template recorded by `deft train` for a model folder it saved."""
-    p = Path(spec).expanduser()
-    if not p.is_dir():
-        return None
-    man = p.parent / "manifest.json"
-    if not man.is_file():
-        return None
-    try:
-        doc = json.loads(man.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(doc, dict) or doc.get("stage") != "train":
-        return None
-    out = doc.get("outputs") or {}
-    if isinstance(out, dict) and out.get("model") and Path(out["model"]).name != p.name:
-        return None
-    t = doc.get("template")
-    return t if t in ("plain", "chat") else None
-
-
-def _resolve_prompt_template(template: str, spec: str, tok: Any) -> str:
-    from deft.distribution import TEMPLATES, resolve_template
-
-    if template not in TEMPLATES:
-        raise ValueError(f"template must be one of {', '.join(TEMPLATES)}, got {template!r}")
-    chat = getattr(tok, "chat_template", None)
-    if template == "auto":
-        recorded = _train_manifest_template(spec)
-        if recorded is not None:
-            template = recorded
-    if template == "chat" and not chat:
-        raise ValueError(f"template 'chat' but the tokenizer of {spec} has no chat template")
-
-    class _T:  # resolve_template reads only .chat_template
-        chat_template = chat
-
-    return resolve_template(template, _T())  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------
@@ -608,12 +575,8 @@ def _encoder(tokenizer: Any) -> Callable[[Sequence[str], int], List[List[int]]]:
 
 
 def _make_encoder(tokenizer: Any) -> Callable[[Sequence[str], int], List[List[int]]]:
-    from deft._util import chars_per_token, tokenize_clipped
-
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        from deft._native import Tokenizer
-
         native = Tokenizer.from_str(backend.to_str())
         cpt = chars_per_token(native)
 
@@ -832,8 +795,6 @@ def _read_resumable_jsonl(path: Path, key: str, required: Sequence[str], *, repa
     last line without its newline (torn by a kill) is cut off the file; without
     it (someone else's file, e.g. a baseline) the file is read as it is and never
     changed. Any other bad line is an error."""
-    from deft.data import DataError
-
     if not path.exists():
         return []
     data = path.read_bytes()
@@ -910,11 +871,8 @@ def write_mt_bench_answers(
     (``question_id, answer_id, model_id, choices: [{index: 0, turns}], tstamp``).
     Questions already in ``path`` are skipped (resume); at the end the file is
     rewritten sorted by ``question_id``, atomically. Prompts are rendered with
-    :func:`deft.train.render_prompt` (``template`` ``plain`` or ``chat``) and
+    :func:`deft.render.render_prompt` (``template`` ``plain`` or ``chat``) and
     answers cut with :func:`cut_generation`."""
-    from deft.io import write_text_atomic
-    from deft.train import render_prompt
-
     path = Path(path)
     done = {r["question_id"] for r in _read_resumable_jsonl(path, "question_id", ("question_id", "choices"))}
     todo = [q for q in questions if q.question_id not in done]
@@ -961,8 +919,6 @@ def score_responses(rm: Any, contexts: Sequence[Sequence[Mapping[str, str]]], re
     order, with any :class:`deft.score.RewardModel`: length-bucketed batches of
     ``batch_size`` pairs or of the model's padded-token budget; a CUDA
     out-of-memory error halves the batch."""
-    from deft.score import CPU_BATCH_TOKENS, plan_batches, score_with_split
-
     if len(contexts) != len(responses):
         raise ValueError(f"{len(contexts)} contexts but {len(responses)} responses")
     out = np.zeros(len(responses), dtype=np.float64)
@@ -1150,15 +1106,11 @@ class _Baseline:
 
 def _read_records(path: Path) -> List[Dict[str, Any]]:
     if path.suffix == ".parquet":
-        import polars as pl
-
         return pl.read_parquet(path).to_dicts()
     return _read_resumable_jsonl(path, "id", ("id", "generation"), repair=False)
 
 
 def _baseline_from_file(path: Path, label: str) -> _Baseline:
-    from deft.data import DataError
-
     recs = _read_records(path)
     if not recs:
         raise ValueError(f"baseline {path}: no generations")
@@ -1233,7 +1185,6 @@ def _reuse_baseline_scores(base: _Baseline, rm_id: Dict[str, Any]) -> None:
     reward model and belong to the same generation text."""
     if base.samples_path is None or base.scored_by != rm_id:
         return
-    import polars as pl
 
     df = pl.read_parquet(base.samples_path, columns=["id", "generation", "score"])
     for r in df.iter_rows(named=True):
@@ -1255,8 +1206,6 @@ def _as_list(x: Union[None, str, Sequence[Optional[str]]], n: int, what: str) ->
 
 
 def _check_plan(run_dir: Path, plan: Dict[str, Any], overwrite: bool) -> None:
-    from deft.io import write_json_atomic
-
     path = run_dir / "plan.json"
     if path.exists() and not overwrite:
         try:
@@ -1319,8 +1268,6 @@ def evaluate(
     ``eval_md``, ``manifest``, ``metrics`` and per run the paths in
     :class:`RunResult`).
     """
-    from deft.io import MetricsLog, input_record, write_json_atomic, write_manifest, write_text_atomic
-
     models = [str(models)] if isinstance(models, (str, os.PathLike)) else [str(m) for m in models]
     data = [data] if isinstance(data, (str, os.PathLike)) else data
     if not models:
@@ -1398,11 +1345,10 @@ def evaluate(
     for spec, name, gguf, tok_spec in zip(models, names, ggufs, toks):
         run_dir = out / name
         run_dir.mkdir(parents=True, exist_ok=True)
-        from deft.io import remove_stale_temporaries
 
         remove_stale_temporaries(run_dir)  # of writes a killed run did not finish (plan.json, samples)
         hf_tok = _load_tokenizer(spec, tokenizer=tok_spec, gguf_file=gguf, trust_remote_code=trust_remote_code)
-        tmpl = _resolve_prompt_template(template, spec, hf_tok)
+        tmpl = resolve_model_template(template, spec, hf_tok)
         plan = {"version": PLAN_VERSION, "model": spec, "fingerprint": weights_stat_fingerprint(spec, gguf), "tokenizer": tok_spec,
                 "template": tmpl, "max_new_tokens": max_new_tokens, "max_prompt_length": max_prompt_length,
                 "mt_bench_max_new_tokens": mt_bench_max_new_tokens, "mt_bench_max_prompt_length": mt_bench_max_prompt_length,
@@ -1412,8 +1358,6 @@ def evaluate(
         remove_stale_temporaries(mt_path.parent)
         if overwrite:
             mt_path.unlink(missing_ok=True)
-        from deft.train import render_prompt
-
         prompts = [render_prompt(s.context, tmpl, hf_tok) for s in samples]
         gen_path = run_dir / GENERATIONS
         existing = _read_resumable_jsonl(gen_path, "id", ("id", "prompt", "generation"))
@@ -1482,15 +1426,12 @@ def evaluate(
         runs.append(result)
 
     # ---- reward, BLEU, baseline; publication: samples files, eval.json, eval.md, then manifest.json (the commit record)
-    from deft.io import begin_publication
 
     pub = begin_publication(out / "manifest.json", [out / "eval.json", out / "eval.md"], overwrite=True)
     rm_id: Optional[Dict[str, Any]] = None
     rm_spec: Optional[str] = None
     if samples:
         if isinstance(reward_model, str):
-            from deft.score import load_reward_model
-
             rm = load_reward_model(reward_model, template=reward_template, max_length=reward_max_length, device=dev,
                                    trust_remote_code=trust_remote_code)
             rm_spec = reward_model
@@ -1601,10 +1542,6 @@ def evaluate(
 def _write_samples(run_dir: Optional[Path], samples: Sequence[_Sample], prompts: Sequence[str], gens: Sequence[str],
                    scores: np.ndarray, rewards: np.ndarray, bleus: np.ndarray, base_rewards: Optional[List[Optional[float]]],
                    outcome: Optional[List[Optional[str]]]) -> Tuple[Path, Path]:
-    import polars as pl
-
-    from deft.io import atomic_path, write_text_atomic
-
     assert run_dir is not None
     cols: Dict[str, Any] = {
         "id": [s.id for s in samples], "subset": [s.subset for s in samples],

@@ -79,14 +79,21 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+import polars as pl
 
-from deft._util import md_table
-from deft.config import SCHEMA as TRAIN_SCHEMA
-from deft.config import ConfigError, Field, apply_override, read_config
-from deft.config import validate as validate_train
-from deft.errors import DeftError
-from deft.io import locked_output
+# Imported inside the functions that use them, on purpose: torch (with deft.train and deft.losses, which
+# import it), matplotlib and tqdm; importing deft stays fast.
 from deft import pipeline as pl_
+from deft._util import md_table
+from deft.config import ConfigError, Field, apply_override, read_config
+from deft.config import SCHEMA as TRAIN_SCHEMA
+from deft.config import validate as validate_train
+from deft.data import load, save
+from deft.errors import DeftError
+from deft.evaluate import generate, load_policy, reward_100, score_responses
+from deft.io import MetricsLog, atomic_path, locked_output, write_json_atomic, write_text_atomic
+from deft.render import RM_TEMPLATES, render_hh, render_prompt, resolve_template
+from deft.score import load_reward_model
 
 __all__ = ["EXPERIMENT_SCHEMA", "load_experiment_config", "run_experiment", "summarise", "bootstrap_mean_ci",
            "paired_difference", "split_by_prompt", "prompt_key", "evaluate_model", "ExperimentResult"]
@@ -102,7 +109,7 @@ EXPERIMENT_SECTION: Dict[str, Any] = {
     "eval_pairs": Field(128, "int", help="held-out pairs for accuracy, margin, NLL and log-ratio"),
     "eval_prompts": Field(16, "int", help="held-out prompts generated from and scored by the reward model (0: none)"),
     "reward_model": Field("builtin", "str", help="the evaluation reward model (builtin, a folder or a hub id); not the grading one"),
-    "reward_template": Field("auto", "str", choices=("auto", "oasst", "chat", "plain")),
+    "reward_template": Field("auto", "str", choices=RM_TEMPLATES),
     "batch_size": Field(8, "int", help="evaluation batch size (pairs and generations)"),
     "tie_margin": Field(1.0, "float", help="reward points (0-100) within which a generation ties with the base model's"),
     "bootstrap": Field(2000, "int", help="bootstrap resamples of the 95% intervals"),
@@ -247,7 +254,6 @@ def load_experiment_config(path: Optional[str], overrides: Sequence[str] = ()) -
 def prompt_key(context: Sequence[Mapping[str, str]], salt: int = 0) -> str:
     """SHA-256 of the conversation before the responses (rendered as HH text)
     and the salt: one key per prompt, whatever its responses."""
-    from deft.render import render_hh
 
     return hashlib.sha256(f"{salt}\n".encode() + render_hh(list(context)).encode("utf-8")).hexdigest()
 
@@ -257,8 +263,6 @@ def split_by_prompt(frame: Any, eval_fraction: float, salt: int = 0) -> Tuple[An
     first 15 hex digits of its :func:`prompt_key`, read as a fraction of
     16**15, are below ``eval_fraction``. Rows with the same prompt share a key
     and so a side."""
-    import polars as pl
-
     keys = [prompt_key(c, salt) for c in frame["context"].to_list()]
     u = np.array([int(k[:15], 16) / float(16 ** 15) for k in keys])
     held = pl.Series("held", u < eval_fraction)
@@ -281,11 +285,6 @@ class _Split(pl_.Stage):
         return None  # three files written atomically one by one; stage.json says when all are there
 
     def run(self, resume: bool) -> None:
-        import polars as pl
-
-        from deft.data import load, save
-        from deft.io import write_json_atomic
-
         i = self.cfg["inputs"]
         e = self.cfg["experiment"]
 
@@ -362,10 +361,6 @@ class _Subset(pl_.Stage):
         return None
 
     def run(self, resume: bool) -> None:
-        import polars as pl
-
-        from deft.io import atomic_path
-
         graded = pl.read_parquet(self.run_dir / "grade" / "graded.parquet")
         a = graded.filter(pl.col("level") == "A")
         if self.kind == "A":
@@ -446,8 +441,6 @@ class _EvalUnit(pl_.Stage):
         return None
 
     def run(self, resume: bool) -> None:
-        from deft.io import write_json_atomic
-
         if self.arm.base:
             spec, gguf, tok = self.cfg["model"], self.cfg.get("gguf_file"), self.cfg["tokenizer"]
         else:
@@ -464,13 +457,10 @@ def evaluate_model(cfg: Mapping[str, Any], eval_split: Path, spec: str, *, gguf_
     ``eval_pairs`` rows, and the greedy generation of the first
     ``eval_prompts`` rows with its evaluation-RM score (raw and 0-100).
     Prompts are rendered with the policy tokenizer's template, as in training."""
-    import polars as pl
     import torch
 
-    from deft.distribution import resolve_template
-    from deft.evaluate import generate, load_policy, reward_100, score_responses
     from deft.losses import response_logprobs
-    from deft.train import collate, frame_examples, policy_tokenizers, render_prompt, to_slots
+    from deft.train import collate, frame_examples, policy_tokenizers, to_slots
 
     e = cfg["experiment"]
     t0 = time.perf_counter()
@@ -503,7 +493,6 @@ def evaluate_model(cfg: Mapping[str, Any], eval_split: Path, spec: str, *, gguf_
         texts = generate(model, gen_tok, prompts, max_new_tokens=cfg["generation"]["max_new_tokens"],
                          max_prompt_length=cfg["data"]["max_prompt_length"], batch_size=e["batch_size"])
         del model
-        from deft.score import load_reward_model
 
         rm = load_reward_model(e["reward_model"], template=e["reward_template"], device=e["device"],
                                trust_remote_code=cfg["trust_remote_code"])
@@ -645,7 +634,6 @@ def summarise(cfg: Mapping[str, Any], run_dir: Path) -> Dict[str, Any]:
             }
         out_arms.append(row)
     split = json.loads((run_dir / "split" / "split.json").read_text(encoding="utf-8"))
-    import polars as pl
 
     held = pl.read_parquet(run_dir / "split" / "eval.parquet", columns=["id", "subset"])
     sub = dict(zip(held["id"].to_list(), held["subset"].to_list()))
@@ -675,8 +663,6 @@ def _ci(c: Mapping[str, float], digits: int = 3) -> str:
 
 
 def write_markdown(summary: Mapping[str, Any], path: Path, *, command: Optional[str] = None) -> Path:
-    from deft.io import write_text_atomic
-
     ms = [m for m in METRICS if any(m in a["metrics"] for a in summary["arms"])]
     ev = summary["eval"]
     lines = ["# deft experiment", ""]
@@ -796,8 +782,6 @@ def run_experiment(cfg: Mapping[str, Any], *, config_path: Optional[str] = None,
                    progress: bool = True) -> ExperimentResult:
     """Run (or resume) every step of a validated experiment config and write
     ``experiment.json``, ``experiment.md`` and the plots into ``run_dir``."""
-    from deft.io import MetricsLog, write_json_atomic
-
     run_dir = Path(cfg["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     pl_.load_hash_cache(run_dir)

@@ -33,8 +33,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import polars as pl
+from pathlib import Path
 
-from deft.io import locked_output, output_lock
+# Imported inside the functions that use them, on purpose: matplotlib; importing deft stays fast.
+from deft._native import assign_polarity
+from deft.data import load_many
+from deft.io import (
+    atomic_path, begin_publication, check_publication, input_record, locked_output, output_lock, sha256_file,
+    write_manifest,
+)
+from deft.score import load_reward_model, resolve_shard, score_frame
 
 LEVELS = ("A", "B", "C")
 
@@ -148,8 +156,6 @@ def polarity_reference(scores: Sequence[float], level: str, thresholds: Threshol
 
 
 def _polarity_native(frame: pl.DataFrame, th: Thresholds) -> pl.DataFrame:
-    from deft._native import assign_polarity
-
     codes = frame.get_column("level").replace_strict({"A": 0, "B": 1, "C": 2}, return_dtype=pl.UInt8)
     order, norm, pol = assign_polarity(frame.get_column("scores"), codes, **th.as_dict())
     return pl.DataFrame(
@@ -209,8 +215,6 @@ def read_graded(path: Any, columns: Sequence[str] = GRADED_COLUMNS) -> pl.DataFr
     """Read a ``graded.parquet`` written by `deft grade`, or raise a one-line
     error naming the file: missing, not Parquet, or without the columns
     `deft grade` writes."""
-    from pathlib import Path
-
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(2, "graded file not found", str(p))
@@ -284,8 +288,6 @@ def plot_best_scores(graded: pl.DataFrame, path: Any) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from deft.io import atomic_path
-
     subsets = sorted(graded.get_column("subset").unique().to_list())
     fig, axes = plt.subplots(len(subsets), 1, figsize=(8, 2.6 * len(subsets)), squeeze=False)
     for ax, s in zip(axes[:, 0], subsets):
@@ -334,7 +336,6 @@ def _unsharded(a: Mapping[str, Any]) -> bool:
     and the shard that merges takes the folder lock to grade and publish."""
     if a["use_input_scores"]:
         return True
-    from deft.score import resolve_shard
 
     return resolve_shard(a["shard"])[1] == 1
 
@@ -368,11 +369,6 @@ def grade_files(
     ``output_dir``. Scoring is resumable: rerunning after an interruption
     continues from the part files in ``output_dir/scores``. ``drop_duplicates``:
     drop samples that hold one response text twice (before scoring)."""
-    from pathlib import Path
-
-    from deft.data import load_many
-    from deft.io import atomic_path, begin_publication, check_publication, input_record, sha256_file, write_manifest
-
     thresholds.check()
     check_percentages(a, c)
     out = Path(output_dir)
@@ -392,8 +388,6 @@ def grade_files(
         _require_scores(frame)
         model_info = {"reward_model": "input scores", "template": None}
     else:
-        from deft.score import load_reward_model, score_frame
-
         model = load_reward_model(
             reward_model, template=template, max_length=max_length, device=device, trust_remote_code=trust_remote_code
         )

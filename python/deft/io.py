@@ -12,12 +12,19 @@ same command completes (see "Output locks and publications" below).
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
+import glob
 import hashlib
+import importlib.metadata as md
+import inspect
 import json
 import os
 import platform
+import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional, Union
@@ -97,8 +104,6 @@ def sha256_text(text: str) -> str:
 
 def versions() -> Dict[str, str]:
     """Versions of deft and the libraries whose behaviour shapes the results."""
-    import importlib.metadata as md
-
     out = {"python": platform.python_version(), "platform": platform.platform()}
     for dist in ("deft", "polars", "numpy", "tokenizers", "torch", "transformers", "safetensors", "deepspeed"):
         try:
@@ -173,12 +178,6 @@ class MetricsLog:
 # without ``--overwrite``. A commit record without a marker describes a
 # complete set of outputs.
 
-import fcntl
-import functools
-import glob
-import inspect
-import socket
-import threading
 from typing import Callable, List, Sequence
 
 LOCK_NAME = ".deft.lock"

@@ -44,19 +44,33 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import shlex
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
+import yaml
+
+# Imported inside the functions that use them, on purpose: deft.train (it imports torch) and matplotlib;
+# importing deft stays fast.
 from deft._util import md_table
-from deft.io import interrupted_publication, locked_output
-from deft.errors import DeftError
+from deft.config import ConfigError, Field, read_config, sft_weight
 from deft.config import SCHEMA as TRAIN_SCHEMA
-from deft.config import ConfigError, Field, read_config
 from deft.config import validate as validate_train
+from deft.distribution import distribution_files
+from deft.errors import DeftError
+from deft.evaluate import evaluate
+from deft.grade import grade_files
+from deft.io import (
+    SHA256_MEMO, MetricsLog, atomic_path, interrupted_publication, locked_output, sha256_file_cached,
+    write_json_atomic, write_text_atomic,
+)
+from deft.render import RM_TEMPLATES
+from deft.select import select_files
 
 __all__ = ["STAGES", "PIPELINE_SCHEMA", "load_pipeline_config", "plan_pipeline", "run_pipeline", "PipelineResult", "StageResult", "write_report"]
 
@@ -82,7 +96,7 @@ PIPELINE_SCHEMA: Dict[str, Any] = {
     },
     "grade": {
         "reward_model": Field("builtin", "str", help="builtin, a hub id or a local folder"),
-        "template": Field("auto", "str", choices=("auto", "oasst", "chat", "plain")),
+        "template": Field("auto", "str", choices=RM_TEMPLATES),
         "use_input_scores": Field(False, "bool", help="grade with the scores the input carries (PRO reward)"),
         "a": Field(3.73, "float", help="percent of samples in level A"),
         "c": Field(12.5, "float", help="percent of samples in level C"),
@@ -95,7 +109,7 @@ PIPELINE_SCHEMA: Dict[str, Any] = {
         "enabled": Field(True, "bool"),
         "files": Field([], "list", help="test data (any format deft reads; MT-Bench question.jsonl too)"),
         "reward_model": Field("builtin", "str"),
-        "template": Field("auto", "str", choices=("auto", "oasst", "chat", "plain"), help="the reward model's template"),
+        "template": Field("auto", "str", choices=RM_TEMPLATES, help="the reward model's template"),
         "baseline": Field("base", "str", nullable=True, help="base: also evaluate the untrained model and judge against it; "
                                                             "another `deft run` folder (its trained model), an eval folder or generations file; null: none"),
         "max_prompt_length": Field(384, "int"),
@@ -148,8 +162,6 @@ HASH_CACHE = ".hashes.json"
 
 
 def load_hash_cache(run_dir: Path) -> None:
-    from deft.io import SHA256_MEMO
-
     try:
         data = json.loads((run_dir / HASH_CACHE).read_text(encoding="utf-8"))
         if isinstance(data, dict):
@@ -159,15 +171,11 @@ def load_hash_cache(run_dir: Path) -> None:
 
 
 def save_hash_cache(run_dir: Path) -> None:
-    from deft.io import SHA256_MEMO, write_json_atomic
-
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / HASH_CACHE, SHA256_MEMO)
 
 
 def file_hash(path: Any) -> Dict[str, Any]:
-    from deft.io import sha256_file_cached
-
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(2, "input file not found", str(p))
@@ -223,8 +231,6 @@ def _read_stage(folder: Path) -> Optional[Dict[str, Any]]:
 
 
 def _write_stage(folder: Path, rec: Mapping[str, Any]) -> None:
-    from deft.io import write_json_atomic
-
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / STAGE_FILE, dict(rec))
 
@@ -253,8 +259,6 @@ def train_fingerprint_config(tcfg: Mapping[str, Any]) -> Dict[str, Any]:
     are left out; ``method.sft_weight`` is the effective weight; the
     ``omega_share`` keys are left out while unused, so that runs from before
     they existed keep their fingerprints."""
-    from deft.config import sft_weight
-
     t = copy.deepcopy(dict(tcfg))
     for key in _FILLED:
         sec, k = key.split(".")
@@ -331,8 +335,6 @@ class SelectStage(Stage):
         return self.folder / "selected.manifest.json"
 
     def run(self, resume: bool) -> None:
-        from deft.select import select_files
-
         s, i = self.cfg["select"], self.cfg["inputs"]
         select_files(i["files"], self.outputs()["selected"], strategy=s["strategy"], fraction=s["fraction"], seed=s["seed"],
                      embedder=s["embedder"], batch_size=s["batch_size"], plot=True, overwrite=True,
@@ -363,8 +365,6 @@ class GradeStage(Stage):
         return False  # regrading from the stored scores is cheap
 
     def run(self, resume: bool) -> None:
-        from deft.grade import grade_files
-
         g = self.cfg["grade"]
         graded = self.outputs()["graded"]
         if resume and graded.exists():
@@ -391,8 +391,6 @@ class DistributionStage(Stage):
         return None
 
     def run(self, resume: bool) -> None:
-        from deft.distribution import distribution_files
-
         distribution_files(self.run_dir / "grade" / "graded.parquet", _tokenizer_spec(self.cfg), self.outputs()["qdiff"],
                            template=self.cfg["data"]["template"], top=20, plot=self.folder / "top_tokens.png",
                            top_json=self.outputs()["top_tokens"], overwrite=True, trust_remote_code=self.cfg["trust_remote_code"])
@@ -428,8 +426,6 @@ def launch_command(launcher: str, config_file: Path, resume: bool) -> List[str]:
     """The command that runs `deft train` under ``launcher`` (torchrun and
     ``python -m torch.distributed.run`` take ``-m deft``, the deepspeed launcher
     ``--module deft``)."""
-    import shlex
-
     cmd = shlex.split(launcher)
     if not cmd:
         raise ConfigError("launcher: empty command")
@@ -438,12 +434,6 @@ def launch_command(launcher: str, config_file: Path, resume: bool) -> List[str]:
 
 
 def _launch_train(launcher: str, tcfg: Mapping[str, Any], folder: Path, resume: bool) -> None:
-    import subprocess
-
-    import yaml
-
-    from deft.io import write_text_atomic
-
     config_file = folder / "train_config.yaml"
     write_text_atomic(config_file, yaml.safe_dump(dict(tcfg), sort_keys=False))
     cmd = launch_command(launcher, config_file, resume)
@@ -481,8 +471,6 @@ class EvalStage(Stage):
 def _run_eval(cfg: Mapping[str, Any], run_dir: Path, folder: Path) -> None:
     """Evaluate the trained model (and the base model when eval.baseline is
     ``base``, as the baseline of win/tie/lose) with :func:`deft.evaluate.evaluate`."""
-    from deft.evaluate import evaluate
-
     e = cfg["eval"]
     name = f"{'deft-' if cfg['deft']['enabled'] else ''}{cfg['method']['name']}"
     models, names = [str(run_dir / "train" / "model")], [name]
@@ -596,8 +584,6 @@ def run_pipeline(cfg: Mapping[str, Any], *, from_stage: Optional[str] = None, co
                  overrides: Sequence[str] = (), on_stage: Optional[Callable[[StageResult], None]] = None) -> PipelineResult:
     """Run (or resume) every stage of a validated pipeline config; write
     report.md. Each stage's action and time is appended to run_dir/pipeline.jsonl."""
-    from deft.io import MetricsLog, write_json_atomic
-
     _check_from(from_stage)
     run_dir = Path(cfg["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -655,7 +641,6 @@ def plot_training_curves(metrics_path: Path, out: Path) -> Optional[Path]:
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.tight_layout()
-    from deft.io import atomic_path
 
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
@@ -687,8 +672,6 @@ def _share_lines(manifest: Path) -> List[str]:
 
 def write_report(run_dir: Path, cfg: Mapping[str, Any], results: Sequence[StageResult]) -> Path:
     """run_dir/report.md from what the stages left on disk."""
-    from deft.io import write_text_atomic
-
     by = {r.name: r for r in results}
     parts = [f"# deft run: {run_dir}", ""]
     method = cfg["method"]["name"]

@@ -7,13 +7,31 @@ frame's ``context`` column (Polars gives a list of dicts).
 * :func:`render_hh` -- Anthropic HH-RLHF transcript text.
 * :func:`render_oasst` -- OpenAssistant / PRO tagged text.
 * :func:`render_chat` -- a Hugging Face tokenizer's chat template.
+
+Every prompt and response template deft uses is defined here:
+
+* The policy's templates (:data:`POLICY_TEMPLATES`: ``plain`` = HH text with
+  ``" "`` before the response, ``chat`` = the tokenizer's chat template with the
+  generation prompt and nothing before the response, ``auto`` = ``chat`` when
+  the tokenizer has a chat template): :func:`resolve_template`,
+  :func:`render_prompt`, :func:`response_prefix`. ``deft train`` renders its
+  prompts and responses with them, ``deft distribution`` counts responses after
+  the same prefix and records the template in its metadata, ``deft train``
+  records it in its manifest and ``deft eval`` reads it back there
+  (:func:`trained_template`, :func:`resolve_model_template`).
+* A reward model's pair templates (:data:`RM_TEMPLATES`: ``oasst``, ``chat``,
+  ``plain``, ``auto``): :func:`resolve_rm_template`, :func:`render_pair`.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-__all__ = ["render_hh", "render_oasst", "render_chat"]
+__all__ = ["render_hh", "render_oasst", "render_chat", "POLICY_TEMPLATES", "RM_TEMPLATES", "resolve_template",
+           "render_prompt", "response_prefix", "trained_template", "resolve_model_template", "resolve_rm_template",
+           "render_pair"]
 
 Context = Sequence[Mapping[str, str]]
 
@@ -92,3 +110,112 @@ def render_chat(context: Context, tokenizer: Any, response: Optional[str] = None
     if not isinstance(text, str):
         raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected str")
     return text
+
+
+# ---------------------------------------------------------------------------
+# the policy's templates: training, Q_diff counting, evaluation, selection
+
+POLICY_TEMPLATES = ("auto", "plain", "chat")
+
+
+def _chat_template(tokenizer: Any) -> Any:
+    """The chat template of a Hugging Face tokenizer or a
+    :class:`deft.distribution.PolicyTokenizer` (both carry ``chat_template``;
+    empty or None when there is none)."""
+    return getattr(tokenizer, "chat_template", None)
+
+
+def resolve_template(template: str, tokenizer: Any, *, require: Optional[str] = None) -> str:
+    """``plain`` or ``chat`` for ``template`` (one of :data:`POLICY_TEMPLATES`):
+    ``auto`` is ``chat`` when ``tokenizer`` has a chat template, else ``plain``.
+    With ``require`` (the tokenizer's name in the message), ``chat`` on a
+    tokenizer without a chat template is a ValueError."""
+    if template not in POLICY_TEMPLATES:
+        raise ValueError(f"template must be one of {', '.join(POLICY_TEMPLATES)}, got {template!r}")
+    chat = _chat_template(tokenizer)
+    if template == "auto":
+        return "chat" if chat else "plain"
+    if template == "chat" and require is not None and not chat:
+        raise ValueError(f"template 'chat' but the tokenizer of {require} has no chat template")
+    return template
+
+
+def render_prompt(context: Context, template: str, tokenizer: Any = None) -> str:
+    """The policy's prompt for ``context`` under a resolved template: the
+    tokenizer's chat template with the generation prompt (``chat``), else HH
+    text ending in ``"\n\nAssistant:"``."""
+    if template == "chat":
+        return render_chat(context, tokenizer)
+    return render_hh(context)
+
+
+def response_prefix(template: str) -> str:
+    """Text the trainer puts between the rendered prompt and the response."""
+    if template == "plain":
+        return " "
+    if template == "chat":
+        return ""
+    raise ValueError(f"template must be 'plain' or 'chat', got {template!r}")
+
+
+def trained_template(model: str) -> Optional[str]:
+    """The template ``deft train`` recorded in its manifest for a model folder
+    it saved (``OUTPUT_DIR/model`` beside ``OUTPUT_DIR/manifest.json``), else None."""
+    p = Path(model).expanduser()
+    if not p.is_dir():
+        return None
+    man = p.parent / "manifest.json"
+    if not man.is_file():
+        return None
+    try:
+        doc = json.loads(man.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(doc, dict) or doc.get("stage") != "train":
+        return None
+    out = doc.get("outputs") or {}
+    if isinstance(out, dict) and out.get("model") and Path(out["model"]).name != p.name:
+        return None
+    t = doc.get("template")
+    return t if t in ("plain", "chat") else None
+
+
+def resolve_model_template(template: str, model: str, tokenizer: Any) -> str:
+    """The template to prompt ``model`` with: ``auto`` is what ``deft train``
+    recorded for it (:func:`trained_template`), else as :func:`resolve_template`;
+    ``chat`` on a tokenizer without a chat template is a ValueError."""
+    if template not in POLICY_TEMPLATES:
+        raise ValueError(f"template must be one of {', '.join(POLICY_TEMPLATES)}, got {template!r}")
+    if template == "auto":
+        template = trained_template(model) or template
+    return resolve_template(template, tokenizer, require=str(model))
+
+
+# ---------------------------------------------------------------------------
+# a reward model's templates
+
+RM_TEMPLATES = ("auto", "oasst", "chat", "plain")
+
+
+def resolve_rm_template(template: str, tokenizer: Any) -> str:
+    """``auto``: ``oasst`` when the tokenizer knows ``<|prompter|>`` (the
+    OpenAssistant reward models), ``chat`` when it has a chat template, else
+    ``plain``; any other value as it is."""
+    if template != "auto":
+        return template
+    if "<|prompter|>" in tokenizer.get_vocab():
+        return "oasst"
+    if _chat_template(tokenizer):
+        return "chat"
+    return "plain"
+
+
+def render_pair(context: Context, response: str, template: str, tokenizer: Any = None) -> str:
+    """The text a reward model scores for one (context, response) under a
+    resolved :data:`RM_TEMPLATES` value: OpenAssistant tags, the chat template
+    with the response as the last assistant turn, or HH text + ``" "`` + response."""
+    if template == "oasst":
+        return render_oasst(context, response)
+    if template == "chat":
+        return render_chat(context, tokenizer, response)
+    return render_hh(context) + " " + response

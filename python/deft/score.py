@@ -87,6 +87,7 @@ A CUDA out-of-memory error splits the batch in halves and retries.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -98,11 +99,14 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Protocol, Seque
 import numpy as np
 import polars as pl
 
+# Imported inside the functions that use them, on purpose: torch, transformers and rich; importing deft
+# stays fast.
 from deft._hf import default_device, dtype_kwarg, log_split, pickle_only_weights, split_on_oom
 from deft._util import chars_per_token, clip_text, find_sub, tokenize_clipped
+from deft.builtin_rm import BuiltinRewardModel
 from deft.errors import DeftError
 from deft.io import MetricsLog, atomic_path, write_json_atomic
-from deft.render import render_chat, render_hh, render_oasst
+from deft.render import RM_TEMPLATES, render_pair, resolve_rm_template
 
 
 __all__ = [
@@ -126,8 +130,8 @@ log = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
 Context = Sequence[Mapping[str, str]]
 
-#: Accepted ``template`` values of :class:`HFRewardModel`.
-TEMPLATES = ("auto", "oasst", "chat", "plain")
+#: Accepted ``template`` values of :class:`HFRewardModel` (:data:`deft.render.RM_TEMPLATES`).
+TEMPLATES = RM_TEMPLATES
 #: Default token budget per batch on CPU (padded tokens).
 CPU_BATCH_TOKENS = 8192
 #: Bounds of the CUDA token budget derived from free memory.
@@ -209,7 +213,7 @@ class HFRewardModel:
         self.name = name
         self.revision = revision
         self.max_length = int(max_length)
-        self.template = self._resolve_template(template)
+        self.template = resolve_rm_template(template, tokenizer)
         pad = tokenizer.pad_token_id
         if pad is None:
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -275,15 +279,6 @@ class HFRewardModel:
 
     # -- rendering and encoding --------------------------------------------
 
-    def _resolve_template(self, template: str) -> str:
-        if template != "auto":
-            return template
-        if "<|prompter|>" in self.tokenizer.get_vocab():
-            return "oasst"
-        if getattr(self.tokenizer, "chat_template", None):
-            return "chat"
-        return "plain"
-
     def _probe_special_tokens(self) -> Tuple[List[int], List[int]]:
         """The special ids the tokenizer adds before/after one sequence (for
         templates tokenized with ``add_special_tokens=True``)."""
@@ -301,11 +296,7 @@ class HFRewardModel:
 
     def render(self, context: Context, response: str) -> str:
         """The text the model scores for one pair, before tokenization."""
-        if self.template == "oasst":
-            return render_oasst(context, response)
-        if self.template == "chat":
-            return render_chat(context, self.tokenizer, response)
-        return render_hh(context) + " " + response
+        return render_pair(context, response, self.template, self.tokenizer)
 
     def encode(self, contexts: Sequence[Context], responses: Sequence[str]) -> List[np.ndarray]:
         """Token ids (int32 arrays) per pair, left-truncated to ``max_length``
@@ -423,8 +414,6 @@ def load_reward_model(name_or_path: str = "builtin", *, template: str = "auto", 
     sequence-classification model by hub name or local path
     (:meth:`HFRewardModel.load`)."""
     if name_or_path == "builtin":
-        from deft.builtin_rm import BuiltinRewardModel
-
         if template not in ("auto", "builtin"):
             log.warning("the builtin reward model renders (context, response) its own fixed way (a sentence pair); "
                         "template %r is not used", template)
@@ -570,8 +559,6 @@ def _write_part(shard_dir: Path, index: int, rows: List[int], ids: List[str], re
 
 @contextlib.contextmanager
 def _shard_lock(shard_dir: Path, what: str) -> Iterator[None]:
-    import fcntl
-
     shard_dir.mkdir(parents=True, exist_ok=True)
     with open(shard_dir / "lock", "a+") as f:
         try:

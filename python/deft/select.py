@@ -103,9 +103,16 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import polars as pl
 
+# Imported inside the functions that use them, on purpose: torch, transformers, rich and matplotlib;
+# importing deft stays fast.
 from deft._hf import default_device, dtype_kwarg, pickle_only_weights, quiet_transformers, split_on_oom
-from deft._util import find_sub
-from deft.io import locked_output
+from deft._util import chars_per_token, find_sub, tokenize_clipped
+from deft.builtin_rm import minilm_fingerprint, minilm_path
+from deft.data import SCHEMA, load_many, save, validate_frame
+from deft.io import (
+    atomic_path, begin_publication, check_publication, input_record, locked_output, sha256_file, write_manifest,
+)
+from deft.render import POLICY_TEMPLATES, render_prompt, resolve_template, response_prefix
 
 __all__ = [
     "STRATEGIES",
@@ -402,8 +409,6 @@ def select_pairs(
         orient: ``rank`` or ``score``: what decides which response of the
             chosen pair is better when both are available.
     """
-    from deft.data import validate_frame
-
     _check_strategy(strategy)
     fraction = _check_fraction(fraction)
     seed = _check_seed(seed)
@@ -481,7 +486,6 @@ def select_pairs(
         info = {"strategy": strategy, "pair": [b, w], "similarity": rec["similarity"][r],
                 "n_responses": lengths[r], "oriented_by": rec["oriented_by"][r]}
         new_meta.append(_merge_meta(m, info))
-    from deft.data import SCHEMA
 
     out = sub.with_columns(
         pl.Series("responses", new_resp, dtype=SCHEMA["responses"]),
@@ -631,11 +635,8 @@ class ResponseEmbedder:
         import torch
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        from deft.builtin_rm import minilm_fingerprint, minilm_path
-        from deft.io import sha256_file
-
-        if template not in ("auto", "chat", "plain"):
-            raise ValueError(f"unknown template {template!r}; expected auto, chat or plain")
+        if template not in POLICY_TEMPLATES:
+            raise ValueError(f"template must be one of {', '.join(POLICY_TEMPLATES)}, got {template!r}")
         if device is None:
             device = default_device()
         torch_device = torch.device(device)
@@ -696,10 +697,7 @@ class ResponseEmbedder:
         if not 16 <= length <= cap:
             raise ValueError(f"max_length must be in 16..{cap} for {name}, got {length}")
         if kind == "causal":
-            if template == "auto":
-                template = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
-            if template == "chat" and not getattr(tokenizer, "chat_template", None):
-                raise ValueError(f"template 'chat': the tokenizer of {source} has no chat template")
+            template = resolve_template(template, tokenizer, require=source)
         else:
             template = "plain"
         identity.update({"model_type": config.model_type, "dtype": str(dtype).replace("torch.", ""),
@@ -747,11 +745,7 @@ class ResponseEmbedder:
         return [list(x) for x in out["input_ids"]]
 
     def _prompts(self, contexts: Sequence[Any]) -> List[str]:
-        from deft.render import render_chat, render_hh
-
-        if self.template == "chat":
-            return [render_chat(c, self.tokenizer) for c in contexts]
-        return [render_hh(c) for c in contexts]
+        return [render_prompt(c, self.template, self.tokenizer) for c in contexts]
 
     def encode(self, contexts: Sequence[Any], responses: Sequence[str]) -> List[EncodedResponse]:
         """One :class:`EncodedResponse` per (context, response), truncated as
@@ -761,13 +755,12 @@ class ResponseEmbedder:
         for k, r in enumerate(responses):
             if not isinstance(r, str):
                 raise ValueError(f"response {k}: expected a string, got {type(r).__name__}")
-        from deft._util import chars_per_token, tokenize_clipped
 
         # Either side keeps at most max_length tokens (the context its tail, the
         # response its head): huge texts are cut to that before tokenising, with
         # the same kept tokens (deft._util.tokenize_clipped).
         cpt = chars_per_token(self.tokenizer)
-        prefix = " " if (self.kind == "causal" and self.template == "plain" and self.with_context) else ""
+        prefix = response_prefix(self.template) if (self.kind == "causal" and self.with_context) else ""
         resp_ids = tokenize_clipped(self._tokenize, [prefix + r if r else r for r in responses], self.max_length, "right", cpt)
         if self.with_context:
             texts = self._prompts(contexts)
@@ -999,8 +992,6 @@ def plot_similarity(result: SelectResult, path: PathLike, title: Optional[str] =
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from deft.io import atomic_path
-
     sel = result.selection.filter(pl.col("similarity").is_not_null())
     cand = sel.get_column("similarity").to_numpy()
     kept = sel.filter(pl.col("kept")).get_column("similarity").to_numpy()
@@ -1057,9 +1048,6 @@ def select_files(
     embeddings of the loaded rows (as for :func:`select_pairs`, e.g. from
     :func:`embed_responses`); no model is loaded then and the manifest records
     the embedder as ``"precomputed"``."""
-    from deft.data import load_many, save
-    from deft.io import begin_publication, check_publication, input_record, sha256_file, write_manifest
-
     _check_strategy(strategy)
     fraction = _check_fraction(fraction)
     seed = _check_seed(seed)
@@ -1110,7 +1098,6 @@ def select_files(
 
     sel_path, out_path, man_path = paths["selection"], paths["output"], paths["manifest"]
     assert sel_path is not None and out_path is not None and man_path is not None
-    from deft.io import atomic_path
 
     # NAME.manifest.json is the commit record (written last). The publication begins only now, before the
     # first output write: a failure while loading, embedding or selecting leaves an earlier selection (and

@@ -25,7 +25,8 @@ import numpy as np
 import polars as pl
 
 from deft._native import Tokenizer
-from deft.data import render_hh
+from deft._util import split_at_boundaries
+from deft.render import render_hh
 
 QUANTILES = (0.0, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
 
@@ -52,8 +53,6 @@ def _text_lengths(texts: Any) -> np.ndarray:
 
 def _pieces(texts: Any):
     """(pieces, owner): the texts with every long one split at word boundaries."""
-    from deft._util import split_at_boundaries
-
     pieces: List[str] = []
     owner: List[int] = []
     for i, t in enumerate(texts.to_list() if isinstance(texts, pl.Series) else texts):

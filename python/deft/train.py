@@ -61,6 +61,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -73,11 +74,31 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+import polars as pl
+import torch
+import torch.distributed as td
+import tqdm.auto
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
+# Imported inside the functions that use them, on purpose: deepspeed (the optional [train] extra),
+# transformers and tensorboard; importing deft stays fast.
 from deft._hf import is_oom, load_causal_lm, load_tokenizer, vocab_hash, weights_fingerprint
-from deft.config import load_config
-from deft.io import locked_output
-from deft.losses import IGNORE_INDEX
+from deft._util import chars_per_token, tokenize_clipped
+from deft.config import load_config, sft_weight
+from deft.distribution import PolicyTokenizer, load_distribution
+from deft.errors import CheckpointError
+from deft.grade import read_graded
+from deft.io import (
+    MetricsLog, atomic_path, begin_publication, interrupted_publication, locked_output, remove_stale_temporaries,
+    sha256_file, sha256_text, versions, write_json_atomic, write_text_atomic,
+)
+from deft.losses import (
+    IGNORE_INDEX, deft_loss, dpo_loss, ipo_loss, length_normalized_scores, pro_loss, response_logprobs, rrhf_loss,
+    sft_loss,
+)
+from deft.ops import rdis_for_model
+from deft.render import render_prompt, resolve_template, response_prefix
 
 __all__ = ["Example", "encode_examples", "select_responses", "prepare_data", "train", "TrainResult"]
 
@@ -129,14 +150,6 @@ def select_responses(responses: Sequence[str], scores: Optional[Sequence[float]]
     return responses, sc
 
 
-def render_prompt(context: Any, template: str, hf_tokenizer: Any = None) -> str:
-    from deft.render import render_chat, render_hh
-
-    if template == "chat":
-        return render_chat(context, hf_tokenizer)
-    return render_hh(context)
-
-
 def encode_examples(
     ids: Sequence[str],
     prompts: Sequence[str],
@@ -153,7 +166,6 @@ def encode_examples(
     """Tokenise rendered prompts and their responses; see the module docstring."""
     if max_length <= max_prompt_length:
         raise ValueError(f"max_length ({max_length}) must exceed max_prompt_length ({max_prompt_length})")
-    from deft._util import chars_per_token, tokenize_clipped
 
     def tokenize(texts: List[str]) -> List[np.ndarray]:
         ids, off = native_tokenizer.encode(texts, add_special_tokens=False, num_threads=num_threads)
@@ -210,8 +222,6 @@ def collate(examples: Sequence[Example], pad_id: int, slots: Optional[int] = Non
     Returns a dict: ``input_ids``, ``attention_mask``, ``labels`` ``(N, T)``;
     ``row``/``col`` ``(N,)`` (the example and response slot of each sequence);
     ``valid`` and ``rewards`` ``(B, l)``; ``tokens`` (non-pad tokens)."""
-    import torch
-
     l = slots or max(ex.n_responses for ex in examples)
     seqs, labs, row, col = [], [], [], []
     for b, ex in enumerate(examples):
@@ -258,9 +268,6 @@ def policy_tokenizers(cfg: Mapping[str, Any]):
     """The policy's tokenizer as ``(hf_tokenizer, PolicyTokenizer)``: the
     Hugging Face one (chat template, EOS, saving) and deft's native identity of
     the same ``tokenizer.json`` (the vocabulary `deft distribution` counted)."""
-    from deft.distribution import PolicyTokenizer
-    from deft.io import sha256_text
-
     spec = cfg["tokenizer"] or cfg["model"]
     hf_tok = load_tokenizer(cfg["model"], tokenizer=cfg["tokenizer"], gguf_file=cfg.get("gguf_file"),
                             trust_remote_code=cfg["trust_remote_code"])
@@ -277,7 +284,6 @@ def policy_tokenizers(cfg: Mapping[str, Any]):
 def frame_examples(cfg: Mapping[str, Any], frame: Any, template: str, hf_tok: Any, ptok: Any, method: Optional[str] = None) -> List[Example]:
     """Tokenised :class:`Example` s of the rows of a canonical (or graded)
     frame, as ``method`` (default ``method.name``) uses their responses."""
-    from deft.distribution import response_prefix
 
     method = method or cfg["method"]["name"]
     has_scores = "scores" in frame.columns
@@ -297,10 +303,6 @@ def frame_examples(cfg: Mapping[str, Any], frame: Any, template: str, hf_tok: An
 
 def prepare_data(cfg: Mapping[str, Any]) -> Prepared:
     """Load the graded data, the distribution and the tokenizer; tokenise."""
-    import polars as pl
-
-    from deft.distribution import load_distribution, resolve_template
-
     spec = cfg["tokenizer"] or cfg["model"]
     hf_tok, ptok = policy_tokenizers(cfg)
     dist_meta: Dict[str, str] = {}
@@ -325,7 +327,6 @@ def prepare_data(cfg: Mapping[str, Any]) -> Prepared:
     pad = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else eos
 
     graded_path = Path(cfg["data"]["graded"])
-    from deft.grade import read_graded
 
     frame = read_graded(graded_path, ("id", "context", "responses", "level"))
     levels = list(cfg["data"]["levels"])
@@ -376,8 +377,6 @@ def _model_fingerprint(cfg: Mapping[str, Any]) -> str:
 
 
 def _forward(model, batch, device, autocast_dtype, need_hidden: bool):
-    import torch
-
     ctx = torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     with ctx:
         out = model(
@@ -388,14 +387,10 @@ def _forward(model, batch, device, autocast_dtype, need_hidden: bool):
 
 
 def _seq_logps(out, batch, device):
-    from deft.losses import response_logprobs
-
     return response_logprobs(out.logits, batch["labels"].to(device))
 
 
 def to_slots(values, batch, fill=0.0):
-    import torch
-
     B, l = batch["valid"].shape
     out = torch.full((B, l), fill, dtype=values.dtype, device=values.device)
     return out.index_put((batch["row"].to(values.device), batch["col"].to(values.device)), values)
@@ -405,11 +400,6 @@ def loss_terms(cfg, method: str, module, out, batch, device, q_diff, ref: Option
     """The two terms of one micro-batch's objective, ``(L_m, R_dis, metrics)``:
     ``L_m`` the method's loss (with its SFT term), ``R_dis`` the distribution
     reward (``None`` without a distribution)."""
-    import torch
-
-    from deft.config import sft_weight
-    from deft.losses import dpo_loss, ipo_loss, length_normalized_scores, pro_loss, rrhf_loss, sft_loss
-
     logp, ntok = _seq_logps(out, batch, device)
     logp_s = to_slots(logp, batch)
     len_s = to_slots(ntok, batch, 0)
@@ -446,8 +436,6 @@ def loss_terms(cfg, method: str, module, out, batch, device, q_diff, ref: Option
         raise ValueError(f"unknown method {method!r}")
     r_dis = None
     if q_diff is not None:
-        from deft.ops import rdis_for_model
-
         labels = batch["labels"].to(device)
         mask = torch.zeros_like(labels, dtype=torch.bool)
         mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
@@ -460,8 +448,6 @@ def loss_terms(cfg, method: str, module, out, batch, device, q_diff, ref: Option
 
 def compute_loss(cfg, method: str, module, out, batch, device, q_diff, ref: Optional[Any]):
     """Loss ``L_m - omega * R_dis`` and metrics of one micro-batch from the model output."""
-    from deft.losses import deft_loss
-
     lm, r_dis, metrics = loss_terms(cfg, method, module, out, batch, device, q_diff, ref)
     loss = lm if r_dis is None else deft_loss(lm, r_dis, cfg["deft"]["omega"])
     metrics["L_m"] = float(lm.detach())
@@ -474,8 +460,6 @@ def grad_terms(lm, r_dis, params) -> Dict[str, float]:
     backward passes through the same graph) and their inner product:
     ``{"norm_L_m", "norm_R_dis", "dot"}`` with ``dot = grad(L_m) . grad(R_dis)``.
     Nothing is accumulated into ``.grad``."""
-    import torch
-
     g_m = torch.autograd.grad(lm, params, retain_graph=True, allow_unused=True)
     g_r = torch.autograd.grad(r_dis, params, allow_unused=True)
     nm = nr = dot = 0.0
@@ -505,8 +489,6 @@ def share_metrics(g: Mapping[str, float], omega: float) -> Dict[str, float]:
 def _diagnose(cfg, method, module, batch, device, autocast_dtype, q_diff, ref, params) -> Dict[str, float]:
     """Gradient norms of L_m and R_dis on one micro-batch, without touching
     the training state (gradients, RNG)."""
-    import torch
-
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         # through the module, not a DeepSpeed engine: the engine's forward hooks expect engine.backward
@@ -535,8 +517,6 @@ def _free_port() -> int:
 
 
 def _setup_dist(use_deepspeed: bool, cuda: bool) -> Dist:
-    import torch.distributed as td
-
     d = Dist()
     launched = "WORLD_SIZE" in os.environ
     if not launched:
@@ -560,8 +540,6 @@ def _setup_dist(use_deepspeed: bool, cuda: bool) -> Dist:
 
 
 def _teardown_dist(d: Dist) -> None:
-    import torch.distributed as td
-
     if d.initialized_here and td.is_initialized():
         td.destroy_process_group()
     for k in d.env_set:
@@ -569,8 +547,6 @@ def _teardown_dist(d: Dist) -> None:
 
 
 def _barrier(d: Dist) -> None:
-    import torch.distributed as td
-
     if td.is_initialized() and d.world > 1:
         td.barrier()
 
@@ -580,8 +556,6 @@ def _barrier(d: Dist) -> None:
 
 
 def _rng_state() -> Dict[str, Any]:
-    import torch
-
     # plain containers and tensors only, so checkpoints load with torch.load(weights_only=True)
     name, keys, pos, has_gauss, cached = np.random.get_state()
     st = {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, cached), "torch": torch.get_rng_state()}
@@ -591,8 +565,6 @@ def _rng_state() -> Dict[str, Any]:
 
 
 def _set_rng_state(st: Mapping[str, Any]) -> None:
-    import torch
-
     random.setstate(st["python"])
     name, keys, pos, has_gauss, cached = st["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
@@ -602,8 +574,6 @@ def _set_rng_state(st: Mapping[str, Any]) -> None:
 
 
 def _seed_all(seed: int) -> None:
-    import torch
-
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -660,8 +630,6 @@ def _git_commit() -> Optional[str]:
 
 
 def _load_model(cfg: Mapping[str, Any]):
-    import torch
-
 
     try:
         model = load_causal_lm(cfg["model"], dtype=torch.float32, gguf_file=cfg.get("gguf_file"),
@@ -714,10 +682,6 @@ def _zero_stage(ds: Mapping[str, Any]) -> int:
 @locked_output("train", lambda a: a["cfg"]["train"]["output_dir"], when=lambda a: int(os.environ.get("RANK", "0")) == 0)
 def train(cfg: Mapping[str, Any], *, resume: bool = False) -> TrainResult:
     """Run a training job described by a validated config (see :mod:`deft.config`)."""
-    import torch
-
-    from deft.config import sft_weight
-
     cfg = copy.deepcopy(dict(cfg))
     cfg["method"]["sft_weight"] = sft_weight(cfg["method"])  # the effective weight (null: the method's default)
     t = cfg["train"]
@@ -735,8 +699,6 @@ def train(cfg: Mapping[str, Any], *, resume: bool = False) -> TrainResult:
 
 
 def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method: str) -> TrainResult:
-    import torch
-
     t = cfg["train"]
     if t["device"] not in ("auto", "cpu") and not t["device"].startswith("cuda"):
         raise ValueError(f"train.device: expected auto, cpu, cuda or cuda:N, got {t['device']!r}")
@@ -752,7 +714,6 @@ def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method
 
     # refuse to clobber a run
     existing = list_checkpoints(out_dir)
-    from deft.io import interrupted_publication
 
     if not resume and interrupted_publication(out_dir / "manifest.json"):
         # the run finished but died publishing model/ and manifest.json: the same command completes it
@@ -765,7 +726,6 @@ def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method
             for p in (out_dir / CHECKPOINTS).iterdir():
                 if p.name.startswith(".tmp-"):
                     shutil.rmtree(p, ignore_errors=True)  # a checkpoint a killed run did not finish
-        from deft.io import remove_stale_temporaries
 
         remove_stale_temporaries(out_dir)  # e.g. manifest.json or metrics.jsonl writes a kill cut short
     _barrier(d)
@@ -852,8 +812,6 @@ def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method
                 if path is None:
                     raise ValueError(f"cannot resume: DeepSpeed could not load {ck}")
             else:
-                from safetensors.torch import load_file
-
                 _load_checkpoint_file(ck / "model.safetensors", lambda f: model.load_state_dict(load_file(str(f)), strict=True))
                 # weights_only: no arbitrary unpickling (a foreign pickle is refused, as a CheckpointError)
                 other = _load_checkpoint_file(ck / "optimizer.pt", lambda f: torch.load(f, map_location=device, weights_only=True))
@@ -899,7 +857,6 @@ def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method
         cfg["deft"]["omega"] = float(omega_info["value"])
     if diagnose and cfg["deft"]["omega"] == 0.0:
         diagnose = False  # R_dis is off (the -R_dis ablation): its share is 0 by construction
-    from deft.io import MetricsLog
 
     metrics_log = MetricsLog(out_dir / "metrics.jsonl" if d.rank == 0 else None)
     tb = _tensorboard(out_dir, global_step) if t["tensorboard"] and d.rank == 0 else None
@@ -907,9 +864,7 @@ def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method
     # ----- loop
     bar = None
     if t["progress"] and d.rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=global_step, desc=f"{method}{'+deft' if q_diff is not None else ''}", unit="step", dynamic_ncols=True)
+        bar = tqdm.auto.tqdm(total=total_steps, initial=global_step, desc=f"{method}{'+deft' if q_diff is not None else ''}", unit="step", dynamic_ncols=True)
     need_hidden = q_diff is not None
     last: Dict[str, float] = {}
     every = cfg["deft"]["diagnose_every"]
@@ -1020,9 +975,6 @@ def _tensorboard(out_dir: Path, global_step: int):
 
 
 def _mean_across(row: Dict[str, float], d: Dist) -> Dict[str, float]:
-    import torch
-    import torch.distributed as td
-
     keys = sorted(row)
     v = torch.tensor([row[k] for k in keys], dtype=torch.float64)
     if td.get_backend() == "nccl":
@@ -1036,14 +988,6 @@ def _load_checkpoint_file(path: Path, load: Callable[[Path], Any]) -> Any:
     is missing, truncated, foreign or refused by ``torch.load(weights_only=True)``
     (a pickle that would run code) becomes one :class:`deft.errors.CheckpointError`
     naming the file."""
-    import pickle
-
-    from deft.errors import CheckpointError
-
-    try:
-        from safetensors import SafetensorError
-    except ImportError:  # pragma: no cover
-        SafetensorError = OSError  # type: ignore[assignment,misc]
     try:
         return load(path)
     except (pickle.UnpicklingError, EOFError, OSError, RuntimeError, KeyError, ValueError, SafetensorError) as e:
@@ -1061,7 +1005,6 @@ def _trim_metrics(path: Path, step: int) -> None:
     (0: starting over drops them all)."""
     if int(os.environ.get("RANK", "0")) != 0 or not path.exists():
         return
-    from deft.io import write_text_atomic
 
     keep = []
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -1075,8 +1018,6 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 def _save_checkpoint(cfg, out_dir: Path, step: int, engine, model, optimizer, scheduler, d: Dist, prep: Prepared, model_fp: str, epoch: int,
                      omega_info: Optional[Mapping[str, Any]] = None) -> Path:
-    import torch
-
     root = out_dir / CHECKPOINTS
     tmp = root / f".tmp-step-{step}"
     final = root / f"step-{step}"
@@ -1088,8 +1029,6 @@ def _save_checkpoint(cfg, out_dir: Path, step: int, engine, model, optimizer, sc
     if engine is not None:
         engine.save_checkpoint(str(tmp), tag="ds")
     elif d.rank == 0:
-        from safetensors.torch import save_file
-
         sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         # tied weights share storage; safetensors refuses shared tensors, so clone them
         seen: Dict[int, str] = {}
@@ -1118,15 +1057,11 @@ def _save_checkpoint(cfg, out_dir: Path, step: int, engine, model, optimizer, sc
 
 def _save_final(cfg, out_dir: Path, engine, module, prep: Prepared, d: Dist, model_fp: str, step: int, total: int, ref_path,
                 omega_info: Optional[Mapping[str, Any]] = None) -> Optional[Path]:
-    from deft.io import versions, write_json_atomic
-
     state_dict = None
     if engine is not None and engine.zero_optimization_stage() == 3:
         state_dict = engine._zero3_consolidated_16bit_state_dict()
     model_dir = out_dir / "model"
     if d.rank == 0:
-        from deft.io import begin_publication
-
         pub = begin_publication(out_dir / "manifest.json", [model_dir], overwrite=True)  # model/, then manifest.json
         tmp = out_dir / ".tmp-model"
         if tmp.exists():
@@ -1197,8 +1132,6 @@ def _calibrate_omega(cfg, method, runner, module, examples, prep, device, autoca
     """omega such that ``omega * ||grad R_dis|| = omega_share * ||grad L_m||``,
     with the median ratio over the first ``deft.calibration_batches``
     micro-batches of the first epoch (the initial weights)."""
-    import torch
-
     t, share = cfg["train"], float(cfg["deft"]["omega_share"])
     mbs = t["micro_batch_size"]
     order = epoch_order(len(examples), t["seed"], 0, mbs * d.world * t["gradient_accumulation_steps"])[:epoch_len]
@@ -1225,8 +1158,6 @@ def _calibrate_omega(cfg, method, runner, module, examples, prep, device, autoca
 
 
 def _sha(path) -> Optional[str]:
-    from deft.io import sha256_file
-
     try:
         return sha256_file(path)
     except OSError:
@@ -1240,9 +1171,6 @@ def _sha(path) -> Optional[str]:
 def _reference_logps(cfg, prep: Prepared, runner, device, autocast_dtype, d: Dist, model_fp: str, bf16: bool):
     """``(N, 2)`` float32 summed log-probs of (best, worst) under the initial
     policy; cached on disk. Returns (tensor, path, cache_hit)."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
     t = cfg["train"]
     key = hashlib.sha256(json.dumps({"model": model_fp, "data": prep.data_hash, "bf16": bf16,
                                      "max_length": cfg["data"]["max_length"]}, sort_keys=True).encode()).hexdigest()
@@ -1262,9 +1190,7 @@ def _reference_logps(cfg, prep: Prepared, runner, device, autocast_dtype, d: Dis
     t0 = time.perf_counter()
     bar = None
     if t["progress"] and d.rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(mine), desc="reference log-probs", unit="sample", dynamic_ncols=True)
+        bar = tqdm.auto.tqdm(total=len(mine), desc="reference log-probs", unit="sample", dynamic_ncols=True)
     with torch.no_grad():
         for i in range(0, len(mine), bs):
             idx = mine[i:i + bs]
@@ -1281,15 +1207,11 @@ def _reference_logps(cfg, prep: Prepared, runner, device, autocast_dtype, d: Dis
         bar.close()
     runner.train()
     if d.world > 1:
-        import torch.distributed as td
-
         r = ref.cuda() if td.get_backend() == "nccl" else ref
         td.all_reduce(r)
         ref = r.cpu()
     ref = ref.float()
     if d.rank == 0:
-        from deft.io import atomic_path
-
         with atomic_path(path) as tmp:
             save_file({"ref_logps": ref.contiguous()}, str(tmp), metadata={"model_fingerprint": model_fp, "data_hash": prep.data_hash,
                                                                           "bf16": str(bf16), "format": "deft-ref-logps-v1"})
