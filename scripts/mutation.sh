@@ -35,7 +35,7 @@ PY=${PYTHON:-python3}
 # is run against it. The slow end-to-end trainer and pipeline tests are left
 # out: the trainer's loss assembly is pinned by test_train_oracle, and the
 # per-mutant cost of a DeepSpeed run would make the run take days.
-FILES=(losses ops grade distribution train evaluate select)
+FILES=(losses ops grade distribution render train evaluate select)
 TESTS=(test_losses test_ops test_paper_rules test_grade test_grade_warnings test_native test_train_units
        test_train_oracle test_evaluate test_select test_select_units test_distribution_units test_evaluate_units)
 # The functions that compute results. Per module: everything in losses, ops,
@@ -48,7 +48,7 @@ DEFAULT_MUTANTS=(
   'deft.grade.x_assign_levels__*' 'deft.grade.x_polarity_reference__*' 'deft.grade.x__polarity_native__*'
   'deft.grade.x__polarity_python__*' 'deft.grade.x_grade__*' 'deft.grade.xǁThresholdsǁ*'
   'deft.grade.x_repeated_response_rows__*' 'deft.grade.x_grade_warnings__*' 'deft.grade.x_summary__*'
-  'deft.distribution.x_response_prefix__*' 'deft.distribution.x_polarity_texts__*'
+  'deft.render.x_response_prefix__*' 'deft.distribution.x_polarity_texts__*'
   'deft.distribution.x_build_distribution__*' 'deft.distribution.x_top_tokens__*'
   'deft.train.x_select_responses__*' 'deft.train.x_encode_examples__*' 'deft.train.x_labels_for__*'
   'deft.train.x_collate__*' 'deft.train.x_lr_lambda__*' 'deft.train.x_epoch_order__*' 'deft.train.x__seq_logps__*'
