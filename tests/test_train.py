@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import KILL_AT_SECOND_CHECKPOINT, tiny_train_assets
+from conftest import KILL_AT_SECOND_CHECKPOINT, shared_file, tiny_train_assets
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -121,6 +121,12 @@ def test_template_mismatch_refused(assets):
 
     cfg = load_config(None, overrides(assets, assets["root"] / "unused", **{"data.template": "plain"}))
     with pytest.raises(ValueError, match="template"):
+        prepare_data(cfg)
+    # chat without DEFT on a tokenizer that has no chat template (GPT-2's) is refused, naming the tokenizer
+    gpt2 = str(shared_file("tokenizers/gpt2"))
+    cfg = load_config(None, overrides(assets, assets["root"] / "unused", **{"data.template": "chat", "deft.enabled": "false",
+                                                                             "tokenizer": gpt2}))
+    with pytest.raises(ValueError, match=f"template 'chat' but the tokenizer of {gpt2} has no chat template"):
         prepare_data(cfg)
 
 

@@ -29,9 +29,9 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-__all__ = ["render_hh", "render_oasst", "render_chat", "POLICY_TEMPLATES", "RM_TEMPLATES", "resolve_template",
-           "render_prompt", "response_prefix", "trained_template", "resolve_model_template", "resolve_rm_template",
-           "render_pair"]
+__all__ = ["render_hh", "render_oasst", "render_chat", "POLICY_TEMPLATES", "RM_TEMPLATES", "check_template",
+           "resolve_template", "render_prompt", "response_prefix", "trained_template", "resolve_model_template",
+           "resolve_rm_template", "render_pair"]
 
 Context = Sequence[Mapping[str, str]]
 
@@ -125,13 +125,19 @@ def _chat_template(tokenizer: Any) -> Any:
     return getattr(tokenizer, "chat_template", None)
 
 
+def check_template(template: str) -> str:
+    """``template`` when it is one of :data:`POLICY_TEMPLATES`, else a ValueError."""
+    if template not in POLICY_TEMPLATES:
+        raise ValueError(f"template must be one of {', '.join(POLICY_TEMPLATES)}, got {template!r}")
+    return template
+
+
 def resolve_template(template: str, tokenizer: Any, *, require: Optional[str] = None) -> str:
     """``plain`` or ``chat`` for ``template`` (one of :data:`POLICY_TEMPLATES`):
     ``auto`` is ``chat`` when ``tokenizer`` has a chat template, else ``plain``.
     With ``require`` (the tokenizer's name in the message), ``chat`` on a
     tokenizer without a chat template is a ValueError."""
-    if template not in POLICY_TEMPLATES:
-        raise ValueError(f"template must be one of {', '.join(POLICY_TEMPLATES)}, got {template!r}")
+    check_template(template)
     chat = _chat_template(tokenizer)
     if template == "auto":
         return "chat" if chat else "plain"
@@ -184,8 +190,6 @@ def resolve_model_template(template: str, model: str, tokenizer: Any) -> str:
     """The template to prompt ``model`` with: ``auto`` is what ``deft train``
     recorded for it (:func:`trained_template`), else as :func:`resolve_template`;
     ``chat`` on a tokenizer without a chat template is a ValueError."""
-    if template not in POLICY_TEMPLATES:
-        raise ValueError(f"template must be one of {', '.join(POLICY_TEMPLATES)}, got {template!r}")
     if template == "auto":
         template = trained_template(model) or template
     return resolve_template(template, tokenizer, require=str(model))

@@ -112,7 +112,7 @@ from deft.data import SCHEMA, load_many, save, validate_frame
 from deft.io import (
     atomic_path, begin_publication, check_publication, input_record, locked_output, sha256_file, write_manifest,
 )
-from deft.render import POLICY_TEMPLATES, render_prompt, resolve_template, response_prefix
+from deft.render import check_template, render_prompt, resolve_template, response_prefix
 
 __all__ = [
     "STRATEGIES",
@@ -635,8 +635,7 @@ class ResponseEmbedder:
         import torch
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        if template not in POLICY_TEMPLATES:
-            raise ValueError(f"template must be one of {', '.join(POLICY_TEMPLATES)}, got {template!r}")
+        check_template(template)
         if device is None:
             device = default_device()
         torch_device = torch.device(device)

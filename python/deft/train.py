@@ -307,7 +307,7 @@ def prepare_data(cfg: Mapping[str, Any]) -> Prepared:
     hf_tok, ptok = policy_tokenizers(cfg)
     dist_meta: Dict[str, str] = {}
     q = None
-    want = cfg["data"]["template"]
+    want = template = cfg["data"]["template"]
     if cfg["deft"]["enabled"]:
         dist = load_distribution(cfg["deft"]["distribution"], tokenizer=ptok)
         dist_meta = dict(dist.metadata)
@@ -317,10 +317,7 @@ def prepare_data(cfg: Mapping[str, Any]) -> Prepared:
             raise ValueError(f"data.template is {want!r} but {cfg['deft']['distribution']} was counted with template {tmpl!r}: "
                              f"responses would be tokenised differently; rebuild the distribution or set data.template={tmpl}")
         template = tmpl
-    else:
-        template = resolve_template(want, ptok)
-    if template == "chat" and not ptok.chat_template:
-        raise ValueError(f"template 'chat' but tokenizer {spec} has no chat template")
+    template = resolve_template(template, ptok, require=str(spec))  # auto resolved; chat needs a chat template
     eos = hf_tok.eos_token_id
     if eos is None:
         raise ValueError(f"tokenizer {spec} has no eos_token_id; the trainer appends EOS after each response")
