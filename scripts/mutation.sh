@@ -35,7 +35,7 @@ PY=${PYTHON:-python3}
 # is run against it. The slow end-to-end trainer and pipeline tests are left
 # out: the trainer's loss assembly is pinned by test_train_oracle, and the
 # per-mutant cost of a DeepSpeed run would make the run take days.
-FILES=(losses ops grade distribution render train evaluate select)
+FILES=(losses ops grade distribution render train evaluate generation eval_metrics select)
 TESTS=(test_losses test_ops test_paper_rules test_grade test_grade_warnings test_native test_train_units
        test_train_oracle test_evaluate test_select test_select_units test_distribution_units test_evaluate_units)
 # The functions that compute results. Per module: everything in losses, ops,
@@ -53,9 +53,9 @@ DEFAULT_MUTANTS=(
   'deft.train.x_select_responses__*' 'deft.train.x_encode_examples__*' 'deft.train.x_labels_for__*'
   'deft.train.x_collate__*' 'deft.train.x_lr_lambda__*' 'deft.train.x_epoch_order__*' 'deft.train.x__seq_logps__*'
   'deft.train.x_to_slots__*' 'deft.train.x_loss_terms__*' 'deft.train.x_compute_loss__*' 'deft.train.x_share_metrics__*'
-  'deft.evaluate.x_cut_generation__*' 'deft.evaluate.x__char_ngrams__*' 'deft.evaluate.x_pro_bleu__*'
-  'deft.evaluate.x_sacre_bleu__*' 'deft.evaluate.x_win_tie_lose__*' 'deft.evaluate.xǁWinTieLoseǁ*'
-  'deft.evaluate.x_reference_response__*' 'deft.evaluate.x_reward_100__*'
+  'deft.generation.x_cut_generation__*' 'deft.eval_metrics.x__char_ngrams__*' 'deft.eval_metrics.x_pro_bleu__*'
+  'deft.eval_metrics.x_sacre_bleu__*' 'deft.eval_metrics.x_win_tie_lose__*' 'deft.eval_metrics.xǁWinTieLoseǁ*'
+  'deft.evaluate.x_reference_response__*' 'deft.eval_metrics.x_reward_100__*'
   'deft.select.x__check_*' 'deft.select.x__row_key__*' 'deft.select.x_kmeans2__*' 'deft.select.x_similarity_quantiles__*'
   'deft.select.x__flat_embeddings__*' 'deft.select.x__orient__*' 'deft.select.x__pick_pair__*'
   'deft.select.x_select_pairs__*' 'deft.select.x_fit_lengths__*'

@@ -200,7 +200,7 @@ def test_train_and_eval_encoders_tokenise_bounded_texts(huge_response):
     from transformers import AutoTokenizer
 
     from deft._native import Tokenizer
-    from deft.evaluate import _make_encoder
+    from deft.generation import _make_encoder
     from deft.train import encode_examples
 
     path = shared_file("tokenizers/smollm2")

@@ -260,7 +260,7 @@ def test_left_padding_equals_unbatched_and_manual_greedy(assets):
 
 
 def test_marker_stopping_criterion(assets):
-    from deft.evaluate import _marker_stop
+    from deft.generation import _marker_stop
 
     tok = assets["tok"]
     prompt = tok("\n\nHuman: hi\n\nAssistant:", add_special_tokens=False)["input_ids"]  # markers in the prompt do not count
@@ -276,7 +276,7 @@ def test_marker_stopping_criterion(assets):
 
 
 def test_prompt_left_truncation(assets):
-    from deft.evaluate import _encoder
+    from deft.generation import _encoder
 
     tok = assets["tok"]
     text = "\n\nHuman: " + "word " * 200 + "\n\nAssistant:"

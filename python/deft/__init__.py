@@ -5,9 +5,13 @@ command over it): ``deft.data`` (load any preference format into one canonical
 Polars frame), ``deft.stats`` (corpus statistics), ``deft.score`` and
 ``deft.grade`` (reward-model scores, levels A/B/C, Q+/Q-), ``deft.distribution``
 (Q_diff), ``deft.train`` (the losses of ``deft.losses`` with R_dis from
-``deft.ops``), ``deft.evaluate``, ``deft.select`` (REAL pair selection) and
-``deft.pipeline`` (``deft run``); the native core ``deft._native`` does parallel
-tokenisation, token counting and Q+/Q- assignment in Rust.
+``deft.ops``), ``deft.evaluate`` (with ``deft.generation`` and
+``deft.eval_metrics``), ``deft.select`` (REAL pair selection), ``deft.pipeline``
+(``deft run``) and ``deft.experiment`` (``deft experiment``). Shared homes:
+``deft.render`` (every prompt/response template), ``deft._hf`` (model
+handling), ``deft.io`` (atomic outputs, manifests), ``deft.config``. The native
+core ``deft._native`` does parallel tokenisation, token counting and Q+/Q-
+assignment in Rust. The README's "Layout" maps every module to what it owns.
 """
 
 import logging

@@ -20,13 +20,13 @@ Pipeline
    (:func:`deft.render.resolve_model_template`). Prompts are tokenised like the
    trainer's (the tokenizer's ``tokenizer.json`` through the native encoder,
    no special tokens) and left-truncated to ``max_prompt_length`` (384) tokens.
-3. **Generation** (:func:`generate`): greedy (``do_sample=False``,
+3. **Generation** (:func:`deft.generation.generate`): greedy (``do_sample=False``,
    ``num_beams=1``), ``max_new_tokens`` (128), batches of ``batch_size``
    prompts of similar length, padded on the *left* with an attention mask (so
    a batched greedy output is the unbatched one), bf16 on CUDA and fp32 on
    CPU, ``torch.inference_mode``; a CUDA out-of-memory error halves the batch.
    The new tokens are decoded (special tokens skipped) up to the first EOS,
-   and the text is cut as the PRO evaluation cuts it (:func:`cut_generation`):
+   and the text is cut as the PRO evaluation cuts it (:func:`deft.generation.cut_generation`):
    stripped, then cut before the first ``Human:`` or ``Assistant:`` (any
    case), then right-stripped. A row stops generating as soon as its text
    holds such a marker (the cut would discard the rest anyway).
@@ -44,7 +44,7 @@ Pipeline
    it. Per subset the mean over its samples; "Total" is the mean over all
    samples (i.e. subsets weighted by their sample counts, as PRO's
    ``infer_and_eval_main_score.py`` computes it).
-6. **BLEU**: (a) PRO-compatible (:func:`pro_bleu`): NLTK's
+6. **BLEU** (:mod:`deft.eval_metrics`): (a) PRO-compatible (:func:`pro_bleu`): NLTK's
    ``sentence_bleu([reference], generation)`` on the stripped raw strings --
    which NLTK evaluates over *characters* -- x 100, averaged over samples;
    (b) sacreBLEU corpus BLEU (:func:`sacre_bleu`, default 13a tokenisation)
@@ -92,7 +92,6 @@ import os
 import re
 import sys
 import time
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
@@ -100,21 +99,23 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import numpy as np
 import polars as pl
 
-# Imported inside the functions that use them, on purpose: torch, transformers, sacrebleu and tqdm;
-# importing deft stays fast.
-from deft._hf import (
-    load_causal_lm, load_tokenizer, resolve_device, resolve_dtype, split_on_oom, weights_stat_fingerprint,
-)
-from deft._native import Tokenizer
-from deft._util import chars_per_token, md_table, tokenize_clipped
+# Imported inside the functions that use them, on purpose: torch and transformers; importing deft stays
+# fast. Generation is deft.generation's, BLEU, win/tie/lose and reward are deft.eval_metrics'.
+from deft._hf import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype, weights_stat_fingerprint
+from deft._util import md_table
 from deft.data import DataError, load_many
 from deft.errors import UnsafeWeightsError
 from deft.io import (
     MetricsLog, atomic_path, begin_publication, input_record, locked_output, remove_stale_temporaries,
     write_json_atomic, write_manifest, write_text_atomic,
 )
+from deft.eval_metrics import (
+    DEFAULT_TIE_MARGIN, WinTieLose, pro_bleu, reward_100, rm_identity, sacre_bleu, sacrebleu_signature,
+    score_responses, win_tie_lose,
+)
+from deft.generation import cut_generation, generate
 from deft.render import render_prompt, resolve_model_template
-from deft.score import CPU_BATCH_TOKENS, load_reward_model, plan_batches, score_with_split
+from deft.score import load_reward_model
 
 __all__ = [
     "DEFAULT_TIE_MARGIN",
@@ -148,201 +149,14 @@ def _points(x: float) -> str:
     return f"{x:g} point" + ("" if x == 1 else "s")
 
 
-#: Tie margin of :func:`win_tie_lose`, in reward points (0-100 scale).
-DEFAULT_TIE_MARGIN = 1.0
 #: Plan keys whose change invalidates stored generations.
 PLAN_VERSION = 1
 GENERATIONS = "generations.jsonl"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
-#: The turn markers the PRO evaluation cuts generations at, matched in any case.
-_MARKER_RE = re.compile(r"human:|assistant:", re.IGNORECASE)
-#: New tokens decoded per step by the marker stopping criterion.
-_STOP_WINDOW = 16
 
 
 def _log(msg: str) -> None:
     print(f"[deft eval] {msg}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------
-# text post-processing and BLEU
-
-
-def cut_generation(text: str) -> str:
-    """Post-process a decoded generation as the PRO HH evaluation does: strip,
-    cut before the first ``Human:`` / ``Assistant:`` (any case: the model
-    starting the next dialogue turn), right-strip.
-
-    PRO (``eval_hh/infer_func_now.py``) cuts at ``Human:``, ``human:``,
-    ``Assistant:`` and ``assistant:`` in turn, keeping the text before the
-    first occurrence of each: the result is the text before the earliest of
-    them, which is what this does (also for e.g. ``HUMAN:``)."""
-    text = text.strip()
-    m = _MARKER_RE.search(text)
-    if m is not None:
-        text = text[: m.start()].rstrip()
-    return text
-
-
-def _char_ngrams(s: str, n: int) -> Dict[str, int]:
-    out: Dict[str, int] = {}
-    for i in range(len(s) - n + 1):
-        g = s[i:i + n]
-        out[g] = out.get(g, 0) + 1
-    return out
-
-
-def pro_bleu(reference: Union[str, Sequence[str]], hypothesis: str) -> float:
-    """BLEU exactly as PRO/DEFT report it: ``nltk.translate.bleu_score.sentence_bleu([reference], hypothesis)``
-    with NLTK's defaults (uniform weights ``(0.25,) * 4``, no smoothing), in
-    pure Python. Returns a value in [0, 1] (the evaluation reports it x 100).
-
-    PRO passes the **raw strings**, not token lists, and NLTK iterates over
-    whatever it is given, so this BLEU is computed over **characters**: the
-    n-grams are character n-grams (spaces included) and the lengths in the
-    brevity penalty are character counts. This function reproduces NLTK
-    (3.x, ``corpus_bleu`` with one hypothesis) operation for operation:
-
-    * modified precision ``p_n`` = clipped n-gram matches / hypothesis n-grams,
-      the denominator at least 1 (a hypothesis shorter than ``n`` gives 0/1);
-    * when there is no unigram match at all the result is exactly 0;
-    * "no smoothing" (``SmoothingFunction().method0``) replaces a zero
-      precision by ``sys.float_info.min``, so a hypothesis with unigram matches
-      but no 4-gram match scores a tiny positive number (about 1e-77 or less),
-      not 0;
-    * brevity penalty with the *closest* reference length (ties: the shorter
-      reference): 1 when the hypothesis is longer, 0 when it is empty, else
-      ``exp(1 - r / c)``;
-    * ``BLEU = BP * exp(fsum(0.25 * log(p_n)))``.
-
-    ``reference`` is one reference string, or a sequence of them (as NLTK's
-    list of references). The evaluation calls it as PRO's ``get_bleu`` does,
-    on ``reference.strip()`` and ``generation.strip()``.
-    """
-    refs: List[str] = [reference] if isinstance(reference, str) else list(reference)
-    if not refs:
-        raise ValueError("pro_bleu needs at least one reference")
-    for r in refs:
-        if not isinstance(r, str):
-            raise TypeError(f"references must be strings, got {type(r).__name__}")
-    if not isinstance(hypothesis, str):
-        raise TypeError(f"hypothesis must be a string, got {type(hypothesis).__name__}")
-    numerators: List[int] = []
-    denominators: List[int] = []
-    for n in range(1, 5):
-        counts = _char_ngrams(hypothesis, n) if len(hypothesis) >= n else {}
-        max_counts: Dict[str, int] = {}
-        for ref in refs:
-            ref_counts = _char_ngrams(ref, n) if len(ref) >= n else {}
-            for g in counts:
-                max_counts[g] = max(max_counts.get(g, 0), ref_counts.get(g, 0))
-        numerators.append(sum(min(c, max_counts[g]) for g, c in counts.items()))
-        denominators.append(max(1, sum(counts.values())))
-    hyp_len = len(hypothesis)
-    ref_len = min((len(r) for r in refs), key=lambda rl: (abs(rl - hyp_len), rl))
-    if hyp_len > ref_len:
-        bp = 1.0
-    elif hyp_len == 0:
-        bp = 0.0
-    else:
-        bp = math.exp(1 - ref_len / hyp_len)
-    if numerators[0] == 0:
-        return 0.0
-    p_n = [num / den if num != 0 else sys.float_info.min for num, den in zip(numerators, denominators)]
-    s = math.fsum(0.25 * math.log(p) for p in p_n if p > 0)
-    return float(bp * math.exp(s))
-
-
-def sacre_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-    """sacreBLEU corpus BLEU (0-100; default 13a tokenisation, exp smoothing
-    off as in sacreBLEU's defaults) of ``hypotheses`` against one reference
-    each."""
-    import sacrebleu
-
-    if len(hypotheses) != len(references):
-        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
-    if not hypotheses:
-        return float("nan")
-    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
-
-
-def _sacrebleu_signature() -> str:
-    from sacrebleu.metrics import BLEU
-
-    bleu = BLEU()
-    bleu.corpus_score(["a"], [["a"]])  # the signature needs the number of references
-    return str(bleu.get_signature())
-
-
-# ---------------------------------------------------------------------------
-# win / tie / lose
-
-
-@dataclass
-class WinTieLose:
-    """Outcome counts of a run against a baseline on their common prompts."""
-
-    baseline: str
-    win: int
-    tie: int
-    lose: int
-    tie_margin: float
-    only_in_run: int = 0
-    only_in_baseline: int = 0
-
-    @property
-    def n(self) -> int:
-        return self.win + self.tie + self.lose
-
-    @property
-    def win_rate(self) -> float:
-        return self.win / self.n if self.n else float("nan")
-
-    @property
-    def tie_rate(self) -> float:
-        return self.tie / self.n if self.n else float("nan")
-
-    @property
-    def lose_rate(self) -> float:
-        return self.lose / self.n if self.n else float("nan")
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"baseline": self.baseline, "n": self.n, "win": self.win, "tie": self.tie, "lose": self.lose,
-                "win_rate": self.win_rate, "tie_rate": self.tie_rate, "lose_rate": self.lose_rate,
-                "tie_margin": self.tie_margin, "only_in_run": self.only_in_run, "only_in_baseline": self.only_in_baseline}
-
-
-def win_tie_lose(
-    rewards: Mapping[str, float],
-    baseline_rewards: Mapping[str, float],
-    *,
-    tie_margin: float = DEFAULT_TIE_MARGIN,
-    identical: Iterable[str] = (),
-    baseline: str = "baseline",
-) -> WinTieLose:
-    """Compare per-prompt rewards (id -> reward, 0-100 scale) of a run with a
-    baseline's on the ids both have: win when ``reward - baseline > tie_margin``,
-    lose when ``< -tie_margin``, else tie; ids in ``identical`` (the two
-    generations are the same text) always tie. Ids in only one of them are
-    counted in ``only_in_run`` / ``only_in_baseline`` and otherwise ignored;
-    no common id is a ValueError."""
-    if not (tie_margin >= 0 and math.isfinite(tie_margin)):
-        raise ValueError(f"tie_margin must be a finite number >= 0, got {tie_margin}")
-    same = set(identical)
-    common = [k for k in rewards if k in baseline_rewards]
-    if not common:
-        raise ValueError(f"no prompt in common with baseline {baseline} ({len(rewards)} run ids, {len(baseline_rewards)} baseline ids)")
-    win = tie = lose = 0
-    for k in common:
-        d = float(rewards[k]) - float(baseline_rewards[k])
-        if k in same or abs(d) <= tie_margin:
-            tie += 1
-        elif d > 0:
-            win += 1
-        else:
-            lose += 1
-    return WinTieLose(baseline=baseline, win=win, tie=tie, lose=lose, tie_margin=float(tie_margin),
-                      only_in_run=len(rewards) - len(common), only_in_baseline=len(baseline_rewards) - len(common))
 
 
 # ---------------------------------------------------------------------------
@@ -552,241 +366,6 @@ def load_policy(
 
 
 # ---------------------------------------------------------------------------
-# generation
-
-
-_ENCODERS: "weakref.WeakKeyDictionary[Any, Callable[[Sequence[str], int], List[List[int]]]]" = weakref.WeakKeyDictionary()
-
-
-def _encoder(tokenizer: Any) -> Callable[[Sequence[str], int], List[List[int]]]:
-    """Prompt encoder matching the trainer's: the native encoder over the
-    tokenizer's tokenizer.json (no special tokens, left truncation); the
-    tokenizer itself when it is not a fast tokenizer. Cached per tokenizer."""
-    try:
-        return _ENCODERS[tokenizer]
-    except (KeyError, TypeError):
-        pass
-    enc = _make_encoder(tokenizer)
-    try:
-        _ENCODERS[tokenizer] = enc
-    except TypeError:  # not weak-referenceable
-        pass
-    return enc
-
-
-def _make_encoder(tokenizer: Any) -> Callable[[Sequence[str], int], List[List[int]]]:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        native = Tokenizer.from_str(backend.to_str())
-        cpt = chars_per_token(native)
-
-        def tokenize(texts: List[str]) -> List[Any]:
-            ids, off = native.encode(texts, add_special_tokens=False)
-            ids = ids.astype(np.int64)
-            return [ids[off[i]:off[i + 1]] for i in range(len(texts))]
-
-        def enc(texts: Sequence[str], max_len: int) -> List[List[int]]:
-            # a huge prompt is cut to what its last max_len tokens need first (same tokens)
-            return [x[len(x) - max_len:].tolist() if len(x) > max_len else x.tolist()
-                    for x in tokenize_clipped(tokenize, list(texts), max_len, "left", cpt)]
-
-        return enc
-
-    def enc_hf(texts: Sequence[str], max_len: int) -> List[List[int]]:
-        def tokenize(batch: List[str]) -> List[Any]:
-            return tokenizer(batch, add_special_tokens=False)["input_ids"]
-
-        return [list(x)[-max_len:] for x in tokenize_clipped(tokenize, list(texts), max_len, "left", chars_per_token(tokenizer))]
-
-    return enc_hf
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> List[int]:
-    ids: List[int] = []
-    gc_ = getattr(model, "generation_config", None)
-    cand = getattr(gc_, "eos_token_id", None) if gc_ is not None else None
-    for x in ([cand] if isinstance(cand, int) else list(cand or [])) + [getattr(tokenizer, "eos_token_id", None)]:
-        if isinstance(x, int) and x not in ids:
-            ids.append(x)
-    if not ids:
-        raise ValueError("neither the model's generation config nor the tokenizer has an EOS token id")
-    return ids
-
-
-
-def _marker_stop(tokenizer: Any, prompt_len: int):
-    import torch
-    from transformers import StoppingCriteria
-
-    class MarkerStop(StoppingCriteria):
-        """Per row: stop once the new text holds a turn marker. Checked at
-        every step over the last :data:`_STOP_WINDOW` new tokens, which hold
-        any marker completed by the newest token (markers are a few tokens)."""
-
-        def __init__(self) -> None:
-            self.hit: Optional[Any] = None
-
-        def __call__(self, input_ids, scores, **kwargs):
-            if self.hit is None:
-                self.hit = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-            window = input_ids[:, max(prompt_len, input_ids.shape[1] - _STOP_WINDOW):].cpu().tolist()
-            for i, row in enumerate(window):
-                if not self.hit[i] and _MARKER_RE.search(tokenizer.decode(row, skip_special_tokens=True)):
-                    self.hit[i] = True
-            return self.hit.to(input_ids.device)
-
-    return MarkerStop()
-
-
-def _step_ticker(on_step: Callable[[], None]):
-    """A stopping criterion that never stops: it calls ``on_step()`` after every
-    decoding step (progress within a batch)."""
-    import torch
-    from transformers import StoppingCriteria
-
-    class Ticker(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            on_step()
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-    return Ticker()
-
-
-def _generate_batch(model, tokenizer, batch: List[List[int]], *, pad_id: int, eos: List[int], max_new_tokens: int,
-                    stop_at_markers: bool, on_step: Optional[Callable[[], None]] = None) -> List[List[int]]:
-    """Greedy continuation ids of one left-padded batch, halving the batch on
-    a CUDA out-of-memory error. ``on_step()`` is called after each decoding step."""
-    def run(b: List[List[int]]) -> List[List[int]]:
-        return _generate_once(model, tokenizer, b, pad_id=pad_id, eos=eos, max_new_tokens=max_new_tokens,
-                              stop_at_markers=stop_at_markers, on_step=on_step)
-
-    return split_on_oom(run, batch, combine=lambda a, b: a + b, on_split=lambda n, half: _log(
-        f"out of memory generating a batch of {n}; retrying as {half} + {n - half}"))
-
-
-def _generate_once(model, tokenizer, batch: List[List[int]], *, pad_id: int, eos: List[int], max_new_tokens: int,
-                   stop_at_markers: bool, on_step: Optional[Callable[[], None]] = None) -> List[List[int]]:
-    """Greedy continuation ids of one left-padded batch."""
-    import torch
-    from transformers import GenerationConfig, StoppingCriteriaList
-
-    device = next(model.parameters()).device
-    T = max(len(x) for x in batch)
-    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), T), dtype=torch.long)
-    for i, x in enumerate(batch):
-        ids[i, T - len(x):] = torch.tensor(x, dtype=torch.long)
-        mask[i, T - len(x):] = 1
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id,
-                           eos_token_id=eos if len(eos) > 1 else eos[0])
-    crit = StoppingCriteriaList([_marker_stop(tokenizer, T)] if stop_at_markers else [])
-    if on_step is not None:
-        crit.append(_step_ticker(on_step))
-    # generate() fills every field `cfg` leaves unset from the model's own generation_config.json
-    # (repetition_penalty, no_repeat_ngram_size, suppress_tokens, ...): swap in a blank one so the
-    # decoding is plain greedy whatever the model ships
-    saved = getattr(model, "generation_config", None)
-    model.generation_config = GenerationConfig()
-    try:
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=cfg,
-                                 stopping_criteria=crit or None)
-    finally:
-        model.generation_config = saved
-    res = []
-    eos_set = set(eos)
-    for row in out[:, T:].cpu().tolist():
-        cut = next((j for j, t in enumerate(row) if t in eos_set), len(row))
-        res.append(row[:cut])
-    return res
-
-
-def _bar_ticker(bar: Any, done: int, n: int, max_new_tokens: int) -> Callable[[], None]:
-    """Move ``bar`` (in prompts) by ``n / max_new_tokens`` per decoding step of
-    a batch of ``n`` prompts, never past ``done + n``."""
-    def tick() -> None:
-        bar.update(min(n / max_new_tokens, done + n - bar.n))
-
-    return tick
-
-
-def generate(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int = 128,
-    max_prompt_length: int = 384,
-    batch_size: int = 8,
-    stop_at_markers: bool = True,
-    progress: bool = False,
-    on_batch: Optional[Callable[[List[int], List[str], List[str]], None]] = None,
-    metrics: Any = None,
-    description: str = "generate",
-) -> List[str]:
-    """Greedy generations for rendered ``prompts`` (see the module docstring),
-    cut with :func:`cut_generation`, in input order.
-
-    Prompts are tokenised without special tokens and left-truncated to
-    ``max_prompt_length`` tokens, sorted by length (longest first) and
-    generated ``batch_size`` at a time with left padding. ``on_batch(indices,
-    generations, raw)`` is called after every batch (indices into ``prompts``;
-    ``raw`` = the decoded text before the cut), e.g. to write results as they
-    come. ``metrics``: a :class:`deft.io.MetricsLog` for per-batch throughput.
-    """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if max_prompt_length < 1:
-        raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    prompts = list(prompts)
-    out: List[Optional[str]] = [None] * len(prompts)
-    if not prompts:
-        return []
-    encoded = _encoder(tokenizer)(prompts, max_prompt_length)
-    for i, x in enumerate(encoded):
-        if not x:
-            raise ValueError(f"prompt {i} encodes to no tokens")
-    eos = _eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else eos[0]
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        # the bar counts prompts, moved a little at every decoding step (a batch of 8 x 128 new
-        # tokens can take minutes on a CPU) and set exactly when the batch is done
-        bar = tqdm(total=len(prompts), desc=description, unit="prompt", dynamic_ncols=True,
-                   bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]")
-    try:
-        for b, start in enumerate(range(0, len(order), batch_size)):
-            idx = order[start:start + batch_size]
-            t0 = time.perf_counter()
-            on_step = _bar_ticker(bar, start, len(idx), max_new_tokens) if bar is not None else None
-            new_ids = _generate_batch(model, tokenizer, [encoded[i] for i in idx], pad_id=pad, eos=eos,
-                                      max_new_tokens=max_new_tokens, stop_at_markers=stop_at_markers, on_step=on_step)
-            raw = [tokenizer.decode(x, skip_special_tokens=True) for x in new_ids]
-            gens = [cut_generation(r) for r in raw]
-            dt = time.perf_counter() - t0
-            for i, g in zip(idx, gens):
-                out[i] = g
-            if on_batch is not None:
-                on_batch(list(idx), gens, raw)
-            if metrics is not None:
-                ntok = sum(len(x) for x in new_ids)
-                metrics.log(event="generate", run=description, batch=b, prompts=len(idx),
-                            prompt_tokens=sum(len(encoded[i]) for i in idx), new_tokens=ntok,
-                            seconds=round(dt, 4), new_tokens_per_s=ntok / max(dt, 1e-9))
-            if bar is not None:
-                bar.update(start + len(idx) - bar.n)
-    finally:
-        if bar is not None:
-            bar.close()
-    return [g if g is not None else "" for g in out]
-
-
-# ---------------------------------------------------------------------------
 # resumable JSONL
 
 
@@ -906,62 +485,6 @@ def write_mt_bench_answers(
     recs.sort(key=lambda r: (str(type(r["question_id"])), r["question_id"]))
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
     return path
-
-
-# ---------------------------------------------------------------------------
-# reward
-
-
-def score_responses(rm: Any, contexts: Sequence[Sequence[Mapping[str, str]]], responses: Sequence[str], *,
-                    batch_size: Optional[int] = None, progress: bool = False, metrics: Any = None,
-                    description: str = "reward") -> np.ndarray:
-    """Raw reward-model scores (float64) of (context, response) pairs, in input
-    order, with any :class:`deft.score.RewardModel`: length-bucketed batches of
-    ``batch_size`` pairs or of the model's padded-token budget; a CUDA
-    out-of-memory error halves the batch."""
-    if len(contexts) != len(responses):
-        raise ValueError(f"{len(contexts)} contexts but {len(responses)} responses")
-    out = np.zeros(len(responses), dtype=np.float64)
-    if not responses:
-        return out
-    items = rm.encode(list(contexts), list(responses))
-    lengths = [len(x) for x in items]
-    if batch_size is not None:
-        batches = plan_batches(lengths, batch_size=batch_size)
-    else:
-        budget = rm.suggest_max_batch_tokens() if hasattr(rm, "suggest_max_batch_tokens") else CPU_BATCH_TOKENS
-        batches = plan_batches(lengths, max_batch_tokens=budget)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(items), desc=description, unit="pair", dynamic_ncols=True)
-    t0 = time.perf_counter()
-    try:
-        for idx in batches:
-            out[idx] = score_with_split(rm, [items[i] for i in idx])
-            if bar is not None:
-                bar.update(len(idx))
-    finally:
-        if bar is not None:
-            bar.close()
-    if metrics is not None:
-        dt = time.perf_counter() - t0
-        metrics.log(event="score", run=description, pairs=len(items), tokens=int(sum(lengths)), seconds=round(dt, 4),
-                    pairs_per_s=len(items) / max(dt, 1e-9))
-    return out
-
-
-def reward_100(scores: np.ndarray) -> np.ndarray:
-    """100 * sigmoid(scores), without overflow."""
-    s = np.asarray(scores, dtype=np.float64)
-    e = np.exp(-np.abs(s))
-    return 100.0 * np.where(s >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-
-
-def _rm_identity(rm: Any) -> Dict[str, Any]:
-    return {"name": str(getattr(rm, "name", type(rm).__name__)), "template": str(getattr(rm, "template", "")),
-            "max_length": int(getattr(rm, "max_length", 0) or 0), "revision": getattr(rm, "revision", None)}
 
 
 # ---------------------------------------------------------------------------
@@ -1268,247 +791,40 @@ def evaluate(
     ``eval_md``, ``manifest``, ``metrics`` and per run the paths in
     :class:`RunResult`).
     """
-    models = [str(models)] if isinstance(models, (str, os.PathLike)) else [str(m) for m in models]
-    data = [data] if isinstance(data, (str, os.PathLike)) else data
-    if not models:
-        raise ValueError("no model given: pass at least one model folder or hub id (--model PATH)")
-    data_paths = [Path(d) for d in data]
-    if not data_paths:
-        raise ValueError("no data given: pass at least one test file (--data FILE)")
-    for p in data_paths:
-        if not p.exists():
-            raise FileNotFoundError(2, "data file not found", str(p))
-    for name, v, lo in (("max_new_tokens", max_new_tokens, 1), ("max_prompt_length", max_prompt_length, 1),
-                        ("batch_size", batch_size, 1), ("mt_bench_max_new_tokens", mt_bench_max_new_tokens, 1),
-                        ("mt_bench_max_prompt_length", mt_bench_max_prompt_length, 1)):
-        if not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
-    if not (tie_margin >= 0 and math.isfinite(tie_margin)):
-        raise ValueError(f"tie_margin must be a finite number >= 0, got {tie_margin}")
-    ggufs = _as_list(gguf_file, len(models), "gguf_file")
-    toks = _as_list(tokenizer, len(models), "tokenizer")
-    names = list(model_names) if model_names is not None else [default_model_name(m) for m in models]
-    if len(names) != len(models):
-        raise ValueError(f"model_names: {len(names)} names for {len(models)} models")
-    for n in names:
-        if not _NAME_RE.match(n) or n in ("mt_bench",):
-            raise ValueError(f"model name {n!r}: use letters, digits, '.', '_', '+', '-' (it names a folder), and not 'mt_bench'")
-    dups = sorted({n for n in names if names.count(n) > 1})
-    if dups:
-        raise ValueError(f"several models would be named {', '.join(dups)}; give distinct names (model_names / --name)")
-    for m, g in zip(models, ggufs):
-        _check_model_spec(m, g)
+    models, data_paths, ggufs, toks, names = _check_arguments(
+        models, data, gguf_file=gguf_file, tokenizer=tokenizer, model_names=model_names, limit=limit, tie_margin=tie_margin,
+        sizes={"max_new_tokens": max_new_tokens, "max_prompt_length": max_prompt_length, "batch_size": batch_size,
+               "mt_bench_max_new_tokens": mt_bench_max_new_tokens, "mt_bench_max_prompt_length": mt_bench_max_prompt_length})
     dev = resolve_device(device)
     dt_name = resolve_dtype(dtype, dev)
-
-    mt_files = [p for p in data_paths if is_mt_bench_file(p)]
-    pref_files = [p for p in data_paths if p not in mt_files]
-    samples: List[_Sample] = []
-    if pref_files:
-        samples, _ = _load_samples(pref_files, limit)
-        if not samples:
-            raise ValueError(f"no samples in {', '.join(map(str, pref_files))}")
-    questions: List[MTBenchQuestion] = []
-    for p in mt_files:
-        questions += load_mt_bench(p, limit=limit)
-    if len({q.question_id for q in questions}) != len(questions):
-        raise ValueError("MT-Bench question ids repeat across the question files")
-    subsets: List[str] = []
-    for s in samples:
-        if s.subset not in subsets:
-            subsets.append(s.subset)
-
-    base: Optional[_Baseline] = None
-    if baseline is not None and samples:  # before any generation: a bad baseline fails fast
-        base = _resolve_baseline(baseline, names)
-        if base.run is None:
-            ids = {s.id for s in samples}
-            if not ids & base.generations.keys():
-                raise ValueError(f"baseline {base.label}: none of its {len(base.generations)} ids is among the {len(ids)} "
-                                 f"evaluated prompts (e.g. {next(iter(base.generations))!r} vs {samples[0].id!r})")
-            for s in samples:
-                known = base.contexts.get(s.id)
-                if known is not None and known != s.context_key:
-                    raise ValueError(f"baseline {base.label}: id {s.id!r} has a different conversation than in the test data; "
-                                     "the baseline was generated on other data")
+    samples, questions, subsets = _load_eval_data(data_paths, limit)
+    base = _check_baseline(baseline, names, samples) if baseline is not None and samples else None  # before any generation
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(out / "metrics.jsonl")
     notes: List[str] = []
-    runs: List[RunResult] = []
-    run_records: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    gen = _GenSettings(template=template, max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length,
+                       mt_bench_max_new_tokens=mt_bench_max_new_tokens, mt_bench_max_prompt_length=mt_bench_max_prompt_length,
+                       batch_size=batch_size, device=dev, dtype=dt_name, trust_remote_code=trust_remote_code,
+                       allow_pickle=allow_pickle, overwrite=overwrite, progress=progress)
 
     # ---- generation, one model at a time
+    runs: List[RunResult] = []
+    run_records: Dict[str, Dict[str, Dict[str, Any]]] = {}
     for spec, name, gguf, tok_spec in zip(models, names, ggufs, toks):
-        run_dir = out / name
-        run_dir.mkdir(parents=True, exist_ok=True)
-
-        remove_stale_temporaries(run_dir)  # of writes a killed run did not finish (plan.json, samples)
-        hf_tok = _load_tokenizer(spec, tokenizer=tok_spec, gguf_file=gguf, trust_remote_code=trust_remote_code)
-        tmpl = resolve_model_template(template, spec, hf_tok)
-        plan = {"version": PLAN_VERSION, "model": spec, "fingerprint": weights_stat_fingerprint(spec, gguf), "tokenizer": tok_spec,
-                "template": tmpl, "max_new_tokens": max_new_tokens, "max_prompt_length": max_prompt_length,
-                "mt_bench_max_new_tokens": mt_bench_max_new_tokens, "mt_bench_max_prompt_length": mt_bench_max_prompt_length,
-                "dtype": dt_name, "decoding": "greedy", "cut": "pro-v1"}
-        _check_plan(run_dir, plan, overwrite)
-        mt_path = out / "mt_bench" / "model_answer" / f"{name}.jsonl"
-        remove_stale_temporaries(mt_path.parent)
-        if overwrite:
-            mt_path.unlink(missing_ok=True)
-        prompts = [render_prompt(s.context, tmpl, hf_tok) for s in samples]
-        gen_path = run_dir / GENERATIONS
-        existing = _read_resumable_jsonl(gen_path, "id", ("id", "prompt", "generation"))
-        by_id = {s.id: (i, s) for i, s in enumerate(samples)}
-        done: Dict[str, Dict[str, Any]] = {}
-        for rec in existing:
-            hit = by_id.get(str(rec["id"]))
-            if hit is None:
-                continue  # e.g. from a run with a larger limit: kept in the file, not used
-            i, s = hit
-            if rec["prompt"] != prompts[i]:
-                raise ValueError(f"{gen_path}: id {rec['id']!r} was generated for a different prompt than the data now renders; "
-                                 "the data changed: pass overwrite (--overwrite) or use another output folder")
-            done[s.id] = rec
-        pending = [i for i, s in enumerate(samples) if s.id not in done]
-        mt_done = {r["question_id"] for r in _read_resumable_jsonl(mt_path, "question_id", ("question_id", "choices"))} if questions else set()
-        mt_pending = [q for q in questions if q.question_id not in mt_done]
-        result = RunResult(name=name, model=spec, gguf_file=gguf, template=tmpl, run_dir=run_dir,
-                           generations_path=gen_path if samples else None, reused=len(done))
-        if pending or mt_pending:
-            if done:
-                _log(f"{name}: resuming; {len(done)} of {len(samples)} generations already in {gen_path}")
-            lm, hf_tok = load_policy(spec, gguf_file=gguf, tokenizer=tok_spec, device=dev, dtype=dt_name,
-                                     trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-            try:
-                if pending:
-                    app = _Appender(gen_path)
-
-                    def on_batch(idx: List[int], gens: List[str], raw: List[str]) -> None:
-                        recs = []
-                        for j, g, r in zip(idx, gens, raw):
-                            s = samples[pending[j]]
-                            rec = {"id": s.id, "subset": s.subset, "prompt": prompts[pending[j]], "generation": g,
-                                   "raw_generation": r, "context": s.context}
-                            done[s.id] = rec
-                            recs.append(rec)
-                        app.write(recs)
-
-                    try:
-                        generate(lm, hf_tok, [prompts[i] for i in pending], max_new_tokens=max_new_tokens,
-                                 max_prompt_length=max_prompt_length, batch_size=batch_size, progress=progress,
-                                 on_batch=on_batch, metrics=metrics, description=name)
-                    finally:
-                        app.close()
-                    result.generated = len(pending)
-                if questions:
-                    write_mt_bench_answers(questions, mt_path, model=lm, tokenizer=hf_tok, model_id=name, template=tmpl,
-                                           max_new_tokens=mt_bench_max_new_tokens, max_prompt_length=mt_bench_max_prompt_length,
-                                           batch_size=batch_size, progress=progress, metrics=metrics)
-            finally:
-                del lm
-                gc.collect()
-                try:
-                    import torch
-
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-                except ImportError:  # pragma: no cover
-                    pass
-        elif questions:  # all answered: re-sort only
-            write_mt_bench_answers(questions, mt_path, model=None, tokenizer=hf_tok, model_id=name, template=tmpl)
-        if questions:
-            result.mt_bench_path = mt_path
-            result.mt_bench_questions = len(questions)
-        run_records[name] = done
+        result, run_records[name] = _generate_run(spec, name, gguf, tok_spec, out, samples, questions, gen, metrics)
         runs.append(result)
 
     # ---- reward, BLEU, baseline; publication: samples files, eval.json, eval.md, then manifest.json (the commit record)
-
     pub = begin_publication(out / "manifest.json", [out / "eval.json", out / "eval.md"], overwrite=True)
     rm_id: Optional[Dict[str, Any]] = None
     rm_spec: Optional[str] = None
     if samples:
-        if isinstance(reward_model, str):
-            rm = load_reward_model(reward_model, template=reward_template, max_length=reward_max_length, device=dev,
-                                   trust_remote_code=trust_remote_code)
-            rm_spec = reward_model
-        else:
-            rm = reward_model
-            rm_spec = str(getattr(rm, "name", type(rm).__name__))
-        rm_id = _rm_identity(rm)
-        if base is not None:
-            _reuse_baseline_scores(base, rm_id)
-        ctxs = [s.context for s in samples]
-        all_scores: Dict[str, np.ndarray] = {}
-        for r in runs:
-            gens = [run_records[r.name][s.id]["generation"] for s in samples]
-            all_scores[r.name] = score_responses(rm, ctxs, gens, batch_size=reward_batch_size, progress=progress, metrics=metrics,
-                                                 description=f"{r.name}/reward")
-        base_rewards: Dict[str, float] = {}
-        base_gens: Dict[str, str] = {}
-        if base is not None:
-            if base.run is not None:
-                base_gens = {s.id: run_records[base.run][s.id]["generation"] for s in samples}
-                base_rewards = dict(zip((s.id for s in samples), reward_100(all_scores[base.run]).tolist()))
-            else:
-                by_id = {s.id: s for s in samples}
-                common = [s for s in samples if s.id in base.generations]
-                for s in common:
-                    known = base.contexts.get(s.id)
-                    if known is not None and known != s.context_key:
-                        raise ValueError(f"baseline {base.label}: id {s.id!r} has a different conversation than in the test data; "
-                                         "the baseline was generated on other data")
-                need = [s for s in common if s.id not in base.scores]
-                if need:
-                    sc = score_responses(rm, [s.context for s in need], [base.generations[s.id] for s in need],
-                                         batch_size=reward_batch_size, progress=progress, metrics=metrics,
-                                         description="baseline/reward")
-                    base.scores.update(zip((s.id for s in need), sc.tolist()))
-                base_gens = {s.id: base.generations[s.id] for s in common}
-                base_rewards = {k: float(reward_100(np.array([base.scores[k]]))[0]) for k in base_gens}
-                extra = len(set(base.generations) - set(by_id))
-                missing = len(samples) - len(common)
-                if extra or missing:
-                    notes.append(f"baseline {base.label}: compared on the {len(common)} prompts both have "
-                                 f"({missing} evaluated prompts missing from the baseline, {extra} baseline prompts not evaluated)")
-                    _log(notes[-1])
-
-        for r in runs:
-            gens = [run_records[r.name][s.id]["generation"] for s in samples]
-            refs = [s.reference for s in samples]
-            scores = all_scores[r.name]
-            rewards = reward_100(scores)
-            bleus = np.array([100.0 * pro_bleu(ref.strip(), g.strip()) for ref, g in zip(refs, gens)], dtype=np.float64)
-            for sub in subsets:
-                m = [i for i, s in enumerate(samples) if s.subset == sub]
-                r.subsets[sub] = SubsetScores(len(m), float(bleus[m].mean()), float(rewards[m].mean()),
-                                              sacre_bleu([gens[i] for i in m], [refs[i] for i in m]))
-            r.total = SubsetScores(len(samples), float(bleus.mean()), float(rewards.mean()), sacre_bleu(gens, refs))
-            outcome: List[Optional[str]] = [None] * len(samples)
-            b_rew: List[Optional[float]] = [None] * len(samples)
-            if base is not None and base.run != r.name:
-                mine = {s.id: float(x) for s, x in zip(samples, rewards)}
-                ident = [s.id for s, g in zip(samples, gens) if base_gens.get(s.id) == g]
-                r.win_tie_lose = win_tie_lose(mine, base_rewards, tie_margin=tie_margin, identical=ident, baseline=base.label)
-                if base.run is None:  # base_rewards holds the shared prompts only
-                    r.win_tie_lose.only_in_baseline = len(set(base.generations) - set(mine))
-                ident_set = set(ident)
-                for i, s in enumerate(samples):
-                    if s.id in base_rewards:
-                        b_rew[i] = base_rewards[s.id]
-                        d = mine[s.id] - base_rewards[s.id]
-                        outcome[i] = "tie" if s.id in ident_set or abs(d) <= tie_margin else ("win" if d > 0 else "lose")
-            r.samples_path, r.samples_jsonl_path = _write_samples(
-                r.run_dir, samples, [run_records[r.name][s.id]["prompt"] for s in samples], gens, scores, rewards, bleus,
-                b_rew if base is not None else None, outcome if base is not None else None)
-            metrics.log(event="result", run=r.name, **{f"{k}_{m}": v for k, sc in
-                                                        list(r.subsets.items()) + [("total", r.total)]
-                                                        for m, v in sc.to_dict().items()})
-        del rm
-        gc.collect()
+        rm_id, rm_spec = _score_runs(runs, run_records, samples, subsets, base, notes, reward_model=reward_model,
+                                     reward_template=reward_template, reward_max_length=reward_max_length,
+                                     reward_batch_size=reward_batch_size, tie_margin=tie_margin, device=dev,
+                                     trust_remote_code=trust_remote_code, progress=progress, metrics=metrics)
     elif baseline is not None:
         notes.append("baseline ignored: MT-Bench answers are not scored here")
 
@@ -1518,7 +834,7 @@ def evaluate(
                 "mt_bench_max_new_tokens": mt_bench_max_new_tokens, "mt_bench_max_prompt_length": mt_bench_max_prompt_length,
                 "reward_template": reward_template, "reward_max_length": reward_max_length,
                 "bleu": "pro: nltk sentence_bleu([reference.strip()], generation.strip()) over characters, x100, mean over samples",
-                "sacrebleu_signature": _sacrebleu_signature() if samples else None}
+                "sacrebleu_signature": sacrebleu_signature() if samples else None}
     report = EvalReport(out, runs, subsets, rm_id, settings, notes)
     report.eval_json = write_json_atomic(out / "eval.json", report.to_dict())
     report.eval_md = write_text_atomic(out / "eval.md", report.to_markdown())
@@ -1537,6 +853,291 @@ def evaluate(
     )
     pub.done()
     return report
+
+
+def _check_arguments(models: Any, data: Any, *, gguf_file: Any, tokenizer: Any, model_names: Optional[Sequence[str]],
+                     limit: Optional[int], tie_margin: float, sizes: Mapping[str, Any]
+                     ) -> Tuple[List[str], List[Path], List[Optional[str]], List[Optional[str]], List[str]]:
+    """``evaluate``'s arguments checked: the models, data files, per-model
+    GGUF files, tokenizers and run names."""
+    models = [str(models)] if isinstance(models, (str, os.PathLike)) else [str(m) for m in models]
+    data = [data] if isinstance(data, (str, os.PathLike)) else data
+    if not models:
+        raise ValueError("no model given: pass at least one model folder or hub id (--model PATH)")
+    data_paths = [Path(d) for d in data]
+    if not data_paths:
+        raise ValueError("no data given: pass at least one test file (--data FILE)")
+    for p in data_paths:
+        if not p.exists():
+            raise FileNotFoundError(2, "data file not found", str(p))
+    for name, v in sizes.items():
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    if not (tie_margin >= 0 and math.isfinite(tie_margin)):
+        raise ValueError(f"tie_margin must be a finite number >= 0, got {tie_margin}")
+    ggufs = _as_list(gguf_file, len(models), "gguf_file")
+    toks = _as_list(tokenizer, len(models), "tokenizer")
+    names = list(model_names) if model_names is not None else [default_model_name(m) for m in models]
+    if len(names) != len(models):
+        raise ValueError(f"model_names: {len(names)} names for {len(models)} models")
+    for n in names:
+        if not _NAME_RE.match(n) or n in ("mt_bench",):
+            raise ValueError(f"model name {n!r}: use letters, digits, '.', '_', '+', '-' (it names a folder), and not 'mt_bench'")
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:
+        raise ValueError(f"several models would be named {', '.join(dups)}; give distinct names (model_names / --name)")
+    for m, g in zip(models, ggufs):
+        _check_model_spec(m, g)
+    return models, data_paths, ggufs, toks, names
+
+
+def _load_eval_data(data_paths: Sequence[Path], limit: Optional[int]) -> Tuple[List[_Sample], List[MTBenchQuestion], List[str]]:
+    """The preference samples, the MT-Bench questions and the subsets in order of appearance."""
+    mt_files = [p for p in data_paths if is_mt_bench_file(p)]
+    pref_files = [p for p in data_paths if p not in mt_files]
+    samples: List[_Sample] = []
+    if pref_files:
+        samples, _ = _load_samples(pref_files, limit)
+        if not samples:
+            raise ValueError(f"no samples in {', '.join(map(str, pref_files))}")
+    questions: List[MTBenchQuestion] = []
+    for p in mt_files:
+        questions += load_mt_bench(p, limit=limit)
+    if len({q.question_id for q in questions}) != len(questions):
+        raise ValueError("MT-Bench question ids repeat across the question files")
+    subsets: List[str] = []
+    for s in samples:
+        if s.subset not in subsets:
+            subsets.append(s.subset)
+    return samples, questions, subsets
+
+
+def _check_baseline(baseline: PathLike, names: Sequence[str], samples: Sequence[_Sample]) -> _Baseline:
+    """The baseline resolved and checked against the evaluated prompts, so that
+    a bad one fails before any generation."""
+    base = _resolve_baseline(baseline, names)
+    if base.run is None:
+        ids = {s.id for s in samples}
+        if not ids & base.generations.keys():
+            raise ValueError(f"baseline {base.label}: none of its {len(base.generations)} ids is among the {len(ids)} "
+                             f"evaluated prompts (e.g. {next(iter(base.generations))!r} vs {samples[0].id!r})")
+        for s in samples:
+            known = base.contexts.get(s.id)
+            if known is not None and known != s.context_key:
+                raise ValueError(f"baseline {base.label}: id {s.id!r} has a different conversation than in the test data; "
+                                 "the baseline was generated on other data")
+    return base
+
+
+@dataclass(frozen=True)
+class _GenSettings:
+    """How every model is prompted and decoded (the same for all runs)."""
+
+    template: str
+    max_new_tokens: int
+    max_prompt_length: int
+    mt_bench_max_new_tokens: int
+    mt_bench_max_prompt_length: int
+    batch_size: int
+    device: str
+    dtype: str
+    trust_remote_code: bool
+    allow_pickle: bool
+    overwrite: bool
+    progress: bool
+
+
+def _generate_run(spec: str, name: str, gguf: Optional[str], tok_spec: Optional[str], out: Path, samples: Sequence[_Sample],
+                  questions: Sequence[MTBenchQuestion], gen: _GenSettings, metrics: Any
+                  ) -> Tuple[RunResult, Dict[str, Dict[str, Any]]]:
+    """Generate (or resume) one model's answers into ``out/name``: its
+    generations of every sample (returned by id) and its MT-Bench answers."""
+    run_dir = out / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    remove_stale_temporaries(run_dir)  # of writes a killed run did not finish (plan.json, samples)
+    hf_tok = _load_tokenizer(spec, tokenizer=tok_spec, gguf_file=gguf, trust_remote_code=gen.trust_remote_code)
+    tmpl = resolve_model_template(gen.template, spec, hf_tok)
+    plan = {"version": PLAN_VERSION, "model": spec, "fingerprint": weights_stat_fingerprint(spec, gguf), "tokenizer": tok_spec,
+            "template": tmpl, "max_new_tokens": gen.max_new_tokens, "max_prompt_length": gen.max_prompt_length,
+            "mt_bench_max_new_tokens": gen.mt_bench_max_new_tokens, "mt_bench_max_prompt_length": gen.mt_bench_max_prompt_length,
+            "dtype": gen.dtype, "decoding": "greedy", "cut": "pro-v1"}
+    _check_plan(run_dir, plan, gen.overwrite)
+    mt_path = out / "mt_bench" / "model_answer" / f"{name}.jsonl"
+    remove_stale_temporaries(mt_path.parent)
+    if gen.overwrite:
+        mt_path.unlink(missing_ok=True)
+    prompts = [render_prompt(s.context, tmpl, hf_tok) for s in samples]
+    gen_path = run_dir / GENERATIONS
+    existing = _read_resumable_jsonl(gen_path, "id", ("id", "prompt", "generation"))
+    by_id = {s.id: (i, s) for i, s in enumerate(samples)}
+    done: Dict[str, Dict[str, Any]] = {}
+    for rec in existing:
+        hit = by_id.get(str(rec["id"]))
+        if hit is None:
+            continue  # e.g. from a run with a larger limit: kept in the file, not used
+        i, s = hit
+        if rec["prompt"] != prompts[i]:
+            raise ValueError(f"{gen_path}: id {rec['id']!r} was generated for a different prompt than the data now renders; "
+                             "the data changed: pass overwrite (--overwrite) or use another output folder")
+        done[s.id] = rec
+    pending = [i for i, s in enumerate(samples) if s.id not in done]
+    mt_done = {r["question_id"] for r in _read_resumable_jsonl(mt_path, "question_id", ("question_id", "choices"))} if questions else set()
+    mt_pending = [q for q in questions if q.question_id not in mt_done]
+    result = RunResult(name=name, model=spec, gguf_file=gguf, template=tmpl, run_dir=run_dir,
+                       generations_path=gen_path if samples else None, reused=len(done))
+    if pending or mt_pending:
+        if done:
+            _log(f"{name}: resuming; {len(done)} of {len(samples)} generations already in {gen_path}")
+        lm, hf_tok = load_policy(spec, gguf_file=gguf, tokenizer=tok_spec, device=gen.device, dtype=gen.dtype,
+                                 trust_remote_code=gen.trust_remote_code, allow_pickle=gen.allow_pickle)
+        try:
+            if pending:
+                app = _Appender(gen_path)
+
+                def on_batch(idx: List[int], gens: List[str], raw: List[str]) -> None:
+                    recs = []
+                    for j, g, r in zip(idx, gens, raw):
+                        s = samples[pending[j]]
+                        rec = {"id": s.id, "subset": s.subset, "prompt": prompts[pending[j]], "generation": g,
+                               "raw_generation": r, "context": s.context}
+                        done[s.id] = rec
+                        recs.append(rec)
+                    app.write(recs)
+
+                try:
+                    generate(lm, hf_tok, [prompts[i] for i in pending], max_new_tokens=gen.max_new_tokens,
+                             max_prompt_length=gen.max_prompt_length, batch_size=gen.batch_size, progress=gen.progress,
+                             on_batch=on_batch, metrics=metrics, description=name)
+                finally:
+                    app.close()
+                result.generated = len(pending)
+            if questions:
+                write_mt_bench_answers(questions, mt_path, model=lm, tokenizer=hf_tok, model_id=name, template=tmpl,
+                                       max_new_tokens=gen.mt_bench_max_new_tokens, max_prompt_length=gen.mt_bench_max_prompt_length,
+                                       batch_size=gen.batch_size, progress=gen.progress, metrics=metrics)
+        finally:
+            del lm
+            gc.collect()
+            try:
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            except ImportError:  # pragma: no cover
+                pass
+    elif questions:  # all answered: re-sort only
+        write_mt_bench_answers(questions, mt_path, model=None, tokenizer=hf_tok, model_id=name, template=tmpl)
+    if questions:
+        result.mt_bench_path = mt_path
+        result.mt_bench_questions = len(questions)
+    return result, done
+
+
+def _score_runs(runs: Sequence[RunResult], run_records: Mapping[str, Mapping[str, Mapping[str, Any]]], samples: Sequence[_Sample],
+                subsets: Sequence[str], base: Optional[_Baseline], notes: List[str], *, reward_model: Any, reward_template: str,
+                reward_max_length: int, reward_batch_size: Optional[int], tie_margin: float, device: str,
+                trust_remote_code: bool, progress: bool, metrics: Any) -> Tuple[Dict[str, Any], str]:
+    """Score every run's generations (and the baseline's) with the reward
+    model, then each run's metrics and samples files; returns the reward
+    model's identity and the name it was given by."""
+    if isinstance(reward_model, str):
+        rm = load_reward_model(reward_model, template=reward_template, max_length=reward_max_length, device=device,
+                               trust_remote_code=trust_remote_code)
+        rm_spec = reward_model
+    else:
+        rm = reward_model
+        rm_spec = str(getattr(rm, "name", type(rm).__name__))
+    rm_id = rm_identity(rm)
+    if base is not None:
+        _reuse_baseline_scores(base, rm_id)
+    ctxs = [s.context for s in samples]
+    all_scores: Dict[str, np.ndarray] = {}
+    for r in runs:
+        gens = [run_records[r.name][s.id]["generation"] for s in samples]
+        all_scores[r.name] = score_responses(rm, ctxs, gens, batch_size=reward_batch_size, progress=progress, metrics=metrics,
+                                             description=f"{r.name}/reward")
+    base_gens: Dict[str, str] = {}
+    base_rewards: Dict[str, float] = {}
+    if base is not None:
+        base_gens, base_rewards = _baseline_rewards(base, samples, run_records, all_scores, rm, notes,
+                                                    batch_size=reward_batch_size, progress=progress, metrics=metrics)
+    for r in runs:
+        _score_run(r, samples, subsets, run_records[r.name], all_scores[r.name], base, base_gens, base_rewards,
+                   tie_margin=tie_margin, metrics=metrics)
+    del rm
+    gc.collect()
+    return rm_id, rm_spec
+
+
+def _baseline_rewards(base: _Baseline, samples: Sequence[_Sample], run_records: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                      all_scores: Mapping[str, np.ndarray], rm: Any, notes: List[str], *, batch_size: Optional[int],
+                      progress: bool, metrics: Any) -> Tuple[Dict[str, str], Dict[str, float]]:
+    """The baseline's generation and reward (0-100) per prompt id: one of this
+    evaluation's runs, or a stored baseline (scored now where its scores are
+    not reusable). Prompts the two do not share go into ``notes``."""
+    if base.run is not None:
+        base_gens = {s.id: run_records[base.run][s.id]["generation"] for s in samples}
+        return base_gens, dict(zip((s.id for s in samples), reward_100(all_scores[base.run]).tolist()))
+    by_id = {s.id: s for s in samples}
+    common = [s for s in samples if s.id in base.generations]
+    for s in common:
+        known = base.contexts.get(s.id)
+        if known is not None and known != s.context_key:
+            raise ValueError(f"baseline {base.label}: id {s.id!r} has a different conversation than in the test data; "
+                             "the baseline was generated on other data")
+    need = [s for s in common if s.id not in base.scores]
+    if need:
+        sc = score_responses(rm, [s.context for s in need], [base.generations[s.id] for s in need],
+                             batch_size=batch_size, progress=progress, metrics=metrics, description="baseline/reward")
+        base.scores.update(zip((s.id for s in need), sc.tolist()))
+    base_gens = {s.id: base.generations[s.id] for s in common}
+    base_rewards = {k: float(reward_100(np.array([base.scores[k]]))[0]) for k in base_gens}
+    extra = len(set(base.generations) - set(by_id))
+    missing = len(samples) - len(common)
+    if extra or missing:
+        notes.append(f"baseline {base.label}: compared on the {len(common)} prompts both have "
+                     f"({missing} evaluated prompts missing from the baseline, {extra} baseline prompts not evaluated)")
+        _log(notes[-1])
+    return base_gens, base_rewards
+
+
+def _score_run(r: RunResult, samples: Sequence[_Sample], subsets: Sequence[str], records: Mapping[str, Mapping[str, Any]],
+               scores: np.ndarray, base: Optional[_Baseline], base_gens: Mapping[str, str], base_rewards: Mapping[str, float],
+               *, tie_margin: float, metrics: Any) -> None:
+    """One run's BLEU and reward per subset and in total, its win/tie/lose
+    against the baseline, and its samples files (``r`` is filled in)."""
+    gens = [records[s.id]["generation"] for s in samples]
+    refs = [s.reference for s in samples]
+    rewards = reward_100(scores)
+    bleus = np.array([100.0 * pro_bleu(ref.strip(), g.strip()) for ref, g in zip(refs, gens)], dtype=np.float64)
+    for sub in subsets:
+        m = [i for i, s in enumerate(samples) if s.subset == sub]
+        r.subsets[sub] = SubsetScores(len(m), float(bleus[m].mean()), float(rewards[m].mean()),
+                                      sacre_bleu([gens[i] for i in m], [refs[i] for i in m]))
+    r.total = SubsetScores(len(samples), float(bleus.mean()), float(rewards.mean()), sacre_bleu(gens, refs))
+    outcome: List[Optional[str]] = [None] * len(samples)
+    b_rew: List[Optional[float]] = [None] * len(samples)
+    if base is not None and base.run != r.name:
+        mine = {s.id: float(x) for s, x in zip(samples, rewards)}
+        ident = [s.id for s, g in zip(samples, gens) if base_gens.get(s.id) == g]
+        r.win_tie_lose = win_tie_lose(mine, base_rewards, tie_margin=tie_margin, identical=ident, baseline=base.label)
+        if base.run is None:  # base_rewards holds the shared prompts only
+            r.win_tie_lose.only_in_baseline = len(set(base.generations) - set(mine))
+        ident_set = set(ident)
+        for i, s in enumerate(samples):
+            if s.id in base_rewards:
+                b_rew[i] = base_rewards[s.id]
+                d = mine[s.id] - base_rewards[s.id]
+                outcome[i] = "tie" if s.id in ident_set or abs(d) <= tie_margin else ("win" if d > 0 else "lose")
+    r.samples_path, r.samples_jsonl_path = _write_samples(
+        r.run_dir, samples, [records[s.id]["prompt"] for s in samples], gens, scores, rewards, bleus,
+        b_rew if base is not None else None, outcome if base is not None else None)
+    metrics.log(event="result", run=r.name, **{f"{k}_{m}": v for k, sc in
+                                                list(r.subsets.items()) + [("total", r.total)]
+                                                for m, v in sc.to_dict().items()})
 
 
 def _write_samples(run_dir: Optional[Path], samples: Sequence[_Sample], prompts: Sequence[str], gens: Sequence[str],

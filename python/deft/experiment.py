@@ -90,7 +90,9 @@ from deft.config import SCHEMA as TRAIN_SCHEMA
 from deft.config import validate as validate_train
 from deft.data import load, save
 from deft.errors import DeftError
-from deft.evaluate import generate, load_policy, reward_100, score_responses
+from deft.eval_metrics import reward_100, score_responses
+from deft.evaluate import load_policy
+from deft.generation import generate
 from deft.io import MetricsLog, atomic_path, locked_output, write_json_atomic, write_text_atomic
 from deft.render import RM_TEMPLATES, render_hh, render_prompt, resolve_template
 from deft.score import load_reward_model
