@@ -309,7 +309,7 @@ def test_omega_share_is_reused_on_resume(assets, tmp_path, monkeypatch):
 
     def crash_after_step_2(*a, **k):
         path = real_save(*a, **k)
-        if a[2] == 2:
+        if a[2].global_step == 2:  # (job, engine, state)
             raise KeyboardInterrupt("killed")
         return path
 

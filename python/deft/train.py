@@ -51,6 +51,14 @@ Pipeline
    the first step (:func:`_calibrate_omega`) and kept in every checkpoint, so
    a resumed run uses the same value. DPO/IPO add ``method.sft_weight`` x the
    length-normalised NLL of the preferred response (RPO-style; 0 by default).
+
+Code, in reading order: data (:func:`prepare_data`), forward and loss
+assembly (:func:`compute_loss` over :mod:`deft.losses`), processes, RNG and
+checkpoint folders, then the trainer: :func:`_train` is the whole recipe on
+one screen (setup -> a loop of :func:`step`, one optimizer step returning its
+metrics row -> final save) over :class:`Schedule` (data order),
+:class:`Engine` (model and optimizer, DeepSpeed or plain), :class:`Job`
+(what a run holds fixed) and :class:`TrainState` (what a checkpoint records).
 """
 
 from __future__ import annotations
@@ -483,15 +491,15 @@ def share_metrics(g: Mapping[str, float], omega: float) -> Dict[str, float]:
     return {"rdis_grad_share": share, "rdis_grad_cosine": cos, "grad_norm_L_m": nm, "grad_norm_R_dis": nr}
 
 
-def _diagnose(cfg, method, module, batch, device, autocast_dtype, q_diff, ref, params) -> Dict[str, float]:
+def _diagnose(job: "Job", eng: "Engine", batch, ref) -> Dict[str, float]:
     """Gradient norms of L_m and R_dis on one micro-batch, without touching
     the training state (gradients, RNG)."""
-    devices = [device] if device.type == "cuda" else []
+    devices = [eng.device] if eng.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         # through the module, not a DeepSpeed engine: the engine's forward hooks expect engine.backward
-        out = _forward(module, batch, device, autocast_dtype, need_hidden=True)
-        lm, r_dis, _ = loss_terms(cfg, method, module, out, batch, device, q_diff, ref)
-        return grad_terms(lm, r_dis, params)
+        out = _forward(eng.module, batch, eng.device, eng.autocast_dtype, need_hidden=True)
+        lm, r_dis, _ = loss_terms(job.cfg, job.method, eng.module, out, batch, eng.device, job.q_diff, ref)
+        return grad_terms(lm, r_dis, eng.params)
 
 
 # ---------------------------------------------------------------------------
@@ -602,7 +610,8 @@ def _prune_checkpoints(output_dir: Path, keep: int) -> None:
 
 
 # ---------------------------------------------------------------------------
-# the trainer
+# the trainer: train() sets up the processes, _train() is the recipe (setup ->
+# loop of step() calls -> final save), read top to bottom.
 
 
 @dataclass
@@ -617,6 +626,127 @@ class TrainResult:
     resumed_from: Optional[int] = None
 
 
+@dataclass
+class Schedule:
+    """How ``n`` samples become optimizer steps: each step takes
+    ``accumulation`` micro-batches of ``micro_batch_size`` samples on each of
+    ``world`` ranks (``group`` samples in all)."""
+
+    n: int
+    micro_batch_size: int
+    accumulation: int
+    world: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    @classmethod
+    def of(cls, t: Mapping[str, Any], n: int, world: int) -> "Schedule":
+        mbs, gas = t["micro_batch_size"], t["gradient_accumulation_steps"]
+        steps_per_epoch = math.ceil(n / (mbs * world * gas))
+        total = t["max_steps"] if t["max_steps"] is not None else steps_per_epoch * t["epochs"]
+        warmup = t["warmup_steps"] if t["warmup_steps"] is not None else int(math.ceil(t["warmup_ratio"] * total))
+        return cls(n, mbs, gas, world, steps_per_epoch, total, warmup)
+
+    @property
+    def group(self) -> int:
+        return self.micro_batch_size * self.world * self.accumulation
+
+    def micro_batches(self, seed: int, epoch: int) -> List[np.ndarray]:
+        """Epoch ``epoch``'s micro-batches, each the sample indices of every
+        rank (rank ``r`` takes slot ``r``): ``steps_per_epoch x accumulation`` of them."""
+        order = epoch_order(self.n, seed, epoch, self.group)
+        size = self.micro_batch_size * self.world
+        return [order[i: i + size] for i in range(0, len(order), size)]
+
+
+@dataclass
+class Engine:
+    """The model and what updates it: a DeepSpeed engine, or a plain PyTorch
+    optimizer and scheduler."""
+
+    model: Any  # the Hugging Face model as loaded
+    module: Any  # the model the losses read (the engine's module under DeepSpeed)
+    runner: Any  # what the training forward pass runs through (the DeepSpeed engine, or the model)
+    ds: Any  # the DeepSpeed engine, or None
+    optimizer: Any
+    scheduler: Any
+    device: torch.device
+    autocast_dtype: Optional[torch.dtype]
+    params: List[Any]  # the trained parameters
+    accumulation: int
+    max_grad_norm: float
+    hf_ds_config: Any = None  # kept alive under ZeRO-3: from_pretrained and save read it through a weak reference
+
+    @property
+    def zero3(self) -> bool:
+        return self.ds is not None and self.ds.zero_optimization_stage() == 3
+
+    def backward(self, loss, boundary: bool):
+        """Backward of one micro-batch; at an accumulation ``boundary`` also
+        clip, update and schedule. Returns the gradient norm before clipping
+        at a boundary, else ``None``."""
+        if self.ds is not None:
+            self.ds.backward(loss)
+            manual = None
+            if boundary and self.ds.zero_optimization_stage() == 0:  # ZeRO-0 does not report its norm: take it before clipping
+                grads = [p.grad.detach().float().norm(2) for p in self.params if p.grad is not None]
+                manual = torch.stack(grads).norm(2) if grads else None
+            self.ds.step()
+            gn = self.ds.get_global_grad_norm() if boundary else None
+            return manual if gn is None else gn
+        (loss / self.accumulation).backward()
+        if not boundary:
+            return None
+        gn = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm if self.max_grad_norm > 0 else float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return gn
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0] if self.scheduler is not None else self.optimizer.param_groups[0]["lr"])
+
+
+@dataclass
+class Job:
+    """What stays fixed during a run: config, processes, data, distribution,
+    reference log-probs."""
+
+    cfg: Dict[str, Any]
+    method: str
+    out_dir: Path
+    d: Dist
+    prep: Prepared
+    sched: Schedule
+    model_fp: str
+    q_diff: Optional[Any]  # torch tensor on the training device, or None
+    ref_all: Optional[Any] = None  # (N, 2) reference log-probs (DPO/IPO)
+    diagnose: bool = False  # measure the R_dis gradient share (deft.diagnose_every)
+
+    def batch(self, gidx: np.ndarray):
+        """This rank's slice of a micro-batch: the collated batch and its reference log-probs."""
+        mbs = self.sched.micro_batch_size
+        idx = gidx[self.d.rank * mbs:(self.d.rank + 1) * mbs]
+        ref = self.ref_all[torch.as_tensor(idx)] if self.ref_all is not None else None
+        return collate([self.prep.examples[i] for i in idx], self.prep.pad_token_id), ref
+
+    def diagnose_at(self, step: int) -> bool:
+        every = self.cfg["deft"]["diagnose_every"]
+        return self.diagnose and (step == 0 or (every > 0 and step % every == 0))
+
+
+@dataclass
+class TrainState:
+    """What the loop advances and a checkpoint records (with the weights, the
+    optimizer and every rank's RNG)."""
+
+    global_step: int = 0
+    epoch: int = 0
+    omega: Dict[str, Any] = field(default_factory=dict)  # value and source (deft.omega, calibrated, checkpoint)
+    resumed_from: Optional[int] = None
+
+
 def _git_commit() -> Optional[str]:
     try:
         r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -624,6 +754,164 @@ def _git_commit() -> Optional[str]:
         return r.stdout.strip() or None if r.returncode == 0 else None
     except Exception:  # noqa: BLE001
         return None
+
+
+@locked_output("train", lambda a: a["cfg"]["train"]["output_dir"], when=lambda a: int(os.environ.get("RANK", "0")) == 0)
+def train(cfg: Mapping[str, Any], *, resume: bool = False) -> TrainResult:
+    """Run a training job described by a validated config (see :mod:`deft.config`)."""
+    cfg = copy.deepcopy(dict(cfg))
+    cfg["method"]["sft_weight"] = sft_weight(cfg["method"])  # the effective weight (null: the method's default)
+    t = cfg["train"]
+    use_ds = t["deepspeed"] is not None
+    cuda = torch.cuda.is_available() and t["device"] != "cpu"
+    if use_ds and not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    d = _setup_dist(use_ds, cuda)
+    try:
+        return _train(cfg, resume, d, use_ds, cuda)
+    finally:
+        _teardown_dist(d)
+
+
+def _train(cfg: Dict[str, Any], resume: bool, d: Dist, use_ds: bool, cuda: bool) -> TrainResult:
+    t, method, out_dir = cfg["train"], cfg["method"]["name"], Path(cfg["train"]["output_dir"])
+    # ----- setup: device, output folder, data, model and optimizer, reference log-probs
+    device, bf16 = _device_and_precision(t, cuda, d)
+    resume = _claim_output_dir(out_dir, resume, d)
+    _seed_all(t["seed"])
+    prep = prepare_data(cfg)
+    sched = Schedule.of(t, len(prep.examples), d.world)
+    _log(f"{sched.n} samples (levels {','.join(cfg['data']['levels'])}), method {method}, DEFT {'on' if prep.q_diff is not None else 'off'}, "
+         f"template {prep.template}; {sched.steps_per_epoch} steps/epoch, {sched.total_steps} steps, world {d.world}")
+    model_fp = _model_fingerprint(cfg)
+    eng = _build_engine(cfg, prep, sched, d, device, bf16, use_ds)
+    q_diff = torch.from_numpy(prep.q_diff).to(device) if prep.q_diff is not None else None
+    job = Job(cfg, method, out_dir, d, prep, sched, model_fp, q_diff)
+    ref_path, ref_hit = None, False
+    if method in PAIRWISE:
+        job.ref_all, ref_path, ref_hit = _reference_logps(job, eng, bf16)
+
+    # ----- resume, then omega (as configured, or calibrated to a gradient share)
+    state = _resume(job, eng) if resume else TrainState()
+    # Whenever the run (re)starts at global_step, metric lines of later steps are stale: those an
+    # interrupted run logged after its checkpoint, or all of them when it starts over.
+    _trim_metrics(out_dir / "metrics.jsonl", state.global_step)
+    if d.rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    state.omega = _choose_omega(job, eng, state)
+
+    # ----- loop: one step() per optimizer step, a checkpoint every train.save_steps
+    metrics_log = MetricsLog(out_dir / "metrics.jsonl" if d.rank == 0 else None)
+    tb = _tensorboard(out_dir, state.global_step) if t["tensorboard"] and d.rank == 0 else None
+    bar = None
+    if t["progress"] and d.rank == 0:
+        bar = tqdm.auto.tqdm(total=sched.total_steps, initial=state.global_step, desc=f"{method}{'+deft' if q_diff is not None else ''}",
+                             unit="step", dynamic_ncols=True)
+    last: Dict[str, float] = {}
+    eng.runner.train()
+    while state.global_step < sched.total_steps:
+        state.epoch = state.global_step // sched.steps_per_epoch
+        micro = sched.micro_batches(t["seed"], state.epoch)
+        for first in range((state.global_step % sched.steps_per_epoch) * sched.accumulation, len(micro), sched.accumulation):
+            last = step(job, eng, state, micro, first)
+            metrics_log.log(**last)
+            if tb is not None:
+                for k, v in last.items():
+                    if k != "step" and v is not None:
+                        tb.add_scalar(k if "/" in k else f"train/{k}", v, state.global_step)
+                tb.flush()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
+            if t["save_steps"] > 0 and state.global_step % t["save_steps"] == 0 and state.global_step < sched.total_steps:
+                _save_checkpoint(job, eng, state)
+            if state.global_step >= sched.total_steps:
+                break
+    if bar is not None:
+        bar.close()
+    if tb is not None:
+        tb.close()
+
+    # ----- final model and manifest
+    model_dir = _save_final(job, eng, state, ref_path)
+    return TrainResult(out_dir, model_dir, state.global_step, sched.total_steps, last, ref_path, ref_hit, state.resumed_from)
+
+
+def step(job: Job, eng: Engine, state: TrainState, micro: Sequence[np.ndarray], first: int) -> Dict[str, Any]:
+    """One optimizer step over the micro-batches ``micro[first:first +
+    accumulation]``: forward, loss, backward, then the update. Advances
+    ``state.global_step`` and returns the step's metrics row (averaged over the
+    micro-batches and, with several ranks, over the ranks)."""
+    cfg, d, gas = job.cfg, job.d, job.sched.accumulation
+    acc: Dict[str, List[float]] = {}
+    diag: Dict[str, float] = {}
+    tokens, gn = 0, None
+    t0 = time.perf_counter()
+    for mi in range(first, first + gas):
+        batch, ref = job.batch(micro[mi])
+        if mi == first and job.diagnose_at(state.global_step):  # measured before this step's update
+            diag = share_metrics(_diagnose(job, eng, batch, ref), cfg["deft"]["omega"])
+            if state.global_step == 0 and d.rank == 0 and diag["rdis_grad_share"] < LOW_SHARE:
+                _log(f"warning: at step 0 the R_dis gradient is {diag['rdis_grad_share']:.2e} of the L_m gradient "
+                     f"(omega {cfg['deft']['omega']:.3g}): below {LOW_SHARE:g}, the distribution reward cannot change the "
+                     f"model at this omega; raise deft.omega or set deft.omega_share (e.g. 0.1)")
+        out = _forward(eng.runner, batch, eng.device, eng.autocast_dtype, job.q_diff is not None)
+        loss, mets = compute_loss(cfg, job.method, eng.module, out, batch, eng.device, job.q_diff, ref)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {float(loss)} at step {state.global_step + 1} (micro-batch {mi})")
+        tokens += batch["tokens"]
+        for k, v in mets.items():
+            acc.setdefault(k, []).append(v)
+        gn = eng.backward(loss, boundary=mi == first + gas - 1)
+    state.global_step += 1
+    dt = time.perf_counter() - t0
+    row: Dict[str, Any] = {k: float(np.mean(v)) for k, v in acc.items()}
+    row.update(diag)
+    if d.world > 1:
+        row = _mean_across(row, d)
+    row.update({"step": state.global_step, "epoch": state.epoch + (first + gas) / len(micro),
+                "lr": eng.lr(), "tokens_per_s": tokens * d.world / max(dt, 1e-9), "step_seconds": dt,
+                "grad_norm": float(gn) if gn is not None else None})
+    return row
+
+
+# ----- setup
+
+
+def _device_and_precision(t: Mapping[str, Any], cuda: bool, d: Dist) -> Tuple[torch.device, bool]:
+    """The training device and whether to train in bf16."""
+    if t["device"] not in ("auto", "cpu") and not t["device"].startswith("cuda"):
+        raise ValueError(f"train.device: expected auto, cpu, cuda or cuda:N, got {t['device']!r}")
+    if cuda:
+        device = torch.device(t["device"]) if t["device"].startswith("cuda:") else torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    bf16 = (t["precision"] == "bf16") or (t["precision"] == "auto" and cuda)
+    if bf16 and not cuda:
+        raise ValueError("train.precision bf16 needs CUDA here; use fp32 (or auto) on CPU")
+    return device, bf16
+
+
+def _claim_output_dir(out_dir: Path, resume: bool, d: Dist) -> bool:
+    """Refuse to clobber a run; clear what a killed run left half-written.
+    Returns whether to resume (also when the previous run died publishing its
+    final model)."""
+    existing = list_checkpoints(out_dir)
+    if not resume and interrupted_publication(out_dir / "manifest.json"):
+        # the run finished but died publishing model/ and manifest.json: the same command completes it
+        _log(f"{out_dir}: the final save of the previous run was interrupted; continuing from its newest checkpoint")
+        resume = True
+    if not resume and (existing or (out_dir / "model").exists()):  # every rank sees the same (shared) folder
+        raise FileExistsError(f"{out_dir} already holds a run (checkpoints or model); pass --resume to continue it or choose another train.output_dir")
+    if d.rank == 0:
+        if (out_dir / CHECKPOINTS).is_dir():
+            for p in (out_dir / CHECKPOINTS).iterdir():
+                if p.name.startswith(".tmp-"):
+                    shutil.rmtree(p, ignore_errors=True)  # a checkpoint a killed run did not finish
+        remove_stale_temporaries(out_dir)  # e.g. manifest.json or metrics.jsonl writes a kill cut short
+    _barrier(d)
+    return resume
 
 
 def _load_model(cfg: Mapping[str, Any]):
@@ -676,92 +964,28 @@ def _zero_stage(ds: Mapping[str, Any]) -> int:
     return int((ds.get("zero_optimization") or {}).get("stage", 0))
 
 
-@locked_output("train", lambda a: a["cfg"]["train"]["output_dir"], when=lambda a: int(os.environ.get("RANK", "0")) == 0)
-def train(cfg: Mapping[str, Any], *, resume: bool = False) -> TrainResult:
-    """Run a training job described by a validated config (see :mod:`deft.config`)."""
-    cfg = copy.deepcopy(dict(cfg))
-    cfg["method"]["sft_weight"] = sft_weight(cfg["method"])  # the effective weight (null: the method's default)
+def _build_engine(cfg: Mapping[str, Any], prep: Prepared, sched: Schedule, d: Dist, device: torch.device, bf16: bool,
+                  use_ds: bool) -> Engine:
+    """Load the policy and wrap it: a DeepSpeed engine (``train.deepspeed``)
+    or the model with a torch AdamW and the LR schedule."""
     t = cfg["train"]
-    method = cfg["method"]["name"]
-    out_dir = Path(t["output_dir"])
-    use_ds = t["deepspeed"] is not None
-    cuda = torch.cuda.is_available() and t["device"] != "cpu"
-    if use_ds and not cuda:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    d = _setup_dist(use_ds, cuda)
-    try:
-        return _train(cfg, resume, d, use_ds, cuda, out_dir, method)
-    finally:
-        _teardown_dist(d)
-
-
-def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method: str) -> TrainResult:
-    t = cfg["train"]
-    if t["device"] not in ("auto", "cpu") and not t["device"].startswith("cuda"):
-        raise ValueError(f"train.device: expected auto, cpu, cuda or cuda:N, got {t['device']!r}")
-    if cuda:
-        device = torch.device(t["device"]) if t["device"].startswith("cuda:") else torch.device("cuda", d.local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    prec = t["precision"]
-    bf16 = (prec == "bf16") or (prec == "auto" and cuda)
-    if bf16 and not cuda:
-        raise ValueError("train.precision bf16 needs CUDA here; use fp32 (or auto) on CPU")
-
-    # refuse to clobber a run
-    existing = list_checkpoints(out_dir)
-
-    if not resume and interrupted_publication(out_dir / "manifest.json"):
-        # the run finished but died publishing model/ and manifest.json: the same command completes it
-        _log(f"{out_dir}: the final save of the previous run was interrupted; continuing from its newest checkpoint")
-        resume = True
-    if not resume and (existing or (out_dir / "model").exists()):  # every rank sees the same (shared) folder
-        raise FileExistsError(f"{out_dir} already holds a run (checkpoints or model); pass --resume to continue it or choose another train.output_dir")
-    if d.rank == 0:
-        if (out_dir / CHECKPOINTS).is_dir():
-            for p in (out_dir / CHECKPOINTS).iterdir():
-                if p.name.startswith(".tmp-"):
-                    shutil.rmtree(p, ignore_errors=True)  # a checkpoint a killed run did not finish
-
-        remove_stale_temporaries(out_dir)  # e.g. manifest.json or metrics.jsonl writes a kill cut short
-    _barrier(d)
-
-    _seed_all(t["seed"])
-    prep = prepare_data(cfg)
-    examples = prep.examples
-    n = len(examples)
-    mbs, gas = t["micro_batch_size"], t["gradient_accumulation_steps"]
-    group = mbs * d.world * gas
-    steps_per_epoch = math.ceil(n / group)
-    if t["max_steps"] is not None:
-        total_steps = t["max_steps"]
-    else:
-        total_steps = steps_per_epoch * t["epochs"]
-    warmup = t["warmup_steps"] if t["warmup_steps"] is not None else int(math.ceil(t["warmup_ratio"] * total_steps))
-    _log(f"{n} samples (levels {','.join(cfg['data']['levels'])}), method {method}, DEFT {'on' if prep.q_diff is not None else 'off'}, "
-         f"template {prep.template}; {steps_per_epoch} steps/epoch, {total_steps} steps, world {d.world}")
-    model_fp = _model_fingerprint(cfg)
-
-    # ----- model, optimizer, engine
     ds_cfg = _ds_config(cfg, d.world, bf16) if use_ds else None
     hf_ds = None
     if ds_cfg is not None and _zero_stage(ds_cfg) == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
-        hf_ds = HfDeepSpeedConfig(ds_cfg)  # noqa: F841 - keep alive: from_pretrained partitions under zero.Init
+        hf_ds = HfDeepSpeedConfig(ds_cfg)  # from_pretrained partitions under zero.Init while this lives
     model = _load_model(cfg)
     head = model.get_output_embeddings()
     if prep.q_diff is not None and head is not None:
         rows = getattr(head.weight, "ds_shape", head.weight.shape)[0]
         if len(prep.q_diff) > rows:
             raise ValueError(f"distribution has {len(prep.q_diff)} entries but the model's lm_head has {rows} rows")
-    sched_fn = lr_lambda(total_steps, warmup, t["scheduler"])
+    sched_fn = lr_lambda(sched.total_steps, sched.warmup_steps, t["scheduler"])
 
     def make_opt(params):
         return torch.optim.AdamW(params, lr=t["lr"], betas=tuple(t["adam_betas"]), eps=t["adam_eps"], weight_decay=t["weight_decay"])
 
-    engine = None
     if use_ds:
         import deepspeed
 
@@ -771,193 +995,110 @@ def _train(cfg, resume, d: Dist, use_ds: bool, cuda: bool, out_dir: Path, method
             model=model, optimizer=client_opt, model_parameters=params, config=ds_cfg,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched_fn),
         )
-        module = engine.module
-        runner = engine
-        autocast_dtype = None
+        module, runner, autocast_dtype = engine.module, engine, None
     else:
         model.to(device)
         optimizer = make_opt([p for p in model.parameters() if p.requires_grad])
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, sched_fn)
-        module = runner = model
+        engine, module, runner = None, model, model
         autocast_dtype = torch.bfloat16 if bf16 else None
-    q_diff = torch.from_numpy(prep.q_diff).to(device) if prep.q_diff is not None else None
+    return Engine(model, module, runner, engine, optimizer, scheduler, device, autocast_dtype,
+                  [p for p in module.parameters() if p.requires_grad], sched.accumulation, float(t["max_grad_norm"]), hf_ds)
 
-    # ----- reference log-probs
-    ref_all = None
-    ref_path, ref_hit = None, False
-    if method in PAIRWISE:
-        ref_all, ref_path, ref_hit = _reference_logps(cfg, prep, runner, device, autocast_dtype, d, model_fp, bf16)
 
-    # ----- resume
-    global_step, resumed_from = 0, None
-    restored_omega: Optional[Dict[str, Any]] = None
-    if resume:
-        cks = list_checkpoints(out_dir)
-        if cks:
-            step, ck = cks[-1]
-            state = _load_checkpoint_file(ck / "trainer_state.json", lambda f: json.loads(f.read_text(encoding="utf-8")))
-            if state["data_hash"] != prep.data_hash:
-                raise ValueError(f"cannot resume from {ck}: the training data differ (tokenised data hash changed)")
-            if state["model_fingerprint"] != model_fp:
-                raise ValueError(f"cannot resume from {ck}: the initial model differs")
-            if state["world_size"] * state["micro_batch_size"] * state["gradient_accumulation_steps"] != group:
-                raise ValueError(f"cannot resume from {ck}: global batch {state['world_size']}x{state['micro_batch_size']}x"
-                                 f"{state['gradient_accumulation_steps']} differs from {d.world}x{mbs}x{gas}")
-            if engine is not None:
-                path, _ = _load_checkpoint_file(ck / "ds", lambda f: engine.load_checkpoint(
-                    str(ck), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True))
-                if path is None:
-                    raise ValueError(f"cannot resume: DeepSpeed could not load {ck}")
-            else:
-                _load_checkpoint_file(ck / "model.safetensors", lambda f: model.load_state_dict(load_file(str(f)), strict=True))
-                # weights_only: no arbitrary unpickling (a foreign pickle is refused, as a CheckpointError)
-                other = _load_checkpoint_file(ck / "optimizer.pt", lambda f: torch.load(f, map_location=device, weights_only=True))
-                _load_checkpoint_file(ck / "optimizer.pt", lambda f: (optimizer.load_state_dict(other["optimizer"]),
-                                                                       scheduler.load_state_dict(other["scheduler"])))
-            rng_file = ck / f"rng_rank{d.rank}.pt"
-            if rng_file.exists():
-                _load_checkpoint_file(rng_file, lambda f: _set_rng_state(torch.load(f, weights_only=True)))
-            global_step = resumed_from = step
-            restored_omega = state.get("omega")
-            _log(f"resumed from {ck} (step {step})")
-        else:
-            _log("--resume: no checkpoint yet; starting from the beginning")
-    # Whenever the run (re)starts at global_step, metric lines of later steps are
-    # stale: those an interrupted run logged after its checkpoint, or all of them
-    # when it starts over (killed before its first checkpoint).
-    _trim_metrics(out_dir / "metrics.jsonl", global_step)
-    if d.rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
+def _resume(job: Job, eng: Engine) -> TrainState:
+    """The state of the newest checkpoint, loaded into ``eng`` (weights,
+    optimizer, scheduler, this rank's RNG); a fresh state when there is none."""
+    cks = list_checkpoints(job.out_dir)
+    if not cks:
+        _log("--resume: no checkpoint yet; starting from the beginning")
+        return TrainState()
+    step, ck = cks[-1]
+    state = _load_checkpoint_file(ck / "trainer_state.json", lambda f: json.loads(f.read_text(encoding="utf-8")))
+    if state["data_hash"] != job.prep.data_hash:
+        raise ValueError(f"cannot resume from {ck}: the training data differ (tokenised data hash changed)")
+    if state["model_fingerprint"] != job.model_fp:
+        raise ValueError(f"cannot resume from {ck}: the initial model differs")
+    s, d = job.sched, job.d
+    if state["world_size"] * state["micro_batch_size"] * state["gradient_accumulation_steps"] != s.group:
+        raise ValueError(f"cannot resume from {ck}: global batch {state['world_size']}x{state['micro_batch_size']}x"
+                         f"{state['gradient_accumulation_steps']} differs from {d.world}x{s.micro_batch_size}x{s.accumulation}")
+    if eng.ds is not None:
+        path, _ = _load_checkpoint_file(ck / "ds", lambda f: eng.ds.load_checkpoint(
+            str(ck), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True))
+        if path is None:
+            raise ValueError(f"cannot resume: DeepSpeed could not load {ck}")
+    else:
+        _load_checkpoint_file(ck / "model.safetensors", lambda f: eng.model.load_state_dict(load_file(str(f)), strict=True))
+        # weights_only: no arbitrary unpickling (a foreign pickle is refused, as a CheckpointError)
+        other = _load_checkpoint_file(ck / "optimizer.pt", lambda f: torch.load(f, map_location=eng.device, weights_only=True))
+        _load_checkpoint_file(ck / "optimizer.pt", lambda f: (eng.optimizer.load_state_dict(other["optimizer"]),
+                                                               eng.scheduler.load_state_dict(other["scheduler"])))
+    rng_file = ck / f"rng_rank{d.rank}.pt"
+    if rng_file.exists():
+        _load_checkpoint_file(rng_file, lambda f: _set_rng_state(torch.load(f, weights_only=True)))
+    _log(f"resumed from {ck} (step {step})")
+    return TrainState(global_step=step, omega=dict(state.get("omega") or {}), resumed_from=step)
 
-    # ----- omega: as configured, or calibrated to a gradient share (deft.omega_share)
-    params_for_norm = [p for p in module.parameters() if p.requires_grad]
-    zero3 = engine is not None and engine.zero_optimization_stage() == 3
-    diagnose = q_diff is not None and not zero3
+
+def _choose_omega(job: Job, eng: Engine, state: TrainState) -> Dict[str, Any]:
+    """omega as configured (``deft.omega``), or calibrated to
+    ``deft.omega_share`` on the initial weights (and then kept in every
+    checkpoint: a resumed run reuses it). Sets ``cfg["deft"]["omega"]`` and
+    whether the loop measures the gradient share (``job.diagnose``)."""
+    q_diff, deft_cfg = job.q_diff, job.cfg["deft"]
+    restored = state.omega or None  # what the checkpoint recorded (None: starting afresh, or an old checkpoint)
+    zero3 = eng.zero3
+    job.diagnose = q_diff is not None and not zero3
     if q_diff is not None and zero3:
         _log("warning: rdis_grad_share is not measured under ZeRO-3 (the parameters are partitioned)")
-    omega_info: Dict[str, Any] = {"value": cfg["deft"]["omega"], "source": "deft.omega"}
-    runner.train()  # measured in the mode it trains in (dropout)
-    if q_diff is not None and cfg["deft"]["omega_share"] is not None:
+    omega_info: Dict[str, Any] = {"value": deft_cfg["omega"], "source": "deft.omega"}
+    eng.runner.train()  # measured in the mode it trains in (dropout)
+    if q_diff is not None and deft_cfg["omega_share"] is not None:
         if zero3:
             raise ValueError("deft.omega_share needs the gradient of each term, which ZeRO-3 partitions; set deft.omega instead")
-        if restored_omega is not None and restored_omega.get("omega_share") == cfg["deft"]["omega_share"]:
-            omega_info = dict(restored_omega, source="checkpoint")
-            _log(f"omega {omega_info['value']:.4g} (calibrated to share {cfg['deft']['omega_share']:g}; from the checkpoint)")
-        elif global_step > 0:  # calibrating now would measure the trained weights, not the initial ones
-            had = restored_omega.get("omega_share") if restored_omega else None
-            raise ValueError(f"cannot resume with deft.omega_share {cfg['deft']['omega_share']:g}: the checkpoint at step {global_step} "
+        if restored is not None and restored.get("omega_share") == deft_cfg["omega_share"]:
+            omega_info = dict(restored, source="checkpoint")
+            _log(f"omega {omega_info['value']:.4g} (calibrated to share {deft_cfg['omega_share']:g}; from the checkpoint)")
+        elif state.global_step > 0:  # calibrating now would measure the trained weights, not the initial ones
+            had = restored.get("omega_share") if restored else None
+            raise ValueError(f"cannot resume with deft.omega_share {deft_cfg['omega_share']:g}: the checkpoint at step {state.global_step} "
                              f"was trained with {'omega_share ' + format(had, 'g') if had is not None else 'a fixed omega'}; "
                              f"use the same setting or start a new run")
         else:
-            omega_info = _calibrate_omega(cfg, method, runner, module, examples, prep, device, autocast_dtype, q_diff, ref_all,
-                                          params_for_norm, d, steps_per_epoch * group)
-        cfg["deft"]["omega"] = float(omega_info["value"])
-    if diagnose and cfg["deft"]["omega"] == 0.0:
-        diagnose = False  # R_dis is off (the -R_dis ablation): its share is 0 by construction
+            omega_info = _calibrate_omega(job, eng)
+        deft_cfg["omega"] = float(omega_info["value"])
+    if job.diagnose and deft_cfg["omega"] == 0.0:
+        job.diagnose = False  # R_dis is off (the -R_dis ablation): its share is 0 by construction
+    return omega_info
 
-    metrics_log = MetricsLog(out_dir / "metrics.jsonl" if d.rank == 0 else None)
-    tb = _tensorboard(out_dir, global_step) if t["tensorboard"] and d.rank == 0 else None
 
-    # ----- loop
-    bar = None
-    if t["progress"] and d.rank == 0:
-        bar = tqdm.auto.tqdm(total=total_steps, initial=global_step, desc=f"{method}{'+deft' if q_diff is not None else ''}", unit="step", dynamic_ncols=True)
-    need_hidden = q_diff is not None
-    last: Dict[str, float] = {}
-    every = cfg["deft"]["diagnose_every"]
-    diag: Dict[str, float] = {}
-    start_epoch = global_step // steps_per_epoch
-    skip_micro = (global_step % steps_per_epoch) * gas
-    runner.train()
-    done = global_step >= total_steps
-    epoch = start_epoch
-    while not done:
-        order = epoch_order(n, t["seed"], epoch, group)
-        micro_batches = [order[i: i + mbs * d.world] for i in range(0, len(order), mbs * d.world)]
-        acc: Dict[str, List[float]] = {}
-        tokens = 0
-        t0 = time.perf_counter()
-        for mi, gidx in enumerate(micro_batches):
-            if mi < skip_micro:
-                continue
-            idx = gidx[d.rank * mbs:(d.rank + 1) * mbs]
-            batch = collate([examples[i] for i in idx], prep.pad_token_id)
-            ref = ref_all[torch.as_tensor(idx)] if ref_all is not None else None
-            if diagnose and mi % gas == 0 and (global_step == 0 or (every > 0 and global_step % every == 0)):
-                diag = share_metrics(_diagnose(cfg, method, module, batch, device, autocast_dtype, q_diff, ref,
-                                               params_for_norm), cfg["deft"]["omega"])
-                if global_step == 0 and d.rank == 0 and diag["rdis_grad_share"] < LOW_SHARE:
-                    _log(f"warning: at step 0 the R_dis gradient is {diag['rdis_grad_share']:.2e} of the L_m gradient "
-                         f"(omega {cfg['deft']['omega']:.3g}): below {LOW_SHARE:g}, the distribution reward cannot change the "
-                         f"model at this omega; raise deft.omega or set deft.omega_share (e.g. 0.1)")
-            out = _forward(runner, batch, device, autocast_dtype, need_hidden)
-            loss, mets = compute_loss(cfg, method, module, out, batch, device, q_diff, ref)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {float(loss)} at step {global_step + 1} (micro-batch {mi})")
-            tokens += batch["tokens"]
-            for k, v in mets.items():
-                acc.setdefault(k, []).append(v)
-            boundary = (mi + 1) % gas == 0
-            if engine is not None:
-                engine.backward(loss)
-                manual = None
-                if boundary and engine.zero_optimization_stage() == 0:  # ZeRO-0 does not report its norm: take it before clipping
-                    grads = [p.grad.detach().float().norm(2) for p in params_for_norm if p.grad is not None]
-                    manual = torch.stack(grads).norm(2) if grads else None
-                engine.step()
-                gn = (engine.get_global_grad_norm() if boundary else None)
-                gn = manual if gn is None else gn
-            else:
-                (loss / gas).backward()
-                gn = None
-                if boundary:
-                    max_norm = t["max_grad_norm"] if t["max_grad_norm"] > 0 else float("inf")
-                    gn = torch.nn.utils.clip_grad_norm_(params_for_norm, max_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-            if not boundary:
-                continue
-            global_step += 1
-            dt = time.perf_counter() - t0
-            row = {k: float(np.mean(v)) for k, v in acc.items()}
-            row.update(diag)  # measured on this step's first micro-batch, before its update
-            diag = {}
-            if d.world > 1:
-                row = _mean_across(row, d)
-                tokens_all = tokens * d.world
-            else:
-                tokens_all = tokens
-            lr = scheduler.get_last_lr()[0] if scheduler is not None else optimizer.param_groups[0]["lr"]
-            row.update({"step": global_step, "epoch": epoch + (mi + 1) / len(micro_batches), "lr": float(lr),
-                        "tokens_per_s": tokens_all / max(dt, 1e-9), "step_seconds": dt,
-                        "grad_norm": float(gn) if gn is not None else None})
-            metrics_log.log(**row)
-            if tb is not None:
-                for k, v in row.items():
-                    if k != "step" and v is not None:
-                        tb.add_scalar(k if "/" in k else f"train/{k}", v, global_step)
-                tb.flush()
-            last = row
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
-            acc, tokens, t0 = {}, 0, time.perf_counter()
-            if t["save_steps"] > 0 and global_step % t["save_steps"] == 0 and global_step < total_steps:
-                _save_checkpoint(cfg, out_dir, global_step, engine, model, optimizer, scheduler, d, prep, model_fp, epoch, omega_info)
-            if global_step >= total_steps:
-                done = True
-                break
-        skip_micro = 0
-        epoch += 1
-    if bar is not None:
-        bar.close()
-    if tb is not None:
-        tb.close()
+def _calibrate_omega(job: Job, eng: Engine) -> Dict[str, Any]:
+    """omega such that ``omega * ||grad R_dis|| = omega_share * ||grad L_m||``,
+    with the median ratio over the first ``deft.calibration_batches``
+    micro-batches of the first epoch (the initial weights)."""
+    cfg, d = job.cfg, job.d
+    share = float(cfg["deft"]["omega_share"])
+    micro = job.sched.micro_batches(cfg["train"]["seed"], 0)
+    ratios = []
+    t0 = time.perf_counter()
+    for gidx in micro[:cfg["deft"]["calibration_batches"]]:
+        batch, ref = job.batch(gidx)
+        g = _diagnose(job, eng, batch, ref)
+        ratios.append(g["norm_R_dis"] / g["norm_L_m"] if g["norm_L_m"] > 0 else float("inf"))
+    rho = float(np.median(ratios))
+    if d.world > 1:
+        rho = _mean_across({"rho": rho}, d)["rho"]
+    if not (rho > 0 and math.isfinite(rho)):
+        raise ValueError(f"deft.omega_share: cannot calibrate omega, ||grad R_dis|| / ||grad L_m|| is {rho} on the first "
+                         f"{len(ratios)} micro-batches; set deft.omega instead")
+    omega = share / rho
+    _log(f"omega {omega:.4g}: ||grad R_dis|| / ||grad L_m|| = {rho:.4g} (median of {len(ratios)} micro-batches, "
+         f"{time.perf_counter() - t0:.1f}s), for a gradient share of {share:g}")
+    return {"value": omega, "source": "calibrated", "omega_share": share, "ratio_median": rho, "ratios": ratios}
 
-    # ----- final model
-    model_dir = _save_final(cfg, out_dir, engine, module, prep, d, model_fp, global_step, total_steps, ref_path, omega_info)
-    return TrainResult(out_dir, model_dir, global_step, total_steps, last, ref_path, ref_hit, resumed_from)
+
+# ----- loop helpers
 
 
 def _tensorboard(out_dir: Path, global_step: int):
@@ -978,6 +1119,9 @@ def _mean_across(row: Dict[str, float], d: Dist) -> Dict[str, float]:
         v = v.cuda()
     td.all_reduce(v)
     return {k: float(x) / d.world for k, x in zip(keys, v.cpu().tolist())}
+
+
+# ----- checkpoints and the final save
 
 
 def _load_checkpoint_file(path: Path, load: Callable[[Path], Any]) -> Any:
@@ -1013,20 +1157,22 @@ def _trim_metrics(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(l + "\n" for l in keep))
 
 
-def _save_checkpoint(cfg, out_dir: Path, step: int, engine, model, optimizer, scheduler, d: Dist, prep: Prepared, model_fp: str, epoch: int,
-                     omega_info: Optional[Mapping[str, Any]] = None) -> Path:
+def _save_checkpoint(job: Job, eng: Engine, state: TrainState) -> Path:
+    """``checkpoints/step-N``: written into a temporary folder by every rank,
+    then renamed by rank 0 (the last ``train.save_total_limit`` kept)."""
+    cfg, d, out_dir = job.cfg, job.d, job.out_dir
     root = out_dir / CHECKPOINTS
-    tmp = root / f".tmp-step-{step}"
-    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{state.global_step}"
+    final = root / f"step-{state.global_step}"
     if d.rank == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _barrier(d)
-    if engine is not None:
-        engine.save_checkpoint(str(tmp), tag="ds")
+    if eng.ds is not None:
+        eng.ds.save_checkpoint(str(tmp), tag="ds")
     elif d.rank == 0:
-        sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        sd = {k: v.detach().contiguous().cpu() for k, v in eng.model.state_dict().items()}
         # tied weights share storage; safetensors refuses shared tensors, so clone them
         seen: Dict[int, str] = {}
         for k, v in sd.items():
@@ -1035,28 +1181,29 @@ def _save_checkpoint(cfg, out_dir: Path, step: int, engine, model, optimizer, sc
                 sd[k] = v.clone()
             seen[ptr] = k
         save_file(sd, str(tmp / "model.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        torch.save({"optimizer": eng.optimizer.state_dict(), "scheduler": eng.scheduler.state_dict()}, tmp / "optimizer.pt")
     torch.save(_rng_state(), tmp / f"rng_rank{d.rank}.pt")
     _barrier(d)
     if d.rank == 0:
-        state = {
-            "global_step": step, "epoch": epoch, "data_hash": prep.data_hash, "model_fingerprint": model_fp,
+        trainer_state = {
+            "global_step": state.global_step, "epoch": state.epoch, "data_hash": job.prep.data_hash, "model_fingerprint": job.model_fp,
             "world_size": d.world, "micro_batch_size": cfg["train"]["micro_batch_size"],
             "gradient_accumulation_steps": cfg["train"]["gradient_accumulation_steps"], "config": cfg,
-            "omega": dict(omega_info) if omega_info else None,
+            "omega": dict(state.omega) if state.omega else None,
         }
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
         _finalize_checkpoint(tmp, final)
         _prune_checkpoints(out_dir, cfg["train"]["save_total_limit"])
     _barrier(d)
     return final
 
 
-def _save_final(cfg, out_dir: Path, engine, module, prep: Prepared, d: Dist, model_fp: str, step: int, total: int, ref_path,
-                omega_info: Optional[Mapping[str, Any]] = None) -> Optional[Path]:
-    state_dict = None
-    if engine is not None and engine.zero_optimization_stage() == 3:
-        state_dict = engine._zero3_consolidated_16bit_state_dict()
+def _save_final(job: Job, eng: Engine, state: TrainState, ref_path: Optional[Path]) -> Optional[Path]:
+    """``OUTPUT_DIR/model`` (safetensors, with the tokenizer), then
+    ``manifest.json``, published together (an interrupted save is completed
+    by the same command)."""
+    cfg, d, out_dir, prep = job.cfg, job.d, job.out_dir, job.prep
+    state_dict = eng.ds._zero3_consolidated_16bit_state_dict() if eng.zero3 else None
     model_dir = out_dir / "model"
     if d.rank == 0:
         pub = begin_publication(out_dir / "manifest.json", [model_dir], overwrite=True)  # model/, then manifest.json
@@ -1066,7 +1213,7 @@ def _save_final(cfg, out_dir: Path, engine, module, prep: Prepared, d: Dist, mod
         kw = {"safe_serialization": True}
         if state_dict is not None:
             kw["state_dict"] = state_dict
-        module.save_pretrained(str(tmp), **kw)
+        eng.module.save_pretrained(str(tmp), **kw)
         prep.tokenizer.save_pretrained(str(tmp))
         if model_dir.exists():
             shutil.rmtree(model_dir)
@@ -1084,15 +1231,15 @@ def _save_final(cfg, out_dir: Path, engine, module, prep: Prepared, d: Dist, mod
             "graded": {"path": str(cfg["data"]["graded"]), "sha256": _sha(cfg["data"]["graded"])},
             "distribution": ({"path": cfg["deft"]["distribution"], "sha256": _sha(cfg["deft"]["distribution"]),
                               "metadata": prep.distribution_meta} if cfg["deft"]["enabled"] else None),
-            "model": {"source": cfg["model"], "gguf_file": cfg.get("gguf_file"), "fingerprint": model_fp},
+            "model": {"source": cfg["model"], "gguf_file": cfg.get("gguf_file"), "fingerprint": job.model_fp},
             "tokenizer": {"source": prep.policy_tokenizer.source, "sha256": prep.policy_tokenizer.sha256,
                           "vocab_hash": prep.policy_tokenizer.vocab_hash, "eos_token_id": prep.eos_token_id},
             "reference_cache": str(ref_path) if ref_path else None,
-            "omega": dict(omega_info) if omega_info and cfg["deft"]["enabled"] else None,
+            "omega": dict(state.omega) if state.omega and cfg["deft"]["enabled"] else None,
             "diagnostics": diagnostics_summary(out_dir / "metrics.jsonl"),
             "world_size": d.world,
-            "global_step": step,
-            "total_steps": total,
+            "global_step": state.global_step,
+            "total_steps": job.sched.total_steps,
             "outputs": {"model": str(model_dir), "metrics": str(out_dir / "metrics.jsonl")},
             "versions": versions(),
             "git_commit": _git_commit(),
@@ -1124,36 +1271,6 @@ def diagnostics_summary(metrics_path: Path) -> Optional[Dict[str, Any]]:
     return out
 
 
-def _calibrate_omega(cfg, method, runner, module, examples, prep, device, autocast_dtype, q_diff, ref_all, params, d: Dist,
-                     epoch_len: int) -> Dict[str, Any]:
-    """omega such that ``omega * ||grad R_dis|| = omega_share * ||grad L_m||``,
-    with the median ratio over the first ``deft.calibration_batches``
-    micro-batches of the first epoch (the initial weights)."""
-    t, share = cfg["train"], float(cfg["deft"]["omega_share"])
-    mbs = t["micro_batch_size"]
-    order = epoch_order(len(examples), t["seed"], 0, mbs * d.world * t["gradient_accumulation_steps"])[:epoch_len]
-    n_micro = len(order) // (mbs * d.world)
-    ratios = []
-    t0 = time.perf_counter()
-    for i in range(min(cfg["deft"]["calibration_batches"], n_micro)):
-        gidx = order[i * mbs * d.world:(i + 1) * mbs * d.world]
-        idx = gidx[d.rank * mbs:(d.rank + 1) * mbs]
-        batch = collate([examples[j] for j in idx], prep.pad_token_id)
-        ref = ref_all[torch.as_tensor(idx)] if ref_all is not None else None
-        g = _diagnose(cfg, method, module, batch, device, autocast_dtype, q_diff, ref, params)
-        ratios.append(g["norm_R_dis"] / g["norm_L_m"] if g["norm_L_m"] > 0 else float("inf"))
-    rho = float(np.median(ratios))
-    if d.world > 1:
-        rho = _mean_across({"rho": rho}, d)["rho"]
-    if not (rho > 0 and math.isfinite(rho)):
-        raise ValueError(f"deft.omega_share: cannot calibrate omega, ||grad R_dis|| / ||grad L_m|| is {rho} on the first "
-                         f"{len(ratios)} micro-batches; set deft.omega instead")
-    omega = share / rho
-    _log(f"omega {omega:.4g}: ||grad R_dis|| / ||grad L_m|| = {rho:.4g} (median of {len(ratios)} micro-batches, "
-         f"{time.perf_counter() - t0:.1f}s), for a gradient share of {share:g}")
-    return {"value": omega, "source": "calibrated", "omega_share": share, "ratio_median": rho, "ratios": ratios}
-
-
 def _sha(path) -> Optional[str]:
     try:
         return sha256_file(path)
@@ -1165,9 +1282,10 @@ def _sha(path) -> Optional[str]:
 # reference log-probs
 
 
-def _reference_logps(cfg, prep: Prepared, runner, device, autocast_dtype, d: Dist, model_fp: str, bf16: bool):
+def _reference_logps(job: Job, eng: Engine, bf16: bool):
     """``(N, 2)`` float32 summed log-probs of (best, worst) under the initial
     policy; cached on disk. Returns (tensor, path, cache_hit)."""
+    cfg, prep, d, model_fp = job.cfg, job.prep, job.d, job.model_fp
     t = cfg["train"]
     key = hashlib.sha256(json.dumps({"model": model_fp, "data": prep.data_hash, "bf16": bf16,
                                      "max_length": cfg["data"]["max_length"]}, sort_keys=True).encode()).hexdigest()
@@ -1183,7 +1301,7 @@ def _reference_logps(cfg, prep: Prepared, runner, device, autocast_dtype, d: Dis
     per_rank = math.ceil(n / d.world)
     mine = [min(i, n - 1) for i in range(d.rank * per_rank, (d.rank + 1) * per_rank)]  # same count on every rank (ZeRO-3 lockstep)
     ref = torch.zeros((n, 2), dtype=torch.float64)
-    runner.eval()
+    eng.runner.eval()
     t0 = time.perf_counter()
     bar = None
     if t["progress"] and d.rank == 0:
@@ -1192,8 +1310,8 @@ def _reference_logps(cfg, prep: Prepared, runner, device, autocast_dtype, d: Dis
         for i in range(0, len(mine), bs):
             idx = mine[i:i + bs]
             batch = collate([prep.examples[j] for j in idx], prep.pad_token_id)
-            out = _forward(runner, batch, device, autocast_dtype, need_hidden=False)
-            logp, _ = _seq_logps(out, batch, device)
+            out = _forward(eng.runner, batch, eng.device, eng.autocast_dtype, need_hidden=False)
+            logp, _ = _seq_logps(out, batch, eng.device)
             vals = to_slots(logp.float(), batch).cpu().double()
             for k, j in enumerate(idx):
                 if d.rank * per_rank + i + k < n:  # owned, not padding
@@ -1202,7 +1320,7 @@ def _reference_logps(cfg, prep: Prepared, runner, device, autocast_dtype, d: Dis
                 bar.update(len(idx))
     if bar is not None:
         bar.close()
-    runner.train()
+    eng.runner.train()
     if d.world > 1:
         r = ref.cuda() if td.get_backend() == "nccl" else ref
         td.all_reduce(r)
@@ -1215,6 +1333,9 @@ def _reference_logps(cfg, prep: Prepared, runner, device, autocast_dtype, d: Dis
     _barrier(d)
     _log(f"reference log-probs for {n} samples in {time.perf_counter() - t0:.1f}s -> {path}")
     return ref, path, False
+
+
+# ---------------------------------------------------------------------------
 
 
 # ---------------------------------------------------------------------------
