@@ -3,7 +3,7 @@
 Every test loads the same input twice -- with ``DEFT_LOADER=rows`` (the
 reference row path) and with the fast path allowed -- and requires identical
 outcomes: the same frame (``equals`` and dtypes), format, record count, notes,
-rejects and rejects file, or the same error. ``deft.data._fast_trace`` tells
+rejects and rejects file, or the same error. ``deft.data.fast._fast_trace`` tells
 whether the fast path took a file or declined it, so the tests also pin down
 which inputs are meant to be vectorised and which must fall back.
 """
@@ -22,6 +22,7 @@ import pytest
 import deft.data as data
 from conftest import CONTAINERS, shared_file, write_lines, write_records
 from deft.data import SCHEMA, DataError, LoadResult
+from deft.data import fast as data_fast
 from test_data import BAD_ROWS, FILE_CASES, FORMAT_CASES, HH_FILE, PRO_HARMLESS, PRO_HELPFUL, _bad_file, _file_case
 
 Outcome = Union[LoadResult, BaseException]
@@ -46,13 +47,13 @@ def load_both(
     rejects = kwargs.pop("rejects_path", None)
     with monkeypatch.context() as m:
         m.setenv("DEFT_LOADER", "rows")
-        m.setattr(data, "_fast_trace", [])
+        m.setattr(data_fast, "_fast_trace", [])
         rows = _run(paths, {**kwargs, "rejects_path": None if rejects is None else Path(str(rejects) + ".rows")})
-        assert data._fast_trace == []  # the fast path was not even tried
+        assert data_fast._fast_trace == []  # the fast path was not even tried
     with monkeypatch.context() as m:
         m.delenv("DEFT_LOADER", raising=False)
         trace: List[Tuple[str, str]] = []
-        m.setattr(data, "_fast_trace", trace)
+        m.setattr(data_fast, "_fast_trace", trace)
         fast = _run(paths, {**kwargs, "rejects_path": rejects})
     assert_same(rows, fast)
     if rejects is not None and isinstance(rows, LoadResult):
@@ -95,14 +96,14 @@ def test_rows_setting_forces_the_row_path(tmp_path: Path, monkeypatch: pytest.Mo
     rows, fast, decisions = load_both(path, monkeypatch)
     assert decisions == ["fast"]
     monkeypatch.setenv("DEFT_LOADER", " Rows ")
-    assert not data._fast_path_enabled()
+    assert not data_fast._fast_path_enabled()
     monkeypatch.setenv("DEFT_LOADER", "auto")
-    assert data._fast_path_enabled()
+    assert data_fast._fast_path_enabled()
 
 
 def test_python_whitespace_constant() -> None:
     """``_PY_WHITESPACE`` is exactly what str.strip() removes."""
-    assert data._PY_WHITESPACE == "".join(c for c in map(chr, range(0x110000)) if c.isspace())
+    assert data_fast._PY_WHITESPACE == "".join(c for c in map(chr, range(0x110000)) if c.isspace())
 
 
 def test_json_text_matches_json_dumps() -> None:
@@ -116,7 +117,7 @@ def test_json_text_matches_json_dumps() -> None:
     })
     for seps in ((", ", ": "), (",", ":")):
         for name in frame.columns:
-            got = frame.select(data._json_text(pl.col(name), frame.schema[name], *seps)).to_series().to_list()
+            got = frame.select(data_fast._json_text(pl.col(name), frame.schema[name], *seps)).to_series().to_list()
             want = [json.dumps(v, ensure_ascii=False, separators=seps) for v in frame[name].to_list()]
             assert got == want, name
 
@@ -404,14 +405,14 @@ def test_gzip_lines(case: str, lines: List[Line], polars_gzip: bool, tmp_path: P
     """Gzip JSON Lines are decompressed and split by Polars when the sizes
     agree, else by Python; both give the row path's lines."""
     used: List[bool] = []
-    real = data._gzip_lines
+    real = data_fast._gzip_lines
 
     def spy(path: Path) -> Any:
         lines = real(path)
         used.append(lines is not None)
         return lines
 
-    monkeypatch.setattr(data, "_gzip_lines", spy)
+    monkeypatch.setattr(data_fast, "_gzip_lines", spy)
     for final_newline in (True, False):
         path = _write_edge(tmp_path / f"{case}.jsonl.gz", lines, final_newline)
         used.clear()
