@@ -207,7 +207,7 @@ def grade(
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Score every response with a reward model, grade samples into levels A/B/C and assign Q+/Q- polarity."""
-    from deft.grade import Thresholds, grade_files, summary
+    from deft.grade import GradeOptions, Thresholds, grade_files, summary
 
     if on_error not in ("raise", "skip"):
         raise ValueError(f"--on-error must be 'raise' or 'skip', got {on_error!r}")
@@ -217,13 +217,13 @@ def grade(
 
         shard_kn = parse_shard(shard)
     th = Thresholds(a_pos=_threshold(a_pos), a_neg=None, b_pos=_threshold(b_pos), b_neg=_threshold(b_neg), c_pos=None, c_neg=_threshold(c_neg))
-    run = grade_files(
-        input, output_dir, reward_model=reward_model, template=template, use_input_scores=use_input_scores, a=a, c=c,
-        per_subset=per_subset, thresholds=th, max_length=max_length, batch_size=batch_size, device=device, shard=shard_kn,
-        plot=plot, overwrite=overwrite, on_error=on_error,
-        rejects=(rejects or output_dir / "rejects.jsonl") if on_error == "skip" else None,
+    options = GradeOptions(
+        reward_model=reward_model, template=template, use_input_scores=use_input_scores, a=a, c=c, per_subset=per_subset,
+        thresholds=th, max_length=max_length, batch_size=batch_size, device=device, shard=shard_kn, plot=plot, overwrite=overwrite,
+        on_error=on_error, rejects=(rejects or output_dir / "rejects.jsonl") if on_error == "skip" else None,
         trust_remote_code=trust_remote_code, drop_duplicates=drop_duplicates,
     )
+    run = grade_files(input, output_dir, options)
     if run.n_dropped_duplicates:
         err_console.print(f"[yellow]dropped {run.n_dropped_duplicates:,} samples[/] that hold one response text twice (--drop-duplicates)", highlight=False)
     for w in run.warnings:

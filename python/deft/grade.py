@@ -29,7 +29,7 @@ original index of each response: the source's order), ``norm_scores``,
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import polars as pl
@@ -330,71 +330,95 @@ class GradeRun:
     warnings: List[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class GradeOptions:
+    """Everything :func:`grade_files` takes besides its inputs and output
+    folder: built once (by ``deft grade`` from its flags, by the pipeline from
+    its ``grade:`` section) and validated when built (thresholds, percentages).
+
+    ``reward_model``/``template``/``max_length``/``batch_size``/``device``/
+    ``trust_remote_code``: the scorer (:func:`deft.score.load_reward_model`);
+    ``use_input_scores``: grade with the scores stored in the input instead;
+    ``a``, ``c``, ``per_subset``, ``thresholds``: the grading
+    (:func:`grade`); ``shard``: score only shard ``(k, n)``; ``plot``: write
+    ``best_scores.png``; ``overwrite``: replace an existing result;
+    ``on_error``/``rejects``: bad input rows (``raise``, or ``skip`` into the
+    rejects file); ``drop_duplicates``: drop samples that hold one response
+    text twice (before scoring); ``progress``: progress bars."""
+
+    reward_model: str = "builtin"
+    template: str = "auto"
+    use_input_scores: bool = False
+    a: float = 3.73
+    c: float = 12.5
+    per_subset: Optional[bool] = None
+    thresholds: Thresholds = Thresholds()
+    max_length: int = 1024
+    batch_size: Optional[int] = None
+    device: Optional[str] = None
+    shard: Optional[Tuple[int, int]] = None
+    plot: bool = False
+    overwrite: bool = False
+    on_error: str = "raise"
+    rejects: Any = None
+    trust_remote_code: bool = False
+    progress: bool = True
+    drop_duplicates: bool = False
+
+    def __post_init__(self) -> None:
+        self.thresholds.check()
+        check_percentages(self.a, self.c)
+
+
+def _options(a: Mapping[str, Any]) -> GradeOptions:
+    """The options of a bound :func:`grade_files` call."""
+    return replace(a["options"] or GradeOptions(), **a["overrides"])
+
+
 def _unsharded(a: Mapping[str, Any]) -> bool:
     """Whether a grade_files call scores everything itself; sharded runs
     share the folder while scoring (each shard has its own lock in scores/),
     and the shard that merges takes the folder lock to grade and publish."""
-    if a["use_input_scores"]:
+    o = _options(a)
+    if o.use_input_scores:
         return True
 
-    return resolve_shard(a["shard"])[1] == 1
+    return resolve_shard(o.shard)[1] == 1
 
 
 @locked_output("grade", "output_dir", when=_unsharded)
-def grade_files(
-    inputs: Sequence[Any],
-    output_dir: Any,
-    *,
-    reward_model: str = "builtin",
-    template: str = "auto",
-    use_input_scores: bool = False,
-    a: float = 3.73,
-    c: float = 12.5,
-    per_subset: Optional[bool] = None,
-    thresholds: Thresholds = Thresholds(),
-    max_length: int = 1024,
-    batch_size: Optional[int] = None,
-    device: Optional[str] = None,
-    shard: Optional[Tuple[int, int]] = None,
-    plot: bool = False,
-    overwrite: bool = False,
-    on_error: str = "raise",
-    rejects: Any = None,
-    trust_remote_code: bool = False,
-    progress: bool = True,
-    drop_duplicates: bool = False,
-) -> GradeRun:
+def grade_files(inputs: Sequence[Any], output_dir: Any, options: Optional[GradeOptions] = None, **overrides: Any) -> GradeRun:
     """Load ``inputs``, score them (or use their scores), grade, and write
     ``graded.parquet``, ``manifest.json`` (and ``best_scores.png``) into
-    ``output_dir``. Scoring is resumable: rerunning after an interruption
-    continues from the part files in ``output_dir/scores``. ``drop_duplicates``:
-    drop samples that hold one response text twice (before scoring)."""
-    thresholds.check()
-    check_percentages(a, c)
+    ``output_dir``, as ``options`` say (:class:`GradeOptions`; keyword
+    ``overrides`` replace its fields, e.g. ``grade_files(files, out,
+    use_input_scores=True, a=5)``). Scoring is resumable: rerunning after an
+    interruption continues from the part files in ``output_dir/scores``."""
+    o = replace(options or GradeOptions(), **overrides)
     out = Path(output_dir)
     graded_path = out / "graded.parquet"
-    check_publication(out / "manifest.json", [graded_path], overwrite)  # manifest.json: the commit record, written last
-    loaded = load_many([Path(p) for p in inputs], on_error=on_error, rejects_path=rejects)
+    check_publication(out / "manifest.json", [graded_path], o.overwrite)  # manifest.json: the commit record, written last
+    loaded = load_many([Path(p) for p in inputs], on_error=o.on_error, rejects_path=o.rejects)
     frame = loaded.frame
     run = GradeRun(output_dir=out, n_rejected=len(loaded.rejects))
-    if drop_duplicates:
+    if o.drop_duplicates:
         rep = repeated_response_rows(frame)
         run.n_dropped_duplicates = int(rep.sum())
         frame = frame.filter(~rep)
         if frame.height == 0:
             raise ValueError(f"nothing to grade: all {rep.len():,} samples hold a repeated response (--drop-duplicates)")
     model_info: Dict[str, Any]
-    if use_input_scores:
+    if o.use_input_scores:
         _require_scores(frame)
         model_info = {"reward_model": "input scores", "template": None}
     else:
         model = load_reward_model(
-            reward_model, template=template, max_length=max_length, device=device, trust_remote_code=trust_remote_code
+            o.reward_model, template=o.template, max_length=o.max_length, device=o.device, trust_remote_code=o.trust_remote_code
         )
         model_info = {"reward_model": model.name, "template": model.template, "max_length": model.max_length}
         scored = score_frame(
-            frame, model, work_dir=out / "scores", shard=shard, batch_size=batch_size, progress=progress,
-            metrics=out / "metrics.jsonl", overwrite=overwrite,
+            frame, model, work_dir=out / "scores", shard=o.shard, batch_size=o.batch_size, progress=o.progress,
+            metrics=out / "metrics.jsonl", overwrite=o.overwrite,
         )
         if scored is None:
             run.message = f"scored this shard into {out / 'scores'}; rerun when every shard is done to merge and grade"
@@ -404,12 +428,13 @@ def grade_files(
     # unsharded: the decorator holds it already). A shard that only scores its part returned above without it,
     # so shards score concurrently; only the one that merges publishes, under the lock
     with output_lock(out, "grade"):
+        per_subset = o.per_subset
         if per_subset is None:  # the default of grade(), resolved here so the manifest records it
             per_subset = frame.get_column("subset").n_unique() > 1
-        graded = grade(frame, a=a, c=c, per_subset=per_subset, thresholds=thresholds)
+        graded = grade(frame, a=o.a, c=o.c, per_subset=per_subset, thresholds=o.thresholds)
         run.warnings = grade_warnings(graded)
-        pub = begin_publication(out / "manifest.json", [graded_path, out / "best_scores.png" if plot else None, rejects],
-                                overwrite=overwrite, refuse=[graded_path])  # rejects: written while loading; its stale temporaries go
+        pub = begin_publication(out / "manifest.json", [graded_path, out / "best_scores.png" if o.plot else None, o.rejects],
+                                overwrite=o.overwrite, refuse=[graded_path])  # rejects: written while loading; its stale temporaries go
         with atomic_path(graded_path) as tmp:
             graded.write_parquet(tmp)
         counts = {
@@ -417,7 +442,7 @@ def grade_files(
             for r in summary(graded).iter_rows(named=True)
         }
         run.graded, run.graded_path = graded, graded_path
-        if plot:
+        if o.plot:
             run.plot_path = out / "best_scores.png"
             plot_best_scores(graded, run.plot_path)
         run.manifest_path = write_manifest(
@@ -425,9 +450,9 @@ def grade_files(
             stage="grade",
             inputs=[input_record(p) for p in inputs],
             parameters={
-                **model_info, "a": a, "c": c, "per_subset": per_subset, "thresholds": thresholds.as_dict(),
+                **model_info, "a": o.a, "c": o.c, "per_subset": per_subset, "thresholds": o.thresholds.as_dict(),
                 "level_rounding": "n_A = max(1, floor(n*a/100 + 0.5)); n_C = min(floor(n*c/100 + 0.5), n - n_A); ties by id",
-                "on_error": on_error, "drop_duplicates": drop_duplicates,
+                "on_error": o.on_error, "drop_duplicates": o.drop_duplicates,
             },
             outputs={"graded": {"path": str(graded_path), "sha256": sha256_file(graded_path), "rows": graded.height},
                      "plot": str(run.plot_path) if run.plot_path else None},

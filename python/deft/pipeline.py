@@ -64,7 +64,7 @@ from deft.config import validate as validate_train
 from deft.distribution import distribution_files
 from deft.errors import DeftError
 from deft.evaluate import evaluate
-from deft.grade import grade_files
+from deft.grade import GradeOptions, grade_files
 from deft.io import (
     SHA256_MEMO, MetricsLog, atomic_path, interrupted_publication, locked_output, sha256_file_cached,
     write_json_atomic, write_text_atomic,
@@ -138,6 +138,10 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise ConfigError("eval.files: required when eval.enabled is true (or --set eval.enabled=false)")
     if not 0 < cfg["select"]["fraction"] <= 1:
         raise ConfigError(f"select.fraction: must be in (0, 1], got {cfg['select']['fraction']}")
+    try:  # the grade stage's options, checked before any stage runs
+        GradeOptions(a=cfg["grade"]["a"], c=cfg["grade"]["c"])
+    except ValueError as e:
+        raise ConfigError(f"grade: {e}") from None
     validate_train(_train_config(cfg, Path(cfg["run_dir"])))
 
 
@@ -365,15 +369,18 @@ class GradeStage(Stage):
         return False  # regrading from the stored scores is cheap
 
     def run(self, resume: bool) -> None:
-        g = self.cfg["grade"]
         graded = self.outputs()["graded"]
         if resume and graded.exists():
             graded.unlink()  # written, but the stage was not marked done: grade again from the stored scores
-        grade_files(self._inputs(), self.folder, reward_model=g["reward_model"], template=g["template"],
-                    use_input_scores=g["use_input_scores"], a=g["a"], c=g["c"], per_subset=g["per_subset"],
-                    max_length=g["max_length"], batch_size=g["batch_size"], device=g["device"], plot=True,
-                    on_error=self.cfg["inputs"]["on_error"], rejects=self.folder / "rejects.jsonl",
-                    trust_remote_code=self.cfg["trust_remote_code"])
+        grade_files(self._inputs(), self.folder, self.options())
+
+    def options(self) -> GradeOptions:
+        """The grade stage's options from the pipeline config (its ``grade:`` section)."""
+        g = self.cfg["grade"]
+        return GradeOptions(reward_model=g["reward_model"], template=g["template"], use_input_scores=g["use_input_scores"],
+                            a=g["a"], c=g["c"], per_subset=g["per_subset"], max_length=g["max_length"], batch_size=g["batch_size"],
+                            device=g["device"], plot=True, on_error=self.cfg["inputs"]["on_error"],
+                            rejects=self.folder / "rejects.jsonl", trust_remote_code=self.cfg["trust_remote_code"])
 
 
 class DistributionStage(Stage):
