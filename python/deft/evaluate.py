@@ -101,7 +101,7 @@ import polars as pl
 
 # Imported inside the functions that use them, on purpose: torch and transformers; importing deft stays
 # fast. Generation is deft.generation's, BLEU, win/tie/lose and reward are deft.eval_metrics'.
-from deft._hf import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype, weights_stat_fingerprint
+from deft._hf import is_adapter, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype, weights_stat_fingerprint
 from deft._util import md_table
 from deft.data import DataError, load_many
 from deft.errors import UnsafeWeightsError
@@ -309,8 +309,9 @@ def _check_model_spec(spec: str, gguf_file: Optional[str]) -> None:
         if gguf_file:
             if not (p / gguf_file).is_file():
                 raise FileNotFoundError(f"model {spec}: GGUF file {gguf_file} not found in the folder")
-        elif not (p / "config.json").is_file():
-            raise FileNotFoundError(f"model {spec}: the folder has no config.json; is it a Hugging Face model folder (save_pretrained)?")
+        elif not (p / "config.json").is_file() and not is_adapter(p):
+            raise FileNotFoundError(f"model {spec}: the folder has no config.json (nor adapter_config.json); is it a Hugging Face "
+                                    f"model folder (save_pretrained)?")
         return
     if _looks_local(spec):
         raise FileNotFoundError(f"model {spec}: no such folder")
