@@ -173,7 +173,7 @@ def adapter_base(folder: Any) -> Tuple[str, Optional[str]]:
 
 
 def load_causal_lm(spec: str, *, dtype: Any, gguf_file: Optional[str] = None, trust_remote_code: bool = False,
-                   allow_pickle: bool = False, merge_adapter: bool = True) -> Any:
+                   allow_pickle: bool = False, merge_adapter: bool = True, **extra: Any) -> Any:
     """``AutoModelForCausalLM.from_pretrained`` (a local folder or hub id;
     ``gguf_file``: a GGUF file in it). transformers dequantises GGUF weights on
     load but leaves a quantizer attached that refuses ``save_pretrained``; the
@@ -188,7 +188,8 @@ def load_causal_lm(spec: str, *, dtype: Any, gguf_file: Optional[str] = None, tr
     A LoRA adapter folder (``adapter_config.json``, e.g. ``deft train``'s
     ``model/`` with ``peft.enabled``) loads its base model (:func:`adapter_base`;
     ``gguf_file`` must then be None) and the adapter on it, merged into the
-    weights unless ``merge_adapter`` is false (then a ``peft.PeftModel``)."""
+    weights unless ``merge_adapter`` is false (then a ``peft.PeftModel``).
+    ``extra`` goes to ``from_pretrained`` (e.g. ``attn_implementation``)."""
     from transformers import AutoModelForCausalLM
 
     if is_adapter(spec):
@@ -198,10 +199,10 @@ def load_causal_lm(spec: str, *, dtype: Any, gguf_file: Optional[str] = None, tr
 
         base, base_gguf = adapter_base(spec)
         model = PeftModel.from_pretrained(load_causal_lm(base, dtype=dtype, gguf_file=base_gguf, trust_remote_code=trust_remote_code,
-                                                         allow_pickle=allow_pickle), str(spec))
+                                                         allow_pickle=allow_pickle, **extra), str(spec))
         return model.merge_and_unload() if merge_adapter else model
 
-    kw: dict = {"trust_remote_code": trust_remote_code, "dtype": dtype}
+    kw: dict = {"trust_remote_code": trust_remote_code, "dtype": dtype, **extra}
     local = Path(spec).expanduser()
     if gguf_file:
         kw["gguf_file"] = gguf_file

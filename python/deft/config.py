@@ -46,6 +46,9 @@ SCHEMA: Dict[str, Any] = {
     "gguf_file": Field(None, "str", nullable=True, help="GGUF file inside `model` (transformers dequantises it; needs `gguf`)"),
     "tokenizer": Field(None, "str", nullable=True, help="tokenizer (default: the model's)"),
     "trust_remote_code": Field(False, "bool"),
+    "attn_implementation": Field(None, "str", nullable=True, choices=("eager", "sdpa", "flash_attention_2"),
+                                 help="the policy's attention kernel (null: transformers' default, sdpa where supported; "
+                                      "flash_attention_2 needs the flash-attn package and CUDA)"),
     "allow_pickle": Field(False, "bool", help="load a policy whose weights are only pickles (pytorch_model.bin), which can run "
                                                 "code when loaded; only for files you trust (safetensors and GGUF need no opt-in)"),
     "data": {
@@ -280,6 +283,9 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"deft.calibration_batches: must be >= 1, got {df['calibration_batches']}")
     if df["diagnose_every"] < 0:
         raise ConfigError(f"deft.diagnose_every: must be >= 0, got {df['diagnose_every']}")
+    if cfg.get("attn_implementation") == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("attn_implementation: flash_attention_2 needs the flash-attn package (pip install flash-attn, CUDA only); "
+                          "use sdpa or eager")
     pf = cfg["peft"]
     if pf["enabled"]:
         if pf["r"] < 1:

@@ -680,6 +680,7 @@ class Engine:
     max_grad_norm: float
     hf_ds_config: Any = None  # kept alive under ZeRO-3: from_pretrained and save read it through a weak reference
     adapter: Optional[Dict[str, Any]] = None  # the LoRA adapter trained (peft), or None: every weight is trained
+    loading: Dict[str, Any] = field(default_factory=dict)  # how the policy was loaded (dtype, attention, ...), for the manifest
 
     def reference_mode(self):
         """The context the reference log-probs are computed in: the policy
@@ -922,11 +923,27 @@ def _claim_output_dir(out_dir: Path, resume: bool, d: Dist) -> bool:
     return resume
 
 
-def _load_model(cfg: Mapping[str, Any]):
+def load_dtype(use_ds: bool, bf16: bool) -> torch.dtype:
+    """The dtype the policy's weights are loaded in: bf16 when DeepSpeed
+    trains in bf16 (it keeps the float32 master weights in its optimizer, so a
+    float32 copy of the model per rank would only be converted down), float32
+    otherwise (the plain loop keeps float32 weights and autocasts to bf16)."""
+    return torch.bfloat16 if use_ds and bf16 else torch.float32
 
+
+def _load_model(cfg: Mapping[str, Any], dtype: torch.dtype = torch.float32, zero3: bool = False):
+    """The policy, loaded in ``dtype`` with ``attn_implementation``; under
+    ZeRO-3 (an ``HfDeepSpeedConfig`` alive) transformers constructs it
+    partitioned, otherwise with ``low_cpu_mem_usage`` (no random
+    initialisation of weights the checkpoint overwrites)."""
+    extra: Dict[str, Any] = {}
+    if cfg.get("attn_implementation"):
+        extra["attn_implementation"] = cfg["attn_implementation"]
+    if not zero3:
+        extra["low_cpu_mem_usage"] = True  # transformers >= 5 always loads this way and ignores the flag
     try:
-        model = load_causal_lm(cfg["model"], dtype=torch.float32, gguf_file=cfg.get("gguf_file"),
-                               trust_remote_code=cfg["trust_remote_code"], allow_pickle=cfg.get("allow_pickle", False))
+        model = load_causal_lm(cfg["model"], dtype=dtype, gguf_file=cfg.get("gguf_file"),
+                               trust_remote_code=cfg["trust_remote_code"], allow_pickle=cfg.get("allow_pickle", False), **extra)
     except OSError as e:
         raise FileNotFoundError(f"model {cfg['model']}: {e}") from None
     if cfg["train"]["gradient_checkpointing"]:
@@ -983,7 +1000,11 @@ def _build_engine(cfg: Mapping[str, Any], prep: Prepared, sched: Schedule, d: Di
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(ds_cfg)  # from_pretrained partitions under zero.Init while this lives
-    model = _load_model(cfg)
+    dtype = load_dtype(use_ds, bf16)
+    model = _load_model(cfg, dtype, zero3=hf_ds is not None)
+    loading = {"dtype": str(dtype).replace("torch.", ""), "attn_implementation": getattr(model.config, "_attn_implementation", None),
+               "gradient_checkpointing": "non-reentrant" if t["gradient_checkpointing"] else None,
+               "construction": "zero3-partitioned" if hf_ds is not None else "low_cpu_mem_usage"}
     adapter = None
     if cfg["peft"]["enabled"]:
         if hf_ds is not None:
@@ -1016,7 +1037,8 @@ def _build_engine(cfg: Mapping[str, Any], prep: Prepared, sched: Schedule, d: Di
         engine, module, runner = None, model, model
         autocast_dtype = torch.bfloat16 if bf16 else None
     return Engine(model, module, runner, engine, optimizer, scheduler, device, autocast_dtype,
-                  [p for p in module.parameters() if p.requires_grad], sched.accumulation, float(t["max_grad_norm"]), hf_ds, adapter)
+                  [p for p in module.parameters() if p.requires_grad], sched.accumulation, float(t["max_grad_norm"]), hf_ds, adapter,
+                  loading)
 
 
 def _attach_adapter(cfg: Mapping[str, Any], model):
@@ -1032,7 +1054,7 @@ def _attach_adapter(cfg: Mapping[str, Any], model):
             raise FileNotFoundError(2, "peft.path: not an adapter folder (no adapter_config.json)", str(pf["path"]))
         model = PeftModel.from_pretrained(model, pf["path"], is_trainable=True)
     else:
-        targets = pf["target_modules"] if pf["target_modules"] is not None else "all-linear"
+        targets = pf["target_modules"] if pf["target_modules"] not in (None, ["all-linear"]) else "all-linear"
         model = get_peft_model(model, LoraConfig(r=pf["r"], lora_alpha=pf["alpha"], lora_dropout=pf["dropout"],
                                                  target_modules=targets, bias="none", task_type="CAUSAL_LM"))
     if cfg["train"]["gradient_checkpointing"]:
@@ -1318,6 +1340,7 @@ def _save_final(job: Job, eng: Engine, state: TrainState, ref_path: Optional[Pat
                           "vocab_hash": prep.policy_tokenizer.vocab_hash, "eos_token_id": prep.eos_token_id},
             "reference_cache": str(ref_path) if ref_path else None,
             "peft": eng.adapter,
+            "loading": eng.loading,
             "omega": dict(state.omega) if state.omega and cfg["deft"]["enabled"] else None,
             "diagnostics": diagnostics_summary(out_dir / "metrics.jsonl"),
             "world_size": d.world,
