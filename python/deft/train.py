@@ -7,19 +7,23 @@ Pipeline
    default; ``[A, B, C]`` is the paper's -D^A ablation), responses best first.
    SFT trains on the best response, DPO/IPO on (best, worst), PRO/RRHF on the
    whole list with the scores as rewards.
-2. **Tokenisation** (:func:`encode_examples`). Prompt and response are
+2. **Tokenisation** (:func:`encode_examples`), laid out as the model's
+   template and tokenizer do (:class:`deft.render.PolicyLayout`, the
+   tokenisation TRL's DPOTrainer gives). Prompt, response and end are
    tokenised separately with the native batch encoder (no special tokens) and
    their ids concatenated. The prompt is the tokenizer's chat template
    (``add_generation_prompt=True``) when the template is ``chat``, else
-   :func:`deft.render.render_hh`. The response is
-   ``response_prefix(template) + response`` -- the convention ``deft
-   distribution`` counted Q_diff with; the template comes from the
-   distribution file and a mismatch is refused. The prompt is left-truncated
-   to ``data.max_prompt_length`` (384) tokens. Then the tokenizer's
-   ``eos_token_id`` is appended to the response, and response + EOS is
-   right-truncated to fit ``data.max_length`` (512): a response cut short
-   therefore has no EOS (the model is not taught to stop mid-sentence). Labels
-   are -100 on the prompt and the padding, the ids elsewhere (EOS included).
+   :func:`deft.render.render_hh` after the BOS the tokenizer's post-processor
+   adds (Llama family; none for GPT-2 or SmolLM2). The response is
+   ``response_prefix(template) + response`` -- the ids ``deft distribution``
+   counted Q_diff with; the template comes from the distribution file and a
+   mismatch is refused. The prompt is left-truncated to
+   ``data.max_prompt_length`` (384) tokens, its BOS kept. The response's end
+   is the chat template's end of turn (``<|im_end|>\n`` for ChatML; no extra
+   EOS) or, for ``plain``, the tokenizer's ``eos_token_id``; it follows only a
+   response that fits whole in ``data.max_length`` (512): a response cut short
+   has no end (the model is not taught to stop mid-sentence). Labels are -100
+   on the prompt and the padding, the ids elsewhere (the end included).
 3. **Reference log-probs** (DPO/IPO) are computed once, in a first pass with
    the initial policy, and cached as safetensors in ``train.ref_cache_dir``
    keyed by the model fingerprint, the precision and a hash of the token ids,
@@ -106,7 +110,7 @@ from deft.losses import (
     sft_loss,
 )
 from deft.ops import rdis_for_model
-from deft.render import render_prompt, resolve_template, response_prefix
+from deft.render import policy_layout, render_prompt, resolve_template
 
 __all__ = ["Example", "encode_examples", "select_responses", "prepare_data", "train", "TrainResult"]
 
@@ -172,10 +176,21 @@ def encode_examples(
     max_length: int = 512,
     max_prompt_length: int = 384,
     num_threads: Optional[int] = None,
+    lead_ids: Sequence[int] = (),
+    response_suffix: str = "",
+    append_eos: bool = True,
 ) -> List[Example]:
-    """Tokenise rendered prompts and their responses; see the module docstring."""
+    """Tokenise rendered prompts and their responses; see the module docstring.
+    ``lead_ids``, ``response_suffix`` and ``append_eos`` come from the
+    template's :class:`deft.render.PolicyLayout`: the ids every prompt starts
+    with (a BOS; prepended when the rendered prompt does not start with them,
+    and kept when it is left-truncated), the text after every response (a chat
+    template's end of turn, tokenised on its own) and whether EOS follows."""
     if max_length <= max_prompt_length:
         raise ValueError(f"max_length ({max_length}) must exceed max_prompt_length ({max_prompt_length})")
+    lead = np.asarray(list(lead_ids), dtype=np.int64)
+    if len(lead) >= max_prompt_length:
+        raise ValueError(f"max_prompt_length ({max_prompt_length}) leaves no room after the {len(lead)} leading special token(s)")
 
     def tokenize(texts: List[str]) -> List[np.ndarray]:
         ids, off = native_tokenizer.encode(texts, add_special_tokens=False, num_threads=num_threads)
@@ -186,11 +201,16 @@ def encode_examples(
     # max_prompt_length tokens, a response's first max_length) before
     # tokenising, with the same kept tokens (deft._util.tokenize_clipped).
     cpt = chars_per_token(native_tokenizer)
-    p_list = [p[len(p) - max_prompt_length:] if len(p) > max_prompt_length else p
-              for p in tokenize_clipped(tokenize, list(prompts), max_prompt_length, "left", cpt)]
+    room = max_prompt_length - len(lead)
+    p_list = []
+    for p in tokenize_clipped(tokenize, list(prompts), max_prompt_length + len(lead), "left", cpt):
+        if len(lead) and np.array_equal(p[:len(lead)], lead):
+            p = p[len(lead):]  # the template wrote the BOS itself
+        p_list.append(np.concatenate([lead, p[len(p) - room:] if len(p) > room else p]))
     flat = [response_prefix + r for rs in responses for r in rs]
     r_list = tokenize_clipped(tokenize, flat, max_length, "right", cpt)
-    eos = np.array([eos_token_id], dtype=np.int64)
+    end = np.concatenate([tokenize([response_suffix])[0] if response_suffix else np.zeros(0, dtype=np.int64),
+                          np.array([eos_token_id] if append_eos else [], dtype=np.int64)])
     out: List[Example] = []
     k = 0
     for i, rs in enumerate(responses):
@@ -198,7 +218,9 @@ def encode_examples(
         budget = max_length - len(prompt)
         seqs = []
         for _ in rs:
-            resp = np.concatenate([r_list[k], eos])[:budget]
+            # the end (EOS, or the template's end of turn) only after a response that fits whole:
+            # the model is not taught to stop mid-sentence
+            resp = np.concatenate([r_list[k], end]) if len(r_list[k]) + len(end) <= budget else r_list[k][:budget]
             seqs.append(np.concatenate([prompt, resp]))
             k += 1
         out.append(Example(id=str(ids[i]), input_ids=seqs, prompt_len=len(prompt), rewards=[float(x) for x in rewards[i]]))
@@ -304,10 +326,11 @@ def frame_examples(cfg: Mapping[str, Any], frame: Any, template: str, hf_tok: An
         prompts.append(render_prompt(r["context"], template, hf_tok))
         resps.append(rs)
         rews.append(sc)
+    lay = policy_layout(template, hf_tok)
     return encode_examples(
-        ids, prompts, resps, rews, ptok.native, eos_token_id=int(hf_tok.eos_token_id), response_prefix=response_prefix(template),
+        ids, prompts, resps, rews, ptok.native, eos_token_id=int(hf_tok.eos_token_id), response_prefix=lay.prefix,
         max_length=cfg["data"]["max_length"], max_prompt_length=cfg["data"]["max_prompt_length"],
-        num_threads=cfg["data"]["num_threads"],
+        num_threads=cfg["data"]["num_threads"], lead_ids=lay.lead_ids, response_suffix=lay.suffix, append_eos=lay.append_eos,
     )
 
 
