@@ -108,7 +108,9 @@ def test_prepare_data_chat_template_and_selection(assets):
     assert ex.n_responses == 2
     text = prep.policy_tokenizer.native.decode(ex.input_ids[0][: ex.prompt_len].tolist())
     assert text.endswith("<|im_start|>assistant\n")
-    assert ex.input_ids[0][-1] == prep.eos_token_id or len(ex.input_ids[0]) == 96
+    # a whole response ends as the chat template ends an assistant turn (ChatML: <|im_end|>, then a newline), no extra EOS
+    end = prep.policy_tokenizer.native.decode(ex.input_ids[0][-2:].tolist())
+    assert end == "<|im_end|>\n" or len(ex.input_ids[0]) == 96
     # all levels -> more samples; SFT keeps one response
     cfg2 = load_config(None, overrides(assets, assets["root"] / "unused", **{"data.levels": "[A, B, C]", "method.name": "sft", "data.max_samples": None}))
     prep2 = prepare_data(cfg2)

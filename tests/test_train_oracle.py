@@ -84,7 +84,7 @@ def oracle_inputs(assets):
     from deft._native import Tokenizer
     from deft.config import load_config
     from deft.distribution import load_distribution
-    from deft.render import render_prompt, response_prefix
+    from deft.render import policy_layout, render_prompt
     from deft.train import encode_examples, epoch_order, prepare_data
 
     cfg = load_config(None, overrides(assets, assets["root"] / "unused"))
@@ -98,13 +98,15 @@ def oracle_inputs(assets):
     assert len({len(r["responses"]) for r in rows}) == 2, "need lists of different lengths in one micro-batch"
     has_scores = "scores" in frame.columns
     tok = Tokenizer(str(assets["model"] / "tokenizer.json"))
+    lay = policy_layout(prep.template, prep.tokenizer)
     samples = []
     for r in rows:
         resps = list(r["responses"])
         scores = list(r["scores"]) if has_scores else [float(len(resps) - i) for i in range(len(resps))]
+        # laid out as the model's template does (checked against TRL in test_layout_vs_trl)
         ex = encode_examples([r["id"]], [render_prompt(r["context"], prep.template, prep.tokenizer)], [resps], [scores], tok,
-                             eos_token_id=prep.eos_token_id, response_prefix=response_prefix(prep.template),
-                             max_length=96, max_prompt_length=64)[0]
+                             eos_token_id=prep.eos_token_id, response_prefix=lay.prefix, lead_ids=lay.lead_ids,
+                             response_suffix=lay.suffix, append_eos=lay.append_eos, max_length=96, max_prompt_length=64)[0]
         samples.append({"prompt_len": ex.prompt_len, "ids": [torch.from_numpy(s) for s in ex.input_ids],
                         "rewards": [float(x) for x in scores]})
     q = torch.from_numpy(load_distribution(assets["dist"]).q_diff.astype(np.float64))

@@ -26,7 +26,8 @@ from deft.errors import UnsafeWeightsError
 from deft.io import sha256_file_cached
 
 __all__ = [
-    "PICKLE_SUFFIXES", "default_device", "dtype_kwarg", "is_oom", "load_causal_lm", "load_tokenizer",
+    "ADAPTER_BASE", "PICKLE_SUFFIXES", "adapter_base", "default_device", "dtype_kwarg", "is_adapter", "is_oom", "load_causal_lm",
+    "load_tokenizer",
     "pickle_only_weights", "pickle_refusal", "quiet_transformers", "resolve_device", "resolve_dtype",
     "split_on_oom", "vocab_hash", "weights_fingerprint", "weights_stat_fingerprint",
 ]
@@ -147,8 +148,32 @@ def pickle_refusal(what: str, files: Sequence[str]) -> str:
 # --------------------------------------------------------------------------- loading
 
 
+#: What ``deft train`` writes beside a LoRA adapter: the base model it was trained on (``base_model``,
+#: ``gguf_file``, ``fingerprint``), so that an adapter folder loads like a model folder.
+ADAPTER_BASE = "deft_base.json"
+
+
+def is_adapter(spec: Any) -> bool:
+    """Whether ``spec`` is a local folder holding a ``peft`` adapter (``adapter_config.json``)."""
+    return (Path(str(spec)).expanduser() / "adapter_config.json").is_file()
+
+
+def adapter_base(folder: Any) -> Tuple[str, Optional[str]]:
+    """``(base model, gguf_file)`` of an adapter folder: from deft's
+    ``deft_base.json`` when present, else peft's ``base_model_name_or_path``."""
+    p = Path(str(folder)).expanduser()
+    rec = p / ADAPTER_BASE
+    if rec.is_file():
+        base = json.loads(rec.read_text(encoding="utf-8"))
+        return str(base["base_model"]), base.get("gguf_file")
+    base = json.loads((p / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"adapter {p}: adapter_config.json names no base_model_name_or_path and there is no {ADAPTER_BASE}")
+    return str(base), None
+
+
 def load_causal_lm(spec: str, *, dtype: Any, gguf_file: Optional[str] = None, trust_remote_code: bool = False,
-                   allow_pickle: bool = False) -> Any:
+                   allow_pickle: bool = False, merge_adapter: bool = True, **extra: Any) -> Any:
     """``AutoModelForCausalLM.from_pretrained`` (a local folder or hub id;
     ``gguf_file``: a GGUF file in it). transformers dequantises GGUF weights on
     load but leaves a quantizer attached that refuses ``save_pretrained``; the
@@ -158,10 +183,26 @@ def load_causal_lm(spec: str, *, dtype: Any, gguf_file: Optional[str] = None, tr
     :class:`deft.errors.UnsafeWeightsError` unless ``allow_pickle`` (a local
     folder is checked up front; a hub id is loaded with ``use_safetensors``).
     GGUF and safetensors weights are always accepted. Other loading errors
-    propagate."""
+    propagate.
+
+    A LoRA adapter folder (``adapter_config.json``, e.g. ``deft train``'s
+    ``model/`` with ``peft.enabled``) loads its base model (:func:`adapter_base`;
+    ``gguf_file`` must then be None) and the adapter on it, merged into the
+    weights unless ``merge_adapter`` is false (then a ``peft.PeftModel``).
+    ``extra`` goes to ``from_pretrained`` (e.g. ``attn_implementation``)."""
     from transformers import AutoModelForCausalLM
 
-    kw: dict = {"trust_remote_code": trust_remote_code, "dtype": dtype}
+    if is_adapter(spec):
+        if gguf_file:
+            raise ValueError(f"{spec} is a LoRA adapter folder: its base model comes from {ADAPTER_BASE}; do not pass a gguf_file")
+        from peft import PeftModel  # the optional [lora] extra
+
+        base, base_gguf = adapter_base(spec)
+        model = PeftModel.from_pretrained(load_causal_lm(base, dtype=dtype, gguf_file=base_gguf, trust_remote_code=trust_remote_code,
+                                                         allow_pickle=allow_pickle, **extra), str(spec))
+        return model.merge_and_unload() if merge_adapter else model
+
+    kw: dict = {"trust_remote_code": trust_remote_code, "dtype": dtype, **extra}
     local = Path(spec).expanduser()
     if gguf_file:
         kw["gguf_file"] = gguf_file
@@ -239,8 +280,11 @@ def weights_fingerprint(spec: str, gguf_file: Optional[str] = None) -> str:
     cache are keyed by."""
     p = Path(spec)
     h = hashlib.sha256()
+    if is_adapter(p):  # the adapter's files and its base model's identity
+        h.update(weights_fingerprint(*adapter_base(p)).encode())
     if p.is_dir():
-        names = sorted(f for f in p.iterdir() if f.is_file() and (f.suffix in (".safetensors", ".bin", ".gguf", ".pt") or f.name == "config.json"))
+        names = sorted(f for f in p.iterdir() if f.is_file() and (f.suffix in (".safetensors", ".bin", ".gguf", ".pt")
+                                                                  or f.name in ("config.json", "adapter_config.json")))
         if gguf_file:
             names.append(p / gguf_file)
         for f in names:
@@ -270,11 +314,13 @@ def weights_stat_fingerprint(spec: str, gguf_file: Optional[str]) -> Dict[str, A
         return {"hub_id": str(spec), "gguf_file": gguf_file}
     files = []
     for f in sorted(p.iterdir()):
-        if f.is_file() and (f.suffix in _WEIGHT_SUFFIXES or f.name in ("config.json", "tokenizer.json")):
+        if f.is_file() and (f.suffix in _WEIGHT_SUFFIXES or f.name in ("config.json", "tokenizer.json", "adapter_config.json")):
             st = f.stat()
             files.append([f.name, st.st_size, st.st_mtime_ns])
-    return {"folder": str(p.resolve()), "gguf_file": gguf_file,
-            "files": hashlib.sha256(json.dumps(files).encode()).hexdigest()}
+    out = {"folder": str(p.resolve()), "gguf_file": gguf_file, "files": hashlib.sha256(json.dumps(files).encode()).hexdigest()}
+    if is_adapter(p):
+        out["base"] = weights_stat_fingerprint(*adapter_base(p))
+    return out
 
 
 def log_split(logger: logging.Logger, what: str) -> Callable[[int, int], None]:

@@ -46,6 +46,9 @@ SCHEMA: Dict[str, Any] = {
     "gguf_file": Field(None, "str", nullable=True, help="GGUF file inside `model` (transformers dequantises it; needs `gguf`)"),
     "tokenizer": Field(None, "str", nullable=True, help="tokenizer (default: the model's)"),
     "trust_remote_code": Field(False, "bool"),
+    "attn_implementation": Field(None, "str", nullable=True, choices=("eager", "sdpa", "flash_attention_2"),
+                                 help="the policy's attention kernel (null: transformers' default, sdpa where supported; "
+                                      "flash_attention_2 needs the flash-attn package and CUDA)"),
     "allow_pickle": Field(False, "bool", help="load a policy whose weights are only pickles (pytorch_model.bin), which can run "
                                                 "code when loaded; only for files you trust (safetensors and GGUF need no opt-in)"),
     "data": {
@@ -103,6 +106,18 @@ SCHEMA: Dict[str, Any] = {
         "progress": Field(True, "bool"),
         "tensorboard": Field(False, "bool", help="also log the per-step metrics to OUTPUT_DIR/tensorboard (needs the tensorboard package)"),
         "device": Field("auto", "str", help="auto | cpu | cuda | cuda:N"),
+    },
+    "peft": {
+        "enabled": Field(False, "bool", help="train a LoRA adapter (needs the peft package: pip install 'deft[lora]') instead of "
+                                             "every weight; the reference is the same model with the adapter disabled"),
+        "r": Field(16, "int", help="LoRA rank"),
+        "alpha": Field(32.0, "float", help="LoRA alpha (the update is scaled by alpha / r)"),
+        "dropout": Field(0.05, "float", help="dropout on the LoRA input"),
+        "target_modules": Field(None, "list", nullable=True, help="module names to adapt (null: every linear layer but the lm_head, "
+                                                                   "peft's all-linear)"),
+        "path": Field(None, "str", nullable=True, help="continue training an existing adapter folder (its r, alpha, targets) "
+                                                       "instead of a new one"),
+        "merge": Field(False, "bool", help="also write the base model with the adapter merged in to OUTPUT_DIR/merged"),
     },
     "generation": {
         "max_new_tokens": Field(128, "int", help="the paper's generation length (evaluation)"),
@@ -268,6 +283,21 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"deft.calibration_batches: must be >= 1, got {df['calibration_batches']}")
     if df["diagnose_every"] < 0:
         raise ConfigError(f"deft.diagnose_every: must be >= 0, got {df['diagnose_every']}")
+    if cfg.get("attn_implementation") == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("attn_implementation: flash_attention_2 needs the flash-attn package (pip install flash-attn, CUDA only); "
+                          "use sdpa or eager")
+    pf = cfg["peft"]
+    if pf["enabled"]:
+        if pf["r"] < 1:
+            raise ConfigError(f"peft.r: must be >= 1, got {pf['r']}")
+        if not 0 <= pf["dropout"] < 1:
+            raise ConfigError(f"peft.dropout: must be in [0, 1), got {pf['dropout']}")
+        if pf["target_modules"] is not None and (not pf["target_modules"] or not all(isinstance(x, str) for x in pf["target_modules"])):
+            raise ConfigError(f"peft.target_modules: expected a non-empty list of module names (or null), got {pf['target_modules']!r}")
+        if importlib.util.find_spec("peft") is None:
+            raise ConfigError("peft.enabled: needs the peft package (pip install peft, or the deft[lora] extra)")
+    elif pf["path"] or pf["merge"]:
+        raise ConfigError(f"peft.{'path' if pf['path'] else 'merge'}: set peft.enabled: true as well (LoRA is off)")
 
 
 def read_config(path: Optional[Union[str, Path]], overrides: Sequence[str], schema: Mapping[str, Any]) -> Dict[str, Any]:

@@ -101,7 +101,7 @@ import polars as pl
 
 # Imported inside the functions that use them, on purpose: torch and transformers; importing deft stays
 # fast. Generation is deft.generation's, BLEU, win/tie/lose and reward are deft.eval_metrics'.
-from deft._hf import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype, weights_stat_fingerprint
+from deft._hf import is_adapter, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype, weights_stat_fingerprint
 from deft._util import md_table
 from deft.data import DataError, load_many
 from deft.errors import UnsafeWeightsError
@@ -114,7 +114,7 @@ from deft.eval_metrics import (
     score_responses, win_tie_lose,
 )
 from deft.generation import cut_generation, generate
-from deft.render import render_prompt, resolve_model_template
+from deft.render import prompt_lead_ids, render_prompt, resolve_model_template
 from deft.score import load_reward_model
 
 __all__ = [
@@ -309,8 +309,9 @@ def _check_model_spec(spec: str, gguf_file: Optional[str]) -> None:
         if gguf_file:
             if not (p / gguf_file).is_file():
                 raise FileNotFoundError(f"model {spec}: GGUF file {gguf_file} not found in the folder")
-        elif not (p / "config.json").is_file():
-            raise FileNotFoundError(f"model {spec}: the folder has no config.json; is it a Hugging Face model folder (save_pretrained)?")
+        elif not (p / "config.json").is_file() and not is_adapter(p):
+            raise FileNotFoundError(f"model {spec}: the folder has no config.json (nor adapter_config.json); is it a Hugging Face "
+                                    f"model folder (save_pretrained)?")
         return
     if _looks_local(spec):
         raise FileNotFoundError(f"model {spec}: no such folder")
@@ -472,7 +473,8 @@ def write_mt_bench_answers(
                         ctx.append({"role": "user", "content": q.turns[k]})
                         prompts.append(render_prompt(ctx, template, tokenizer))
                     gens = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length,
-                                    batch_size=batch_size, progress=False, metrics=metrics, description=f"{model_id}/mt-bench")
+                                    batch_size=batch_size, progress=False, metrics=metrics, description=f"{model_id}/mt-bench",
+                                    lead_ids=prompt_lead_ids(template, tokenizer))
                     for j, g in zip(live, gens):
                         answers[j].append(g)
                 app.write({"question_id": q.question_id, "answer_id": _answer_id(model_id, q.question_id, a), "model_id": model_id,
@@ -964,6 +966,9 @@ def _generate_run(spec: str, name: str, gguf: Optional[str], tok_spec: Optional[
             "template": tmpl, "max_new_tokens": gen.max_new_tokens, "max_prompt_length": gen.max_prompt_length,
             "mt_bench_max_new_tokens": gen.mt_bench_max_new_tokens, "mt_bench_max_prompt_length": gen.mt_bench_max_prompt_length,
             "dtype": gen.dtype, "decoding": "greedy", "cut": "pro-v1"}
+    lead = prompt_lead_ids(tmpl, hf_tok)
+    if lead:  # a BOS before every prompt (recorded only then: earlier plans without one stay valid)
+        plan["lead_ids"] = list(lead)
     _check_plan(run_dir, plan, gen.overwrite)
     mt_path = out / "mt_bench" / "model_answer" / f"{name}.jsonl"
     remove_stale_temporaries(mt_path.parent)
@@ -1010,7 +1015,7 @@ def _generate_run(spec: str, name: str, gguf: Optional[str], tok_spec: Optional[
                 try:
                     generate(lm, hf_tok, [prompts[i] for i in pending], max_new_tokens=gen.max_new_tokens,
                              max_prompt_length=gen.max_prompt_length, batch_size=gen.batch_size, progress=gen.progress,
-                             on_batch=on_batch, metrics=metrics, description=name)
+                             on_batch=on_batch, metrics=metrics, description=name, lead_ids=lead)
                 finally:
                     app.close()
                 result.generated = len(pending)

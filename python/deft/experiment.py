@@ -94,7 +94,7 @@ from deft.eval_metrics import reward_100, score_responses
 from deft.evaluate import load_policy
 from deft.generation import generate
 from deft.io import MetricsLog, atomic_path, locked_output, write_json_atomic, write_text_atomic
-from deft.render import RM_TEMPLATES, render_hh, render_prompt, resolve_template
+from deft.render import RM_TEMPLATES, prompt_lead_ids, render_hh, render_prompt, resolve_template
 from deft.score import load_reward_model
 
 __all__ = ["EXPERIMENT_SCHEMA", "load_experiment_config", "run_experiment", "summarise", "bootstrap_mean_ci",
@@ -493,7 +493,8 @@ def evaluate_model(cfg: Mapping[str, Any], eval_split: Path, spec: str, *, gguf_
         rows = held.head(e["eval_prompts"])
         prompts = [render_prompt(c, template, hf_tok) for c in rows["context"].to_list()]
         texts = generate(model, gen_tok, prompts, max_new_tokens=cfg["generation"]["max_new_tokens"],
-                         max_prompt_length=cfg["data"]["max_prompt_length"], batch_size=e["batch_size"])
+                         max_prompt_length=cfg["data"]["max_prompt_length"], batch_size=e["batch_size"],
+                         lead_ids=prompt_lead_ids(template, hf_tok))
         del model
 
         rm = load_reward_model(e["reward_model"], template=e["reward_template"], device=e["device"],

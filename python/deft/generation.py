@@ -222,6 +222,7 @@ def generate(
     on_batch: Optional[Callable[[List[int], List[str], List[str]], None]] = None,
     metrics: Any = None,
     description: str = "generate",
+    lead_ids: Sequence[int] = (),
 ) -> List[str]:
     """Greedy generations for rendered ``prompts`` (see the module docstring),
     cut with :func:`cut_generation`, in input order.
@@ -232,6 +233,10 @@ def generate(
     generations, raw)`` is called after every batch (indices into ``prompts``;
     ``raw`` = the decoded text before the cut), e.g. to write results as they
     come. ``metrics``: a :class:`deft.io.MetricsLog` for per-batch throughput.
+    ``lead_ids``: the ids every prompt starts with, as the trainer lays prompts
+    out (:func:`deft.render.prompt_lead_ids`: the BOS of a Llama-family
+    tokenizer): prepended when a prompt does not start with them, kept when it
+    is left-truncated.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -243,7 +248,13 @@ def generate(
     out: List[Optional[str]] = [None] * len(prompts)
     if not prompts:
         return []
-    encoded = _encoder(tokenizer)(prompts, max_prompt_length)
+    lead = [int(x) for x in lead_ids]
+    if len(lead) >= max_prompt_length:
+        raise ValueError(f"max_prompt_length ({max_prompt_length}) leaves no room after the {len(lead)} leading special token(s)")
+    encoded = _encoder(tokenizer)(prompts, max_prompt_length + len(lead))
+    if lead:
+        room = max_prompt_length - len(lead)
+        encoded = [lead + (x[len(lead):] if x[:len(lead)] == lead else x)[-room:] for x in encoded]
     for i, x in enumerate(encoded):
         if not x:
             raise ValueError(f"prompt {i} encodes to no tokens")

@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = ["render_hh", "render_oasst", "render_chat", "POLICY_TEMPLATES", "RM_TEMPLATES", "check_template",
-           "resolve_template", "render_prompt", "response_prefix", "trained_template", "resolve_model_template",
+           "resolve_template", "render_prompt", "response_prefix", "PolicyLayout", "policy_layout", "chat_response_suffix",
+           "special_lead_ids", "prompt_lead_ids", "trained_template", "resolve_model_template",
            "resolve_rm_template", "render_pair"]
 
 Context = Sequence[Mapping[str, str]]
@@ -162,6 +164,89 @@ def response_prefix(template: str) -> str:
     if template == "chat":
         return ""
     raise ValueError(f"template must be 'plain' or 'chat', got {template!r}")
+
+
+_PROBE_CONTEXT = [{"role": "user", "content": "Hello."}]
+_PROBE_RESPONSE = "deft-probe-response-7f3c"
+
+
+def chat_response_suffix(tokenizer: Any) -> str:
+    """What a tokenizer's chat template writes after an assistant message's
+    content: its end of turn (``"<|im_end|>\n"`` for ChatML,
+    ``"<|eot_id|>"`` for Llama 3). Found by rendering a probe conversation with
+    and without the response (as TRL's DPOTrainer tokenises conversational data,
+    prompt + response rendered together); a ValueError when the template does
+    not render the response's content verbatim."""
+    prompt = render_chat(_PROBE_CONTEXT, tokenizer)
+    full = render_chat(_PROBE_CONTEXT, tokenizer, response=_PROBE_RESPONSE)
+    at = full.rfind(_PROBE_RESPONSE)
+    if at < 0:
+        raise ValueError("the chat template does not render an assistant message's content verbatim; deft cannot tell "
+                         "where a response ends (use template plain)")
+    if not full[:at].startswith(prompt):
+        raise ValueError("the chat template renders the prompt differently with and without the response (the "
+                         "generation prompt is not a prefix of the conversation); use template plain")
+    return full[at + len(_PROBE_RESPONSE):]
+
+
+def special_lead_ids(tokenizer: Any) -> Tuple[int, ...]:
+    """The ids a Hugging Face tokenizer's post-processor puts before a single
+    sequence when it adds special tokens: ``(bos_token_id,)`` for the Llama
+    family, ``()`` for GPT-2 and SmolLM2."""
+    probe = "Hello world."
+    with_special = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    for i in range(len(with_special) - len(plain) + 1):
+        if with_special[i:i + len(plain)] == plain:
+            return tuple(int(x) for x in with_special[:i])
+    return ()
+
+
+@dataclass(frozen=True)
+class PolicyLayout:
+    """How the policy's sequences are laid out under a resolved template, as
+    the model's chat template and its tokenizer's post-processor lay them out
+    (the tokenisation TRL's DPOTrainer gives):
+
+    * ``plain``: ``lead_ids`` (the BOS the post-processor adds, if any) +
+      HH prompt text; ``" "`` + response; then EOS.
+    * ``chat``: the chat template's prompt with the generation prompt (its own
+      BOS text, if the template writes one; ``lead_ids`` are then those
+      leading ids, kept when a long prompt is left-truncated); the response;
+      then the template's end of turn (``suffix``), and no extra EOS.
+
+    The prompt, the response (``prefix`` + response) and the ``suffix`` are
+    tokenised separately and concatenated, so a response's ids are the same
+    here, in ``deft distribution``'s counts and wherever else it is tokenised."""
+
+    template: str
+    lead_ids: Tuple[int, ...]
+    prefix: str
+    suffix: str
+    append_eos: bool
+
+
+def policy_layout(template: str, tokenizer: Any) -> PolicyLayout:
+    """:class:`PolicyLayout` for a resolved template (``plain``/``chat``) and
+    the policy's Hugging Face tokenizer."""
+    prefix, lead = response_prefix(template), prompt_lead_ids(template, tokenizer)
+    if template == "chat":
+        suffix = chat_response_suffix(tokenizer)
+        return PolicyLayout("chat", lead, prefix, suffix, append_eos=suffix == "")
+    return PolicyLayout("plain", lead, prefix, "", append_eos=True)
+
+
+def prompt_lead_ids(template: str, tokenizer: Any) -> Tuple[int, ...]:
+    """The ids every prompt starts with under a resolved template
+    (:attr:`PolicyLayout.lead_ids`): for ``plain`` the BOS the tokenizer's
+    post-processor adds (:func:`special_lead_ids`); for ``chat`` that BOS when
+    the chat template writes it itself (Llama 3), else none."""
+    lead = special_lead_ids(tokenizer)
+    if template == "chat" and lead:
+        ids = list(tokenizer(render_chat(_PROBE_CONTEXT, tokenizer), add_special_tokens=False)["input_ids"])
+        if list(lead) != ids[:len(lead)]:
+            return ()
+    return lead
 
 
 def trained_template(model: str) -> Optional[str]:

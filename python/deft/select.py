@@ -105,7 +105,9 @@ import polars as pl
 
 # Imported inside the functions that use them, on purpose: torch, transformers, rich and matplotlib;
 # importing deft stays fast.
-from deft._hf import default_device, dtype_kwarg, pickle_only_weights, quiet_transformers, split_on_oom
+from deft._hf import (
+    adapter_base, default_device, dtype_kwarg, is_adapter, load_causal_lm, pickle_only_weights, quiet_transformers, split_on_oom,
+)
 from deft._util import chars_per_token, find_sub, tokenize_clipped
 from deft.builtin_rm import minilm_fingerprint, minilm_path
 from deft.data import SCHEMA, load_many, save, validate_frame
@@ -661,8 +663,18 @@ class ResponseEmbedder:
                         identity[f.replace(".json", "_sha256")] = sha256_file(local / f)
                 if not any(local.glob("*.safetensors")):
                     raise ValueError(f"embedder {source}: {_missing_weights_reason(local)}")
+        adapter = not builtin and is_adapter(source)  # a LoRA adapter folder (deft train with peft): base + adapter, merged
+        if adapter:
+            identity["adapter_config_sha256"] = sha256_file(Path(source) / "adapter_config.json")
+            identity["adapter_sha256"] = sha256_file(Path(source) / "adapter_model.safetensors")
         with quiet_transformers():
-            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+            if adapter:
+                base, base_gguf = adapter_base(source)
+                config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code,
+                                                    **({"gguf_file": base_gguf} if base_gguf else {}))
+                identity["base_model"] = base
+            else:
+                config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
             if getattr(config, "is_encoder_decoder", False):
                 raise ValueError(f"embedder {source}: encoder-decoder models ({config.model_type}) are not supported; "
                                  "use an encoder or a causal LM")
@@ -673,9 +685,12 @@ class ResponseEmbedder:
             elif isinstance(dtype, str):
                 dtype = getattr(torch, dtype)
             try:
-                model, info = AutoModel.from_pretrained(
-                    source, config=config, use_safetensors=True, trust_remote_code=trust_remote_code,
-                    output_loading_info=True, **{dtype_kwarg(): dtype})
+                if adapter:  # the causal LM's base model, as AutoModel of a *ForCausalLM gives it
+                    model, info = load_causal_lm(source, dtype=dtype, trust_remote_code=trust_remote_code).base_model, {}
+                else:
+                    model, info = AutoModel.from_pretrained(
+                        source, config=config, use_safetensors=True, trust_remote_code=trust_remote_code,
+                        output_loading_info=True, **{dtype_kwarg(): dtype})
             except OSError as e:
                 if "safetensors" in str(e):
                     raise ValueError(f"embedder {source}: no safetensors weights found; deft refuses pickled weights ({e})") from None

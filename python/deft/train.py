@@ -7,19 +7,23 @@ Pipeline
    default; ``[A, B, C]`` is the paper's -D^A ablation), responses best first.
    SFT trains on the best response, DPO/IPO on (best, worst), PRO/RRHF on the
    whole list with the scores as rewards.
-2. **Tokenisation** (:func:`encode_examples`). Prompt and response are
+2. **Tokenisation** (:func:`encode_examples`), laid out as the model's
+   template and tokenizer do (:class:`deft.render.PolicyLayout`, the
+   tokenisation TRL's DPOTrainer gives). Prompt, response and end are
    tokenised separately with the native batch encoder (no special tokens) and
    their ids concatenated. The prompt is the tokenizer's chat template
    (``add_generation_prompt=True``) when the template is ``chat``, else
-   :func:`deft.render.render_hh`. The response is
-   ``response_prefix(template) + response`` -- the convention ``deft
-   distribution`` counted Q_diff with; the template comes from the
-   distribution file and a mismatch is refused. The prompt is left-truncated
-   to ``data.max_prompt_length`` (384) tokens. Then the tokenizer's
-   ``eos_token_id`` is appended to the response, and response + EOS is
-   right-truncated to fit ``data.max_length`` (512): a response cut short
-   therefore has no EOS (the model is not taught to stop mid-sentence). Labels
-   are -100 on the prompt and the padding, the ids elsewhere (EOS included).
+   :func:`deft.render.render_hh` after the BOS the tokenizer's post-processor
+   adds (Llama family; none for GPT-2 or SmolLM2). The response is
+   ``response_prefix(template) + response`` -- the ids ``deft distribution``
+   counted Q_diff with; the template comes from the distribution file and a
+   mismatch is refused. The prompt is left-truncated to
+   ``data.max_prompt_length`` (384) tokens, its BOS kept. The response's end
+   is the chat template's end of turn (``<|im_end|>\n`` for ChatML; no extra
+   EOS) or, for ``plain``, the tokenizer's ``eos_token_id``; it follows only a
+   response that fits whole in ``data.max_length`` (512): a response cut short
+   has no end (the model is not taught to stop mid-sentence). Labels are -100
+   on the prompt and the padding, the ids elsewhere (the end included).
 3. **Reference log-probs** (DPO/IPO) are computed once, in a first pass with
    the initial policy, and cached as safetensors in ``train.ref_cache_dir``
    keyed by the model fingerprint, the precision and a hash of the token ids,
@@ -91,7 +95,7 @@ from safetensors.torch import load_file, save_file
 
 # Imported inside the functions that use them, on purpose: deepspeed (the optional [train] extra),
 # transformers and tensorboard; importing deft stays fast.
-from deft._hf import is_oom, load_causal_lm, load_tokenizer, vocab_hash, weights_fingerprint
+from deft._hf import ADAPTER_BASE, is_oom, load_causal_lm, load_tokenizer, vocab_hash, weights_fingerprint
 from deft._util import chars_per_token, tokenize_clipped
 from deft.config import load_config, sft_weight
 from deft.distribution import PolicyTokenizer, load_distribution
@@ -106,7 +110,7 @@ from deft.losses import (
     sft_loss,
 )
 from deft.ops import rdis_for_model
-from deft.render import render_prompt, resolve_template, response_prefix
+from deft.render import policy_layout, render_prompt, resolve_template
 
 __all__ = ["Example", "encode_examples", "select_responses", "prepare_data", "train", "TrainResult"]
 
@@ -114,6 +118,8 @@ PAIRWISE = ("dpo", "ipo")
 #: Below this R_dis gradient share at step 0, the trainer warns that R_dis cannot change the model.
 LOW_SHARE = 1e-3
 CHECKPOINTS = "checkpoints"
+#: A checkpoint's weights when a LoRA adapter is trained: the trainable parameters only, by name.
+ADAPTER_WEIGHTS = "adapter.safetensors"
 
 
 def _log(msg: str) -> None:
@@ -170,10 +176,21 @@ def encode_examples(
     max_length: int = 512,
     max_prompt_length: int = 384,
     num_threads: Optional[int] = None,
+    lead_ids: Sequence[int] = (),
+    response_suffix: str = "",
+    append_eos: bool = True,
 ) -> List[Example]:
-    """Tokenise rendered prompts and their responses; see the module docstring."""
+    """Tokenise rendered prompts and their responses; see the module docstring.
+    ``lead_ids``, ``response_suffix`` and ``append_eos`` come from the
+    template's :class:`deft.render.PolicyLayout`: the ids every prompt starts
+    with (a BOS; prepended when the rendered prompt does not start with them,
+    and kept when it is left-truncated), the text after every response (a chat
+    template's end of turn, tokenised on its own) and whether EOS follows."""
     if max_length <= max_prompt_length:
         raise ValueError(f"max_length ({max_length}) must exceed max_prompt_length ({max_prompt_length})")
+    lead = np.asarray(list(lead_ids), dtype=np.int64)
+    if len(lead) >= max_prompt_length:
+        raise ValueError(f"max_prompt_length ({max_prompt_length}) leaves no room after the {len(lead)} leading special token(s)")
 
     def tokenize(texts: List[str]) -> List[np.ndarray]:
         ids, off = native_tokenizer.encode(texts, add_special_tokens=False, num_threads=num_threads)
@@ -184,11 +201,16 @@ def encode_examples(
     # max_prompt_length tokens, a response's first max_length) before
     # tokenising, with the same kept tokens (deft._util.tokenize_clipped).
     cpt = chars_per_token(native_tokenizer)
-    p_list = [p[len(p) - max_prompt_length:] if len(p) > max_prompt_length else p
-              for p in tokenize_clipped(tokenize, list(prompts), max_prompt_length, "left", cpt)]
+    room = max_prompt_length - len(lead)
+    p_list = []
+    for p in tokenize_clipped(tokenize, list(prompts), max_prompt_length + len(lead), "left", cpt):
+        if len(lead) and np.array_equal(p[:len(lead)], lead):
+            p = p[len(lead):]  # the template wrote the BOS itself
+        p_list.append(np.concatenate([lead, p[len(p) - room:] if len(p) > room else p]))
     flat = [response_prefix + r for rs in responses for r in rs]
     r_list = tokenize_clipped(tokenize, flat, max_length, "right", cpt)
-    eos = np.array([eos_token_id], dtype=np.int64)
+    end = np.concatenate([tokenize([response_suffix])[0] if response_suffix else np.zeros(0, dtype=np.int64),
+                          np.array([eos_token_id] if append_eos else [], dtype=np.int64)])
     out: List[Example] = []
     k = 0
     for i, rs in enumerate(responses):
@@ -196,7 +218,9 @@ def encode_examples(
         budget = max_length - len(prompt)
         seqs = []
         for _ in rs:
-            resp = np.concatenate([r_list[k], eos])[:budget]
+            # the end (EOS, or the template's end of turn) only after a response that fits whole:
+            # the model is not taught to stop mid-sentence
+            resp = np.concatenate([r_list[k], end]) if len(r_list[k]) + len(end) <= budget else r_list[k][:budget]
             seqs.append(np.concatenate([prompt, resp]))
             k += 1
         out.append(Example(id=str(ids[i]), input_ids=seqs, prompt_len=len(prompt), rewards=[float(x) for x in rewards[i]]))
@@ -302,10 +326,11 @@ def frame_examples(cfg: Mapping[str, Any], frame: Any, template: str, hf_tok: An
         prompts.append(render_prompt(r["context"], template, hf_tok))
         resps.append(rs)
         rews.append(sc)
+    lay = policy_layout(template, hf_tok)
     return encode_examples(
-        ids, prompts, resps, rews, ptok.native, eos_token_id=int(hf_tok.eos_token_id), response_prefix=response_prefix(template),
+        ids, prompts, resps, rews, ptok.native, eos_token_id=int(hf_tok.eos_token_id), response_prefix=lay.prefix,
         max_length=cfg["data"]["max_length"], max_prompt_length=cfg["data"]["max_prompt_length"],
-        num_threads=cfg["data"]["num_threads"],
+        num_threads=cfg["data"]["num_threads"], lead_ids=lay.lead_ids, response_suffix=lay.suffix, append_eos=lay.append_eos,
     )
 
 
@@ -677,6 +702,13 @@ class Engine:
     accumulation: int
     max_grad_norm: float
     hf_ds_config: Any = None  # kept alive under ZeRO-3: from_pretrained and save read it through a weak reference
+    adapter: Optional[Dict[str, Any]] = None  # the LoRA adapter trained (peft), or None: every weight is trained
+    loading: Dict[str, Any] = field(default_factory=dict)  # how the policy was loaded (dtype, attention, ...), for the manifest
+
+    def reference_mode(self):
+        """The context the reference log-probs are computed in: the policy
+        with its LoRA adapter disabled (no second copy of the model), or as it is."""
+        return self.module.disable_adapter() if self.adapter is not None else contextlib.nullcontext()
 
     @property
     def zero3(self) -> bool:
@@ -914,11 +946,27 @@ def _claim_output_dir(out_dir: Path, resume: bool, d: Dist) -> bool:
     return resume
 
 
-def _load_model(cfg: Mapping[str, Any]):
+def load_dtype(use_ds: bool, bf16: bool) -> torch.dtype:
+    """The dtype the policy's weights are loaded in: bf16 when DeepSpeed
+    trains in bf16 (it keeps the float32 master weights in its optimizer, so a
+    float32 copy of the model per rank would only be converted down), float32
+    otherwise (the plain loop keeps float32 weights and autocasts to bf16)."""
+    return torch.bfloat16 if use_ds and bf16 else torch.float32
 
+
+def _load_model(cfg: Mapping[str, Any], dtype: torch.dtype = torch.float32, zero3: bool = False):
+    """The policy, loaded in ``dtype`` with ``attn_implementation``; under
+    ZeRO-3 (an ``HfDeepSpeedConfig`` alive) transformers constructs it
+    partitioned, otherwise with ``low_cpu_mem_usage`` (no random
+    initialisation of weights the checkpoint overwrites)."""
+    extra: Dict[str, Any] = {}
+    if cfg.get("attn_implementation"):
+        extra["attn_implementation"] = cfg["attn_implementation"]
+    if not zero3:
+        extra["low_cpu_mem_usage"] = True  # transformers >= 5 always loads this way and ignores the flag
     try:
-        model = load_causal_lm(cfg["model"], dtype=torch.float32, gguf_file=cfg.get("gguf_file"),
-                               trust_remote_code=cfg["trust_remote_code"], allow_pickle=cfg.get("allow_pickle", False))
+        model = load_causal_lm(cfg["model"], dtype=dtype, gguf_file=cfg.get("gguf_file"),
+                               trust_remote_code=cfg["trust_remote_code"], allow_pickle=cfg.get("allow_pickle", False), **extra)
     except OSError as e:
         raise FileNotFoundError(f"model {cfg['model']}: {e}") from None
     if cfg["train"]["gradient_checkpointing"]:
@@ -975,7 +1023,16 @@ def _build_engine(cfg: Mapping[str, Any], prep: Prepared, sched: Schedule, d: Di
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(ds_cfg)  # from_pretrained partitions under zero.Init while this lives
-    model = _load_model(cfg)
+    dtype = load_dtype(use_ds, bf16)
+    model = _load_model(cfg, dtype, zero3=hf_ds is not None)
+    loading = {"dtype": str(dtype).replace("torch.", ""), "attn_implementation": getattr(model.config, "_attn_implementation", None),
+               "gradient_checkpointing": "non-reentrant" if t["gradient_checkpointing"] else None,
+               "construction": "zero3-partitioned" if hf_ds is not None else "low_cpu_mem_usage"}
+    adapter = None
+    if cfg["peft"]["enabled"]:
+        if hf_ds is not None:
+            raise ValueError("peft.enabled: LoRA with ZeRO-3 is not supported; use ZeRO 0-2 (the adapter is small) or train every weight")
+        model, adapter = _attach_adapter(cfg, model)
     head = model.get_output_embeddings()
     if prep.q_diff is not None and head is not None:
         rows = getattr(head.weight, "ds_shape", head.weight.shape)[0]
@@ -1003,7 +1060,38 @@ def _build_engine(cfg: Mapping[str, Any], prep: Prepared, sched: Schedule, d: Di
         engine, module, runner = None, model, model
         autocast_dtype = torch.bfloat16 if bf16 else None
     return Engine(model, module, runner, engine, optimizer, scheduler, device, autocast_dtype,
-                  [p for p in module.parameters() if p.requires_grad], sched.accumulation, float(t["max_grad_norm"]), hf_ds)
+                  [p for p in module.parameters() if p.requires_grad], sched.accumulation, float(t["max_grad_norm"]), hf_ds, adapter,
+                  loading)
+
+
+def _attach_adapter(cfg: Mapping[str, Any], model):
+    """The policy with a LoRA adapter (``peft``): a new one (``peft.r``,
+    ``alpha``, ``dropout``, ``target_modules``) or ``peft.path``'s, trainable.
+    Only the adapter's parameters require gradients. Returns ``(model,
+    record)``, the record going to the manifest and every checkpoint."""
+    from peft import LoraConfig, PeftModel, get_peft_model  # the optional [lora] extra
+
+    pf = cfg["peft"]
+    if pf["path"]:
+        if not (Path(pf["path"]) / "adapter_config.json").is_file():
+            raise FileNotFoundError(2, "peft.path: not an adapter folder (no adapter_config.json)", str(pf["path"]))
+        model = PeftModel.from_pretrained(model, pf["path"], is_trainable=True)
+    else:
+        targets = pf["target_modules"] if pf["target_modules"] not in (None, ["all-linear"]) else "all-linear"
+        model = get_peft_model(model, LoraConfig(r=pf["r"], lora_alpha=pf["alpha"], lora_dropout=pf["dropout"],
+                                                 target_modules=targets, bias="none", task_type="CAUSAL_LM"))
+    if cfg["train"]["gradient_checkpointing"]:
+        model.enable_input_require_grads()  # the frozen embeddings' output must carry a gradient into the checkpointed blocks
+    lc = model.peft_config["default"]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    record = {"r": int(lc.r), "alpha": float(lc.lora_alpha), "dropout": float(lc.lora_dropout),
+              "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ([lc.target_modules] if isinstance(lc.target_modules, str) else lc.target_modules)}),
+              "path": pf["path"], "path_sha256": _sha(Path(pf["path"]) / "adapter_model.safetensors") if pf["path"] else None,
+              "trainable_parameters": trainable, "total_parameters": total}
+    _log(f"LoRA r={record['r']} alpha={record['alpha']:g}: {trainable:,} of {total:,} parameters trained "
+         f"({100 * trainable / max(total, 1):.2f}%)")
+    return model, record
 
 
 def _resume(job: Job, eng: Engine) -> TrainState:
@@ -1023,13 +1111,19 @@ def _resume(job: Job, eng: Engine) -> TrainState:
     if state["world_size"] * state["micro_batch_size"] * state["gradient_accumulation_steps"] != s.group:
         raise ValueError(f"cannot resume from {ck}: global batch {state['world_size']}x{state['micro_batch_size']}x"
                          f"{state['gradient_accumulation_steps']} differs from {d.world}x{s.micro_batch_size}x{s.accumulation}")
+    if state.get("peft") != eng.adapter:
+        raise ValueError(f"cannot resume from {ck}: it was trained with peft {state.get('peft')}, this run has {eng.adapter}")
     if eng.ds is not None:
         path, _ = _load_checkpoint_file(ck / "ds", lambda f: eng.ds.load_checkpoint(
-            str(ck), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True))
+            str(ck), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True,
+            load_module_strict=eng.adapter is None))  # with an adapter, only the trainable weights were saved
         if path is None:
             raise ValueError(f"cannot resume: DeepSpeed could not load {ck}")
     else:
-        _load_checkpoint_file(ck / "model.safetensors", lambda f: eng.model.load_state_dict(load_file(str(f)), strict=True))
+        if eng.adapter is not None:  # the adapter's weights; the base model is the one loaded
+            _load_checkpoint_file(ck / ADAPTER_WEIGHTS, lambda f: _load_adapter_weights(eng.module, load_file(str(f))))
+        else:
+            _load_checkpoint_file(ck / "model.safetensors", lambda f: eng.model.load_state_dict(load_file(str(f)), strict=True))
         # weights_only: no arbitrary unpickling (a foreign pickle is refused, as a CheckpointError)
         other = _load_checkpoint_file(ck / "optimizer.pt", lambda f: torch.load(f, map_location=eng.device, weights_only=True))
         _load_checkpoint_file(ck / "optimizer.pt", lambda f: (eng.optimizer.load_state_dict(other["optimizer"]),
@@ -1157,6 +1251,20 @@ def _trim_metrics(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(l + "\n" for l in keep))
 
 
+def _adapter_weights(module) -> Dict[str, Any]:
+    return {n: p.detach().contiguous().cpu() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def _load_adapter_weights(module, sd: Mapping[str, Any]) -> None:
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    if set(params) != set(sd):
+        missing, extra = sorted(set(params) - set(sd)), sorted(set(sd) - set(params))
+        raise KeyError(f"the adapter's parameters differ (missing {missing[:3]}, unexpected {extra[:3]})")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(sd[n])
+
+
 def _save_checkpoint(job: Job, eng: Engine, state: TrainState) -> Path:
     """``checkpoints/step-N``: written into a temporary folder by every rank,
     then renamed by rank 0 (the last ``train.save_total_limit`` kept)."""
@@ -1170,7 +1278,10 @@ def _save_checkpoint(job: Job, eng: Engine, state: TrainState) -> Path:
         tmp.mkdir(parents=True)
     _barrier(d)
     if eng.ds is not None:
-        eng.ds.save_checkpoint(str(tmp), tag="ds")
+        eng.ds.save_checkpoint(str(tmp), tag="ds", exclude_frozen_parameters=eng.adapter is not None)
+    elif d.rank == 0 and eng.adapter is not None:  # the adapter's weights only: the base model is unchanged
+        save_file(_adapter_weights(eng.module), str(tmp / ADAPTER_WEIGHTS))
+        torch.save({"optimizer": eng.optimizer.state_dict(), "scheduler": eng.scheduler.state_dict()}, tmp / "optimizer.pt")
     elif d.rank == 0:
         sd = {k: v.detach().contiguous().cpu() for k, v in eng.model.state_dict().items()}
         # tied weights share storage; safetensors refuses shared tensors, so clone them
@@ -1191,6 +1302,8 @@ def _save_checkpoint(job: Job, eng: Engine, state: TrainState) -> Path:
             "gradient_accumulation_steps": cfg["train"]["gradient_accumulation_steps"], "config": cfg,
             "omega": dict(state.omega) if state.omega else None,
         }
+        if eng.adapter is not None:
+            trainer_state["peft"] = eng.adapter
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
         _finalize_checkpoint(tmp, final)
         _prune_checkpoints(out_dir, cfg["train"]["save_total_limit"])
@@ -1205,19 +1318,33 @@ def _save_final(job: Job, eng: Engine, state: TrainState, ref_path: Optional[Pat
     cfg, d, out_dir, prep = job.cfg, job.d, job.out_dir, job.prep
     state_dict = eng.ds._zero3_consolidated_16bit_state_dict() if eng.zero3 else None
     model_dir = out_dir / "model"
+    merged_dir = out_dir / "merged" if eng.adapter is not None and cfg["peft"]["merge"] else None
     if d.rank == 0:
-        pub = begin_publication(out_dir / "manifest.json", [model_dir], overwrite=True)  # model/, then manifest.json
+        # model/ (and merged/), then manifest.json
+        pub = begin_publication(out_dir / "manifest.json", [model_dir] + ([merged_dir] if merged_dir else []), overwrite=True)
         tmp = out_dir / ".tmp-model"
         if tmp.exists():
             shutil.rmtree(tmp)
         kw = {"safe_serialization": True}
         if state_dict is not None:
             kw["state_dict"] = state_dict
-        eng.module.save_pretrained(str(tmp), **kw)
+        eng.module.save_pretrained(str(tmp), **kw)  # with an adapter: adapter_model.safetensors and adapter_config.json
         prep.tokenizer.save_pretrained(str(tmp))
+        if eng.adapter is not None:  # what deft._hf.load_causal_lm loads the adapter onto
+            write_json_atomic(tmp / ADAPTER_BASE, {"base_model": cfg["model"], "gguf_file": cfg.get("gguf_file"),
+                                                   "fingerprint": job.model_fp})
         if model_dir.exists():
             shutil.rmtree(model_dir)
         os.replace(tmp, model_dir)
+        if merged_dir is not None:  # last: merging changes the module's weights in place
+            tmp = out_dir / ".tmp-merged"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            eng.module.merge_and_unload().save_pretrained(str(tmp), safe_serialization=True)
+            prep.tokenizer.save_pretrained(str(tmp))
+            if merged_dir.exists():
+                shutil.rmtree(merged_dir)
+            os.replace(tmp, merged_dir)
         write_json_atomic(out_dir / "manifest.json", {
             "stage": "train",
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -1235,12 +1362,15 @@ def _save_final(job: Job, eng: Engine, state: TrainState, ref_path: Optional[Pat
             "tokenizer": {"source": prep.policy_tokenizer.source, "sha256": prep.policy_tokenizer.sha256,
                           "vocab_hash": prep.policy_tokenizer.vocab_hash, "eos_token_id": prep.eos_token_id},
             "reference_cache": str(ref_path) if ref_path else None,
+            "peft": eng.adapter,
+            "loading": eng.loading,
             "omega": dict(state.omega) if state.omega and cfg["deft"]["enabled"] else None,
             "diagnostics": diagnostics_summary(out_dir / "metrics.jsonl"),
             "world_size": d.world,
             "global_step": state.global_step,
             "total_steps": job.sched.total_steps,
-            "outputs": {"model": str(model_dir), "metrics": str(out_dir / "metrics.jsonl")},
+            "outputs": {"model": str(model_dir), "metrics": str(out_dir / "metrics.jsonl"),
+                        **({"merged": str(merged_dir)} if merged_dir else {})},
             "versions": versions(),
             "git_commit": _git_commit(),
         })
@@ -1306,7 +1436,7 @@ def _reference_logps(job: Job, eng: Engine, bf16: bool):
     bar = None
     if t["progress"] and d.rank == 0:
         bar = tqdm.auto.tqdm(total=len(mine), desc="reference log-probs", unit="sample", dynamic_ncols=True)
-    with torch.no_grad():
+    with torch.no_grad(), eng.reference_mode():  # with a LoRA adapter: the base model
         for i in range(0, len(mine), bs):
             idx = mine[i:i + bs]
             batch = collate([prep.examples[j] for j in idx], prep.pad_token_id)
