@@ -5,7 +5,8 @@ Shapes: d = 576 (SmolLM2-135M), T = 512, B = 4 sequences (2 pairs), half of each
 V = 49,152 (SmolLM2) and 128,256 (Llama 3). float32 on CPU (a GPU run uses --device cuda and reports
 torch.cuda.max_memory_allocated). Each measurement is a fresh subprocess (its peak RSS over the RSS
 after the inputs are built is its own); variants interleaved, --repeats rounds; reported: median
-time and the median of the peak memory over the inputs, and hidden / logits ratios.
+time (of a warm second run) and the median peak memory of the first run over the inputs, and hidden /
+logits ratios.
 
 Run:  python benches/bench_logprobs.py [--repeats 3] [--device cpu]
 """
@@ -35,17 +36,21 @@ def run():
         lp, _ = response_logprobs_from_hidden(h, W, labels)
     lp.sum().backward()
     h.grad = W.grad = None
-run()  # warm-up (allocator, kernels)
+# peak memory of the first run over what the inputs hold (ru_maxrss never decreases, so it is taken
+# before any run), then the time of a second, warm run
 if dev == "cuda":
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
 else:
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-t0 = time.perf_counter(); run()
+run()
 if dev == "cuda":
     torch.cuda.synchronize(); peak = torch.cuda.max_memory_allocated() - base
-dt = time.perf_counter() - t0
-if dev != "cuda":
+else:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+t0 = time.perf_counter(); run()
+if dev == "cuda":
+    torch.cuda.synchronize()
+dt = time.perf_counter() - t0
 print(json.dumps({"seconds": dt, "peak_bytes": peak}))
 """
 

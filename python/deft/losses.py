@@ -661,7 +661,7 @@ def response_logprobs_from_hidden(
     """:func:`response_logprobs` from the last hidden states ``(B, T, d)``
     and the lm_head (``weight`` ``(V, d)``, optional ``bias``), without the
     ``B x T x V`` logits: only the response positions are gathered, and their
-    logits are computed ``chunk_size`` rows at a time (default about 64 MiB of
+    logits are computed ``chunk_size`` rows at a time (default about 256 MiB of
     float32), reduced to the label's log-prob and dropped, in the forward and
     again in the backward pass. Differentiable with respect to ``hidden``,
     ``weight`` and ``bias``. ``matmul_dtype``: the dtype of the head's matmul
@@ -679,7 +679,7 @@ def response_logprobs_from_hidden(
     if bool(((sel < 0) | (sel >= V)).any()):
         raise ValueError(f"labels outside [0, {V}) other than ignore_index={ignore_index}")
     if chunk_size is None:
-        chunk_size = max(1, (64 * 1024 * 1024) // (4 * max(V, 1)))
+        chunk_size = max(1, (256 * 1024 * 1024) // (4 * max(V, 1)))
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     h = hidden[:, :-1][mask]  # (N, d): the positions that predict a response token
