@@ -99,6 +99,9 @@ SCHEMA: Dict[str, Any] = {
         "precision": Field("auto", "str", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA, fp32 on CPU"),
         "deepspeed": Field("configs/deepspeed/zero0.json", "str", nullable=True, help="DeepSpeed JSON config; null: plain PyTorch loop"),
         "gradient_checkpointing": Field(False, "bool"),
+        "logprobs": Field("logits", "str", choices=("logits", "hidden"), help="hidden: compute the label log-probs from the last "
+                          "hidden states chunk by chunk (forward and backward), never the B x T x V logits; logits: from the "
+                          "model's logits"),
         "save_steps": Field(100, "int", help="checkpoint every N optimizer steps (0: only at the end)"),
         "save_total_limit": Field(2, "int", help="checkpoints kept"),
         "ref_cache_dir": Field(None, "str", nullable=True, help="reference log-prob cache (default: OUTPUT_DIR/ref_cache)"),

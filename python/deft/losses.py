@@ -48,6 +48,7 @@ __all__ = [
     "ipo_loss",
     "length_normalized_scores",
     "pro_loss",
+    "response_logprobs_from_hidden",
     "response_logprobs",
     "rrhf_loss",
     "sft_loss",
@@ -592,3 +593,97 @@ def response_logprobs(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     per_token = _ShiftedTokenLogProbs.apply(logits, safe, mask, int(chunk_size))
     return per_token.sum(dim=1), mask.sum(dim=1)
+
+
+class _LinearTokenLogProbs(torch.autograd.Function):
+    """``out[n] = log softmax(h[n] @ W^T + b)[target[n]]`` for ``N`` rows of
+    hidden states, ``chunk`` rows at a time: each chunk's logits (``chunk x
+    V``) are computed, reduced and dropped. Only ``h``, ``W``, ``b`` and the
+    per-row log-normaliser are kept for backward, which recomputes each chunk's
+    logits. The matmuls run in ``mm_dtype`` (the model's, or autocast's);
+    softmax and accumulation in float32 (float64 for float64 inputs)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk, mm_dtype):  # type: ignore[override]
+        N = h.shape[0]
+        cdtype = _compute_dtype(h.dtype if h.dtype == torch.float64 else weight.dtype)
+        w = weight.to(mm_dtype)
+        b = bias.to(mm_dtype) if bias is not None else None
+        out = torch.empty(N, dtype=cdtype, device=h.device)
+        lse = torch.empty(N, dtype=cdtype, device=h.device)
+        for s in range(0, N, chunk):
+            z = F.linear(h[s:s + chunk].to(mm_dtype), w, b).to(cdtype)
+            lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
+            out[s:s + chunk] = z.gather(-1, targets[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+        ctx.save_for_backward(h, weight, bias if bias is not None else torch.empty(0), targets, lse)
+        ctx.has_bias, ctx.chunk, ctx.mm_dtype = bias is not None, chunk, mm_dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        h, weight, bias, targets, lse = ctx.saved_tensors
+        mm = ctx.mm_dtype
+        w = weight.to(mm)
+        b = bias.to(mm) if ctx.has_bias else None
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=lse.dtype, device=weight.device) if need_b else None
+        g_all = grad_out.to(lse.dtype)
+        for s in range(0, h.shape[0], ctx.chunk):
+            hc = h[s:s + ctx.chunk].to(mm)
+            g = g_all[s:s + ctx.chunk, None]
+            # d out / d z = onehot(target) - softmax(z), times the incoming gradient
+            d = F.linear(hc, w, b).to(lse.dtype).sub_(lse[s:s + ctx.chunk, None]).exp_().mul_(-g)
+            d.scatter_add_(-1, targets[s:s + ctx.chunk, None], g)
+            dm = d.to(mm)
+            if need_h:
+                grad_h[s:s + ctx.chunk] = (dm @ w).to(h.dtype)
+            if need_w:
+                grad_w += (dm.t() @ hc).to(lse.dtype)
+            if need_b:
+                grad_b += d.sum(dim=0)
+        return (grad_h, grad_w.to(weight.dtype) if need_w else None,
+                grad_b.to(bias.dtype) if need_b else None, None, None, None)
+
+
+def response_logprobs_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    chunk_size: Optional[int] = None,
+    matmul_dtype: Optional[torch.dtype] = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`response_logprobs` from the last hidden states ``(B, T, d)``
+    and the lm_head (``weight`` ``(V, d)``, optional ``bias``), without the
+    ``B x T x V`` logits: only the response positions are gathered, and their
+    logits are computed ``chunk_size`` rows at a time (default about 256 MiB of
+    float32), reduced to the label's log-prob and dropped, in the forward and
+    again in the backward pass. Differentiable with respect to ``hidden``,
+    ``weight`` and ``bias``. ``matmul_dtype``: the dtype of the head's matmul
+    (default ``weight``'s; pass autocast's, e.g. bf16, to match a model run
+    under autocast). Returns ``(logp_sum (B,), n_tokens (B,))``."""
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be (B, T, d), got {tuple(hidden.shape)}")
+    if labels.shape != hidden.shape[:2]:
+        raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(hidden.shape[:2])}")
+    V = weight.shape[0]
+    labels = labels.to(hidden.device)
+    targets = labels[:, 1:]
+    mask = targets != ignore_index
+    sel = targets[mask].long()
+    if bool(((sel < 0) | (sel >= V)).any()):
+        raise ValueError(f"labels outside [0, {V}) other than ignore_index={ignore_index}")
+    if chunk_size is None:
+        chunk_size = max(1, (256 * 1024 * 1024) // (4 * max(V, 1)))
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    h = hidden[:, :-1][mask]  # (N, d): the positions that predict a response token
+    per_token = _LinearTokenLogProbs.apply(h, weight, bias, sel, int(chunk_size), matmul_dtype or weight.dtype)
+    rows = mask.nonzero()[:, 0]
+    logp = torch.zeros(hidden.shape[0], dtype=per_token.dtype, device=hidden.device).index_add(0, rows, per_token)
+    return logp, mask.sum(dim=1)

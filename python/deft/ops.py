@@ -67,10 +67,15 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from deft.losses import response_logprobs_from_hidden
+
 __all__ = [
     "rdis_from_logits",
     "rdis_from_hidden",
     "rdis_for_model",
+    "logprobs_for_model",
+    "linear_head",
+    "has_linear_head",
     "rdis_naive",
     "prepare_q",
     "is_zero_sum",
@@ -531,6 +536,46 @@ def _forward_replaced(module: torch.nn.Module, fn):
             del module.forward
 
 
+def linear_head(model: torch.nn.Module, instead: str = "use the logits") -> torch.nn.Module:
+    """The lm_head of a causal LM whose logits are exactly ``head(hidden_states[-1])``
+    (a Linear: weight V x d, optional bias); a ValueError for models that
+    transform the logits after it (final-logit softcapping, a logit scale)."""
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise ValueError(f"{type(model).__name__} has no output embedding with a weight (get_output_embeddings())")
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        cap = getattr(cfg, "final_logit_softcapping", None)
+        scale = getattr(cfg, "logit_scale", None)
+        if cap or (scale is not None and scale != 1.0):
+            raise ValueError(f"{type(model).__name__} transforms its logits after the lm_head (softcapping / logit scale): {instead}")
+    return head
+
+
+def has_linear_head(model: torch.nn.Module) -> bool:
+    try:
+        linear_head(model)
+        return True
+    except ValueError:
+        return False
+
+
+def logprobs_for_model(model: torch.nn.Module, hidden_states: Tensor, labels: Tensor, *, chunk_size: Optional[int] = None):
+    """:func:`deft.losses.response_logprobs_from_hidden` through a causal LM's
+    lm_head (:func:`linear_head`): the summed response log-probs without the
+    B x T x V logits. Under ZeRO-3 it runs through the head module, as
+    :func:`rdis_for_model` does."""
+    head = linear_head(model)
+
+    def fn(h):
+        return response_logprobs_from_hidden(h, head.weight, labels, getattr(head, "bias", None), chunk_size=chunk_size)
+
+    if not _is_zero3(head.weight):
+        return fn(hidden_states)
+    with _forward_replaced(head, fn):
+        return head(hidden_states)
+
+
 def rdis_for_model(
     model: torch.nn.Module,
     hidden_states: Tensor,
@@ -561,18 +606,7 @@ def rdis_for_model(
     the test suite trains with ZeRO 0-2 only, whose parameters are ordinary
     tensors and take the direct path.
     """
-    head = model.get_output_embeddings()
-    if head is None or not hasattr(head, "weight"):
-        raise ValueError(f"{type(model).__name__} has no output embedding with a weight (get_output_embeddings())")
-    cfg = getattr(model, "config", None)
-    if cfg is not None:
-        cap = getattr(cfg, "final_logit_softcapping", None)
-        scale = getattr(cfg, "logit_scale", None)
-        if cap or (scale is not None and scale != 1.0):
-            raise ValueError(
-                f"{type(model).__name__} transforms its logits after the lm_head (softcapping / logit scale): "
-                f"use rdis_from_logits"
-            )
+    head = linear_head(model, "use rdis_from_logits")
     weight = head.weight
     bias = getattr(head, "bias", None)
     kw = dict(reduction=reduction, zero_sum_tol=zero_sum_tol, chunk_rows=chunk_rows)

@@ -109,7 +109,7 @@ from deft.losses import (
     IGNORE_INDEX, deft_loss, dpo_loss, ipo_loss, length_normalized_scores, pro_loss, response_logprobs, rrhf_loss,
     sft_loss,
 )
-from deft.ops import rdis_for_model
+from deft.ops import has_linear_head, logprobs_for_model, rdis_for_model
 from deft.render import policy_layout, render_prompt, resolve_template
 
 __all__ = ["Example", "encode_examples", "select_responses", "prepare_data", "train", "TrainResult"]
@@ -406,18 +406,29 @@ def _model_fingerprint(cfg: Mapping[str, Any]) -> str:
     return weights_fingerprint(cfg["model"], cfg.get("gguf_file"))
 
 
-def _forward(model, batch, device, autocast_dtype, need_hidden: bool):
+def _forward(model, batch, device, autocast_dtype, need_hidden: bool, from_hidden: bool = False):
+    """The model's output on a batch. ``from_hidden`` (``train.logprobs:
+    hidden``): the hidden states and the logits of the last position only
+    (``logits_to_keep=1``); :func:`_seq_logps` then computes the log-probs
+    from the hidden states, chunk by chunk, and the B x T x V logits never exist."""
     ctx = torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    extra = {"logits_to_keep": 1} if from_hidden else {}
     with ctx:
         out = model(
             input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-            output_hidden_states=need_hidden, use_cache=False,
+            output_hidden_states=need_hidden or from_hidden, use_cache=False, **extra,
         )
     return out
 
 
-def _seq_logps(out, batch, device):
-    return response_logprobs(out.logits, batch["labels"].to(device))
+def _seq_logps(out, batch, device, module=None):
+    """Summed response log-probs and token counts: from the logits, or -- when
+    the output holds fewer logits than positions (``_forward(from_hidden=True)``)
+    -- from the last hidden states through ``module``'s lm_head."""
+    labels = batch["labels"].to(device)
+    if module is not None and out.logits.shape[1] < labels.shape[1]:
+        return logprobs_for_model(module, out.hidden_states[-1], labels)
+    return response_logprobs(out.logits, labels)
 
 
 def to_slots(values, batch, fill=0.0):
@@ -430,7 +441,7 @@ def loss_terms(cfg, method: str, module, out, batch, device, q_diff, ref: Option
     """The two terms of one micro-batch's objective, ``(L_m, R_dis, metrics)``:
     ``L_m`` the method's loss (with its SFT term), ``R_dis`` the distribution
     reward (``None`` without a distribution)."""
-    logp, ntok = _seq_logps(out, batch, device)
+    logp, ntok = _seq_logps(out, batch, device, module)
     logp_s = to_slots(logp, batch)
     len_s = to_slots(ntok, batch, 0)
     valid = batch["valid"].to(device)
@@ -522,7 +533,7 @@ def _diagnose(job: "Job", eng: "Engine", batch, ref) -> Dict[str, float]:
     devices = [eng.device] if eng.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         # through the module, not a DeepSpeed engine: the engine's forward hooks expect engine.backward
-        out = _forward(eng.module, batch, eng.device, eng.autocast_dtype, need_hidden=True)
+        out = _forward(eng.module, batch, eng.device, eng.autocast_dtype, need_hidden=True, from_hidden=job.from_hidden)
         lm, r_dis, _ = loss_terms(job.cfg, job.method, eng.module, out, batch, eng.device, job.q_diff, ref)
         return grad_terms(lm, r_dis, eng.params)
 
@@ -755,6 +766,7 @@ class Job:
     q_diff: Optional[Any]  # torch tensor on the training device, or None
     ref_all: Optional[Any] = None  # (N, 2) reference log-probs (DPO/IPO)
     diagnose: bool = False  # measure the R_dis gradient share (deft.diagnose_every)
+    from_hidden: bool = False  # log-probs from the hidden states, chunk by chunk (train.logprobs: hidden)
 
     def batch(self, gidx: np.ndarray):
         """This rank's slice of a micro-batch: the collated batch and its reference log-probs."""
@@ -819,6 +831,10 @@ def _train(cfg: Dict[str, Any], resume: bool, d: Dist, use_ds: bool, cuda: bool)
     eng = _build_engine(cfg, prep, sched, d, device, bf16, use_ds)
     q_diff = torch.from_numpy(prep.q_diff).to(device) if prep.q_diff is not None else None
     job = Job(cfg, method, out_dir, d, prep, sched, model_fp, q_diff)
+    job.from_hidden = t["logprobs"] == "hidden" and has_linear_head(eng.module)
+    if t["logprobs"] == "hidden" and not job.from_hidden:
+        _log("train.logprobs hidden: the model transforms its logits after the lm_head; computing them whole")
+    eng.loading["logprobs"] = "hidden" if job.from_hidden else "logits"
     ref_path, ref_hit = None, False
     if method in PAIRWISE:
         job.ref_all, ref_path, ref_hit = _reference_logps(job, eng, bf16)
@@ -887,7 +903,7 @@ def step(job: Job, eng: Engine, state: TrainState, micro: Sequence[np.ndarray], 
                 _log(f"warning: at step 0 the R_dis gradient is {diag['rdis_grad_share']:.2e} of the L_m gradient "
                      f"(omega {cfg['deft']['omega']:.3g}): below {LOW_SHARE:g}, the distribution reward cannot change the "
                      f"model at this omega; raise deft.omega or set deft.omega_share (e.g. 0.1)")
-        out = _forward(eng.runner, batch, eng.device, eng.autocast_dtype, job.q_diff is not None)
+        out = _forward(eng.runner, batch, eng.device, eng.autocast_dtype, job.q_diff is not None, job.from_hidden)
         loss, mets = compute_loss(cfg, job.method, eng.module, out, batch, eng.device, job.q_diff, ref)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {float(loss)} at step {state.global_step + 1} (micro-batch {mi})")
@@ -1440,8 +1456,8 @@ def _reference_logps(job: Job, eng: Engine, bf16: bool):
         for i in range(0, len(mine), bs):
             idx = mine[i:i + bs]
             batch = collate([prep.examples[j] for j in idx], prep.pad_token_id)
-            out = _forward(eng.runner, batch, eng.device, eng.autocast_dtype, need_hidden=False)
-            logp, _ = _seq_logps(out, batch, eng.device)
+            out = _forward(eng.runner, batch, eng.device, eng.autocast_dtype, need_hidden=False, from_hidden=job.from_hidden)
+            logp, _ = _seq_logps(out, batch, eng.device, eng.module)
             vals = to_slots(logp.float(), batch).cpu().double()
             for k, j in enumerate(idx):
                 if d.rank * per_rank + i + k < n:  # owned, not padding
