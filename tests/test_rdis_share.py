@@ -111,7 +111,7 @@ def test_pairwise_sft_term_on_hand_made_logprobs(monkeypatch, w):
 
     logp = torch.tensor([-10.0, -20.0, -6.0, -9.0], dtype=torch.float64)  # (chosen, rejected) of pair 0, then pair 1
     ntok = torch.tensor([5, 4, 3, 3])
-    monkeypatch.setattr(tm, "_seq_logps", lambda out, batch, device: (logp, ntok))
+    monkeypatch.setattr(tm, "_seq_logps", lambda out, batch, device, module=None: (logp, ntok))
     batch = {"row": torch.tensor([0, 0, 1, 1]), "col": torch.tensor([0, 1, 0, 1]), "valid": torch.ones(2, 2, dtype=torch.bool),
              "rewards": torch.zeros(2, 2)}
     ref = torch.tensor([[-11.0, -19.0], [-6.5, -8.0]], dtype=torch.float64)

@@ -48,7 +48,7 @@ def test_attention_kernels_agree_and_loading_is_recorded(assets, tmp_path):
         assert rows["eager"][k] == pytest.approx(rows["sdpa"][k], rel=1e-5, abs=1e-7), k
         assert rows["ckpt"][k] == pytest.approx(rows["sdpa"][k], rel=1e-5, abs=1e-7), k
     assert mans["eager"] == {"dtype": "float32", "attn_implementation": "eager", "gradient_checkpointing": None,
-                             "construction": "low_cpu_mem_usage"}
+                             "construction": "low_cpu_mem_usage", "logprobs": "logits"}
     assert mans["sdpa"]["attn_implementation"] == "sdpa" and mans["ckpt"]["gradient_checkpointing"] == "non-reentrant"
 
 
