@@ -457,6 +457,7 @@ def write_mt_bench_answers(
     done = {r["question_id"] for r in _read_resumable_jsonl(path, "question_id", ("question_id", "choices"))}
     todo = [q for q in questions if q.question_id not in done]
     if todo:
+        lead = prompt_lead_ids(template, tokenizer)
         app = _Appender(path)
         try:
             for start in range(0, len(todo), batch_size):
@@ -474,7 +475,7 @@ def write_mt_bench_answers(
                         prompts.append(render_prompt(ctx, template, tokenizer))
                     gens = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length,
                                     batch_size=batch_size, progress=False, metrics=metrics, description=f"{model_id}/mt-bench",
-                                    lead_ids=prompt_lead_ids(template, tokenizer))
+                                    lead_ids=lead)
                     for j, g in zip(live, gens):
                         answers[j].append(g)
                 app.write({"question_id": q.question_id, "answer_id": _answer_id(model_id, q.question_id, a), "model_id": model_id,
