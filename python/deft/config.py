@@ -102,6 +102,14 @@ SCHEMA: Dict[str, Any] = {
         "logprobs": Field("logits", "str", choices=("logits", "hidden"), help="hidden: compute the label log-probs from the last "
                           "hidden states chunk by chunk (forward and backward), never the B x T x V logits; logits: from the "
                           "model's logits"),
+        "group_by_length": Field(False, "bool", help="sort each window of 64 micro-batches by length (seeded, resumable): "
+                                 "micro-batches of similar lengths, less padding"),
+        "packing": Field(False, "bool", help="pack a micro-batch's sequences into rows with per-sequence position ids and "
+                         "no attention mask (no padding computed but the rows' tails); checked at the start against the "
+                         "padded batch, refused for a model that attends across sequences"),
+        "pack_length": Field(None, "int", nullable=True, help="tokens per packed row, at least the micro-batch's longest sequence "
+                             "(null: that length, so packing never computes more positions than padding; larger: fewer, "
+                             "longer rows, whose attention costs more)"),
         "save_steps": Field(100, "int", help="checkpoint every N optimizer steps (0: only at the end)"),
         "save_total_limit": Field(2, "int", help="checkpoints kept"),
         "ref_cache_dir": Field(None, "str", nullable=True, help="reference log-prob cache (default: OUTPUT_DIR/ref_cache)"),
@@ -275,6 +283,10 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"data.max_length ({d['max_length']}) must exceed data.max_prompt_length ({d['max_prompt_length']}) + 1")
     if d["max_responses"] is not None and d["max_responses"] < 2:
         raise ConfigError("data.max_responses: must be >= 2")
+    if t["pack_length"] is not None and t["pack_length"] < 2:
+        raise ConfigError(f"train.pack_length: must be >= 2 tokens, got {t['pack_length']}")
+    if t["pack_length"] is not None and not t["packing"]:
+        raise ConfigError("train.pack_length: set train.packing: true as well (packing is off)")
     if t["save_total_limit"] < 1:
         raise ConfigError("train.save_total_limit: must be >= 1")
     m, df = cfg["method"], cfg["deft"]

@@ -546,6 +546,8 @@ def response_logprobs(
     labels: torch.Tensor,
     chunk_size: Optional[int] = None,
     ignore_index: int = IGNORE_INDEX,
+    segments: Optional[torch.Tensor] = None,
+    n_segments: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Summed response-token log-probs of each sequence of a causal LM.
 
@@ -573,6 +575,12 @@ def response_logprobs(
     logits (2, 1024, 151936), forward plus backward peaked at 1.05 GiB over
     the logits, against 3.48 GiB for a float32 ``log_softmax`` + ``gather``,
     and the log-prob sums were identical.
+
+    Packed rows (several sequences per row, ``deft.train.collate(pack=...)``):
+    ``segments`` ``(B, T)`` gives each position's sequence (``-1`` for
+    padding) and the sums are per sequence, ``(n_segments,)``. Each sequence's
+    first label must be ``ignore_index``, so that no position predicts a token
+    of the next sequence.
     """
     if logits.dim() != 3:
         raise ValueError(f"logits must be (B, T, V), got {tuple(logits.shape)}")
@@ -592,7 +600,23 @@ def response_logprobs(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     per_token = _ShiftedTokenLogProbs.apply(logits, safe, mask, int(chunk_size))
+    if segments is not None:
+        return _segment_sums(per_token[mask], segments, mask, n_segments)
     return per_token.sum(dim=1), mask.sum(dim=1)
+
+
+def _segment_sums(values: torch.Tensor, segments: torch.Tensor, mask: torch.Tensor, n_segments: Optional[int]):
+    """Per-sequence sums of the masked positions' ``values`` (one per ``True`` of
+    ``mask``, the shifted ``(B, T-1)`` target mask) and their counts, for packed
+    rows whose positions belong to the sequences ``segments`` ``(B, T)``."""
+    if segments.shape != (mask.shape[0], mask.shape[1] + 1):
+        raise ValueError(f"segments has shape {tuple(segments.shape)}, expected {(mask.shape[0], mask.shape[1] + 1)}")
+    seg = segments.to(mask.device)[:, 1:][mask].long()
+    if bool((seg < 0).any()):
+        raise ValueError("a response label sits on a padding position (segment -1)")
+    n = int(n_segments) if n_segments is not None else (int(seg.max()) + 1 if seg.numel() else 0)
+    sums = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, seg, values)
+    return sums, torch.bincount(seg, minlength=n)
 
 
 class _LinearTokenLogProbs(torch.autograd.Function):
@@ -657,6 +681,8 @@ def response_logprobs_from_hidden(
     chunk_size: Optional[int] = None,
     matmul_dtype: Optional[torch.dtype] = None,
     ignore_index: int = IGNORE_INDEX,
+    segments: Optional[torch.Tensor] = None,
+    n_segments: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`response_logprobs` from the last hidden states ``(B, T, d)``
     and the lm_head (``weight`` ``(V, d)``, optional ``bias``), without the
@@ -666,7 +692,8 @@ def response_logprobs_from_hidden(
     again in the backward pass. Differentiable with respect to ``hidden``,
     ``weight`` and ``bias``. ``matmul_dtype``: the dtype of the head's matmul
     (default ``weight``'s; pass autocast's, e.g. bf16, to match a model run
-    under autocast). Returns ``(logp_sum (B,), n_tokens (B,))``."""
+    under autocast). Returns ``(logp_sum (B,), n_tokens (B,))``; for packed rows
+    (``segments``, as in :func:`response_logprobs`) ``(n_segments,)`` each."""
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be (B, T, d), got {tuple(hidden.shape)}")
     if labels.shape != hidden.shape[:2]:
@@ -684,6 +711,8 @@ def response_logprobs_from_hidden(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     h = hidden[:, :-1][mask]  # (N, d): the positions that predict a response token
     per_token = _LinearTokenLogProbs.apply(h, weight, bias, sel, int(chunk_size), matmul_dtype or weight.dtype)
+    if segments is not None:
+        return _segment_sums(per_token, segments, mask, n_segments)
     rows = mask.nonzero()[:, 0]
     logp = torch.zeros(hidden.shape[0], dtype=per_token.dtype, device=hidden.device).index_add(0, rows, per_token)
     return logp, mask.sum(dim=1)

@@ -560,15 +560,18 @@ def has_linear_head(model: torch.nn.Module) -> bool:
         return False
 
 
-def logprobs_for_model(model: torch.nn.Module, hidden_states: Tensor, labels: Tensor, *, chunk_size: Optional[int] = None):
+def logprobs_for_model(model: torch.nn.Module, hidden_states: Tensor, labels: Tensor, *, chunk_size: Optional[int] = None,
+                       segments: Optional[Tensor] = None, n_segments: Optional[int] = None):
     """:func:`deft.losses.response_logprobs_from_hidden` through a causal LM's
     lm_head (:func:`linear_head`): the summed response log-probs without the
     B x T x V logits. Under ZeRO-3 it runs through the head module, as
-    :func:`rdis_for_model` does."""
+    :func:`rdis_for_model` does. ``segments``/``n_segments``: packed rows
+    (:func:`deft.losses.response_logprobs`)."""
     head = linear_head(model)
 
     def fn(h):
-        return response_logprobs_from_hidden(h, head.weight, labels, getattr(head, "bias", None), chunk_size=chunk_size)
+        return response_logprobs_from_hidden(h, head.weight, labels, getattr(head, "bias", None), chunk_size=chunk_size,
+                                             segments=segments, n_segments=n_segments)
 
     if not _is_zero3(head.weight):
         return fn(hidden_states)

@@ -248,12 +248,23 @@ def data_hash(examples: Sequence[Example]) -> str:
     return h.hexdigest()
 
 
-def collate(examples: Sequence[Example], pad_id: int, slots: Optional[int] = None):
+def collate(examples: Sequence[Example], pad_id: int, slots: Optional[int] = None, pack: int = 0):
     """Flatten ``B`` examples into sequences padded on the right.
 
     Returns a dict: ``input_ids``, ``attention_mask``, ``labels`` ``(N, T)``;
     ``row``/``col`` ``(N,)`` (the example and response slot of each sequence);
-    ``valid`` and ``rewards`` ``(B, l)``; ``tokens`` (non-pad tokens)."""
+    ``valid`` and ``rewards`` ``(B, l)``; ``tokens`` (non-pad tokens) and
+    ``positions`` (all positions the model computes, padding included).
+
+    ``pack`` > 0: the ``N`` sequences are packed into rows of at most
+    ``max(pack, T)`` tokens (first fit, longest first; ``pack=1``: rows as
+    long as the longest sequence, so never more positions than padding), each restarting its ``position_ids`` at 0, with no attention mask: a model
+    that takes packed sequences (transformers' Llama family and others, which
+    then attend within each sequence only) computes no padding but the tail of
+    each row. ``input_ids``, ``labels``, ``position_ids`` and ``segments`` (the
+    sequence of each position, -1 for padding) are ``(R, L)``; ``seq_labels``
+    ``(N, T)`` and ``gather`` (each sequence's positions in the flattened rows)
+    give the padded per-sequence view (:func:`unpack`)."""
     l = slots or max(ex.n_responses for ex in examples)
     seqs, labs, row, col = [], [], [], []
     for b, ex in enumerate(examples):
@@ -271,16 +282,66 @@ def collate(examples: Sequence[Example], pad_id: int, slots: Optional[int] = Non
         input_ids[i, : len(s)] = torch.from_numpy(s)
         labels[i, : len(s)] = torch.from_numpy(lab)
         attn[i, : len(s)] = 1
+    out = {"input_ids": input_ids, "attention_mask": attn, "labels": labels, "positions": N * T}
+    if pack:
+        out = _pack(seqs, labs, labels, pad_id, pack)
     valid = torch.zeros((len(examples), l), dtype=torch.bool)
     rewards = torch.zeros((len(examples), l), dtype=torch.float32)
     for b, ex in enumerate(examples):
         valid[b, : ex.n_responses] = True
         rewards[b, : ex.n_responses] = torch.tensor(ex.rewards, dtype=torch.float32)
-    return {
-        "input_ids": input_ids, "attention_mask": attn, "labels": labels,
-        "row": torch.tensor(row), "col": torch.tensor(col), "valid": valid, "rewards": rewards,
-        "tokens": int(attn.sum()),
-    }
+    out.update({"row": torch.tensor(row), "col": torch.tensor(col), "valid": valid, "rewards": rewards,
+                "tokens": sum(len(s) for s in seqs)})
+    return out
+
+
+def _pack(seqs: Sequence[np.ndarray], labs: Sequence[np.ndarray], seq_labels, pad_id: int, capacity: int) -> Dict[str, Any]:
+    """The packed rows of :func:`collate` (``pack=capacity``)."""
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # stable: ties keep their order
+    capacity = max(capacity, len(seqs[order[0]]))
+    rows: List[List[int]] = []
+    room: List[int] = []
+    for i in order:
+        n = len(seqs[i])
+        for r, left in enumerate(room):
+            if n <= left:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - n)
+    L = max(sum(len(seqs[i]) for i in r) for r in rows)
+    R = len(rows)
+    input_ids = torch.full((R, L), pad_id, dtype=torch.long)
+    labels = torch.full((R, L), IGNORE_INDEX, dtype=torch.long)
+    segments = torch.full((R, L), -1, dtype=torch.long)
+    position_ids = torch.zeros((R, L), dtype=torch.long)
+    T = seq_labels.shape[1]
+    gather = torch.zeros((len(seqs), T), dtype=torch.long)  # padding positions of the per-sequence view read position 0
+    for r, members in enumerate(rows):
+        at = 0
+        for i in members:
+            n = len(seqs[i])
+            input_ids[r, at:at + n] = torch.from_numpy(seqs[i])
+            labels[r, at:at + n] = torch.from_numpy(labs[i])
+            labels[r, at] = IGNORE_INDEX  # never predicted from the previous sequence's last token
+            segments[r, at:at + n] = i
+            position_ids[r, at:at + n] = torch.arange(n)
+            gather[i, :n] = r * L + at + torch.arange(n)
+            at += n
+        position_ids[r, at:] = torch.arange(L - at)  # the tail: a sequence of its own, attended by nothing real
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "segments": segments,
+            "seq_labels": seq_labels, "gather": gather, "positions": R * L}
+
+
+def unpack(x, batch):
+    """Per-sequence ``(N, T, ...)`` view of a packed batch's per-position
+    tensor ``x`` ``(R, L, ...)`` (differentiable); ``x`` itself for a padded batch."""
+    if "gather" not in batch:
+        return x
+    g = batch["gather"].to(x.device)
+    return x.reshape(-1, *x.shape[2:])[g.reshape(-1)].reshape(*g.shape, *x.shape[2:])
 
 
 @dataclass
@@ -413,11 +474,12 @@ def _forward(model, batch, device, autocast_dtype, need_hidden: bool, from_hidde
     from the hidden states, chunk by chunk, and the B x T x V logits never exist."""
     ctx = torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     extra = {"logits_to_keep": 1} if from_hidden else {}
+    if "position_ids" in batch:  # packed rows: no attention mask, the position ids delimit the sequences
+        extra["position_ids"] = batch["position_ids"].to(device)
+    else:
+        extra["attention_mask"] = batch["attention_mask"].to(device)
     with ctx:
-        out = model(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-            output_hidden_states=need_hidden or from_hidden, use_cache=False, **extra,
-        )
+        out = model(input_ids=batch["input_ids"].to(device), output_hidden_states=need_hidden or from_hidden, use_cache=False, **extra)
     return out
 
 
@@ -426,9 +488,10 @@ def _seq_logps(out, batch, device, module=None):
     the output holds fewer logits than positions (``_forward(from_hidden=True)``)
     -- from the last hidden states through ``module``'s lm_head."""
     labels = batch["labels"].to(device)
+    seg = {"segments": batch["segments"], "n_segments": len(batch["row"])} if "segments" in batch else {}
     if module is not None and out.logits.shape[1] < labels.shape[1]:
-        return logprobs_for_model(module, out.hidden_states[-1], labels)
-    return response_logprobs(out.logits, labels)
+        return logprobs_for_model(module, out.hidden_states[-1], labels, **seg)
+    return response_logprobs(out.logits, labels, **seg)
 
 
 def to_slots(values, batch, fill=0.0):
@@ -476,13 +539,13 @@ def loss_terms(cfg, method: str, module, out, batch, device, q_diff, ref: Option
     else:  # pragma: no cover - validated by the config
         raise ValueError(f"unknown method {method!r}")
     r_dis = None
-    if q_diff is not None:
-        labels = batch["labels"].to(device)
+    if q_diff is not None:  # per sequence (a packed batch is unpacked: the hidden states are d-sized)
+        labels = batch.get("seq_labels", batch["labels"]).to(device)
         mask = torch.zeros_like(labels, dtype=torch.bool)
         mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
         if cfg["deft"]["responses"] == "best":
             mask &= (batch["col"].to(device) == 0)[:, None]
-        r_dis = rdis_for_model(module, out.hidden_states[-1], q_diff, mask)
+        r_dis = rdis_for_model(module, unpack(out.hidden_states[-1], batch), q_diff, mask)
         metrics["R_dis"] = float(r_dis.detach())
     return lm, r_dis, metrics
 
@@ -662,6 +725,10 @@ class TrainResult:
     resumed_from: Optional[int] = None
 
 
+#: micro-batches per window of train.group_by_length's sort (Schedule.micro_batches)
+LENGTH_WINDOW = 64
+
+
 @dataclass
 class Schedule:
     """How ``n`` samples become optimizer steps: each step takes
@@ -688,12 +755,29 @@ class Schedule:
     def group(self) -> int:
         return self.micro_batch_size * self.world * self.accumulation
 
-    def micro_batches(self, seed: int, epoch: int) -> List[np.ndarray]:
+    def micro_batches(self, seed: int, epoch: int, lengths: Optional[np.ndarray] = None) -> List[np.ndarray]:
         """Epoch ``epoch``'s micro-batches, each the sample indices of every
-        rank (rank ``r`` takes slot ``r``): ``steps_per_epoch x accumulation`` of them."""
+        rank (rank ``r`` takes slot ``r``): ``steps_per_epoch x accumulation`` of them.
+
+        ``lengths`` (``train.group_by_length``: each sample's longest
+        sequence): within each window of :data:`LENGTH_WINDOW` micro-batches of
+        the shuffled order, the samples are sorted by length, so that each
+        micro-batch holds similar lengths, and the window's micro-batches are
+        then shuffled again (seeded by ``seed`` and ``epoch``, so a resumed run
+        sees the same order)."""
         order = epoch_order(self.n, seed, epoch, self.group)
         size = self.micro_batch_size * self.world
-        return [order[i: i + size] for i in range(0, len(order), size)]
+        batches = [order[i: i + size] for i in range(0, len(order), size)]
+        if lengths is None:
+            return batches
+        rng = np.random.default_rng([seed, epoch, 1])
+        out: List[np.ndarray] = []
+        for w in range(0, len(batches), LENGTH_WINDOW):
+            window = np.concatenate(batches[w: w + LENGTH_WINDOW])
+            window = window[np.argsort(-lengths[window], kind="stable")]
+            sorted_batches = [window[i: i + size] for i in range(0, len(window), size)]
+            out.extend(sorted_batches[j] for j in rng.permutation(len(sorted_batches)))
+        return out
 
 
 @dataclass
@@ -767,13 +851,22 @@ class Job:
     ref_all: Optional[Any] = None  # (N, 2) reference log-probs (DPO/IPO)
     diagnose: bool = False  # measure the R_dis gradient share (deft.diagnose_every)
     from_hidden: bool = False  # log-probs from the hidden states, chunk by chunk (train.logprobs: hidden)
+    pack: int = 0  # tokens per packed row (train.packing), 0: padded batches
 
-    def batch(self, gidx: np.ndarray):
-        """This rank's slice of a micro-batch: the collated batch and its reference log-probs."""
+    def batch(self, gidx: np.ndarray, pack: Optional[int] = None):
+        """This rank's slice of a micro-batch: the collated batch (packed into
+        rows of ``pack`` tokens, default :attr:`pack`) and its reference log-probs."""
         mbs = self.sched.micro_batch_size
         idx = gidx[self.d.rank * mbs:(self.d.rank + 1) * mbs]
         ref = self.ref_all[torch.as_tensor(idx)] if self.ref_all is not None else None
-        return collate([self.prep.examples[i] for i in idx], self.prep.pad_token_id), ref
+        return collate([self.prep.examples[i] for i in idx], self.prep.pad_token_id, pack=self.pack if pack is None else pack), ref
+
+    def micro_batches(self, epoch: int) -> List[np.ndarray]:
+        t = self.cfg["train"]
+        lengths = None
+        if t["group_by_length"]:
+            lengths = np.array([max(len(s) for s in ex.input_ids) for ex in self.prep.examples])
+        return self.sched.micro_batches(t["seed"], epoch, lengths)
 
     def diagnose_at(self, step: int) -> bool:
         every = self.cfg["deft"]["diagnose_every"]
@@ -835,6 +928,9 @@ def _train(cfg: Dict[str, Any], resume: bool, d: Dist, use_ds: bool, cuda: bool)
     if t["logprobs"] == "hidden" and not job.from_hidden:
         _log("train.logprobs hidden: the model transforms its logits after the lm_head; computing them whole")
     eng.loading["logprobs"] = "hidden" if job.from_hidden else "logits"
+    if t["packing"]:
+        job.pack = int(t["pack_length"] or 1)  # null: rows as long as each micro-batch's longest sequence
+        eng.loading["packing"] = _check_packing(job, eng)
     ref_path, ref_hit = None, False
     if method in PAIRWISE:
         job.ref_all, ref_path, ref_hit = _reference_logps(job, eng, bf16)
@@ -859,7 +955,7 @@ def _train(cfg: Dict[str, Any], resume: bool, d: Dist, use_ds: bool, cuda: bool)
     eng.runner.train()
     while state.global_step < sched.total_steps:
         state.epoch = state.global_step // sched.steps_per_epoch
-        micro = sched.micro_batches(t["seed"], state.epoch)
+        micro = job.micro_batches(state.epoch)
         for first in range((state.global_step % sched.steps_per_epoch) * sched.accumulation, len(micro), sched.accumulation):
             last = step(job, eng, state, micro, first)
             metrics_log.log(**last)
@@ -893,7 +989,7 @@ def step(job: Job, eng: Engine, state: TrainState, micro: Sequence[np.ndarray], 
     cfg, d, gas = job.cfg, job.d, job.sched.accumulation
     acc: Dict[str, List[float]] = {}
     diag: Dict[str, float] = {}
-    tokens, gn = 0, None
+    tokens, positions, gn = 0, 0, None
     t0 = time.perf_counter()
     for mi in range(first, first + gas):
         batch, ref = job.batch(micro[mi])
@@ -908,6 +1004,7 @@ def step(job: Job, eng: Engine, state: TrainState, micro: Sequence[np.ndarray], 
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {float(loss)} at step {state.global_step + 1} (micro-batch {mi})")
         tokens += batch["tokens"]
+        positions += batch["positions"]
         for k, v in mets.items():
             acc.setdefault(k, []).append(v)
         gn = eng.backward(loss, boundary=mi == first + gas - 1)
@@ -919,6 +1016,7 @@ def step(job: Job, eng: Engine, state: TrainState, micro: Sequence[np.ndarray], 
         row = _mean_across(row, d)
     row.update({"step": state.global_step, "epoch": state.epoch + (first + gas) / len(micro),
                 "lr": eng.lr(), "tokens_per_s": tokens * d.world / max(dt, 1e-9), "step_seconds": dt,
+                "pad_share": 1.0 - tokens / max(positions, 1),
                 "grad_norm": float(gn) if gn is not None else None})
     return row
 
@@ -1110,6 +1208,36 @@ def _attach_adapter(cfg: Mapping[str, Any], model):
     return model, record
 
 
+def _check_packing(job: Job, eng: Engine) -> Dict[str, Any]:
+    """Before training with ``train.packing``: the first micro-batch's
+    response log-probs, packed and padded, under the initial weights (no
+    gradient, dropout off). A model that takes packed sequences gives the same
+    values up to rounding; one that ignores the position ids' boundaries
+    attends across sequences and is refused. Returns the record for the
+    manifest's ``loading``."""
+    first = job.micro_batches(0)[0]
+    batches = (job.batch(first)[0], job.batch(first, pack=0)[0])
+    eng.runner.eval()
+    try:
+        with torch.no_grad():
+            got = [_seq_logps(_forward(eng.runner, b, eng.device, eng.autocast_dtype, False, job.from_hidden), b, eng.device, eng.module)
+                   for b in batches]
+    finally:
+        eng.runner.train()
+    (lp_packed, n_packed), (lp_padded, n_padded) = got
+    if not torch.equal(n_packed.cpu(), n_padded.cpu()):  # pragma: no cover - collate builds both from the same sequences
+        raise RuntimeError("train.packing: the packed batch does not hold the padded batch's response tokens")
+    per_token = ((lp_packed.double() - lp_padded.double()).abs() / n_padded.clamp_min(1).double()).max().item()
+    tol = 2e-2 if eng.autocast_dtype is not None or next(eng.module.parameters()).dtype != torch.float32 else 1e-4
+    if not per_token <= tol:
+        raise ValueError(f"train.packing: {type(eng.module).__name__} does not keep packed sequences apart (response log-probs "
+                         f"differ from the padded batch's by {per_token:.3g} per token, above {tol:g}): the model ignores the "
+                         f"per-sequence position ids; set train.packing: false")
+    rows = f"{job.pack} tokens" if job.pack > 1 else "each micro-batch's longest sequence"
+    _log(f"packing: rows of {rows}; packed and padded log-probs agree to {per_token:.2g} per token")
+    return {"pack_length": job.cfg["train"]["pack_length"], "check_max_diff_per_token": per_token}
+
+
 def _resume(job: Job, eng: Engine) -> TrainState:
     """The state of the newest checkpoint, loaded into ``eng`` (weights,
     optimizer, scheduler, this rank's RNG); a fresh state when there is none."""
@@ -1189,7 +1317,7 @@ def _calibrate_omega(job: Job, eng: Engine) -> Dict[str, Any]:
     micro-batches of the first epoch (the initial weights)."""
     cfg, d = job.cfg, job.d
     share = float(cfg["deft"]["omega_share"])
-    micro = job.sched.micro_batches(cfg["train"]["seed"], 0)
+    micro = job.micro_batches(0)
     ratios = []
     t0 = time.perf_counter()
     for gidx in micro[:cfg["deft"]["calibration_batches"]]:
