@@ -258,3 +258,16 @@ def test_packing_and_length_grouping_under_deepspeed_match_the_plain_loop(assets
         for k in ("loss", "L_m", "R_dis"):
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
         assert b["pad_share"] == 0.0 < a["pad_share"]
+
+
+def test_resume_with_another_length_grouping_is_refused(assets, tmp_path):
+    """group_by_length changes the order of the samples: a resume that changes it would repeat some
+    samples and skip others in the rest of the epoch, so it is refused; packing alone may change."""
+    from deft.train import run
+
+    ov = dict(**{"method.name": "sft", "train.max_steps": 3, "train.save_steps": 1, "train.group_by_length": True})
+    run(None, _overrides(assets, tmp_path / "out", **ov))
+    with pytest.raises(ValueError, match="cannot resume .* train.group_by_length true, this run has false"):
+        run(None, _overrides(assets, tmp_path / "out", **{**ov, "train.group_by_length": False, "train.max_steps": 4}), resume=True)
+    res = run(None, _overrides(assets, tmp_path / "out", **{**ov, "train.packing": True, "train.max_steps": 4}), resume=True)
+    assert res.resumed_from == 2 and res.global_step == 4

@@ -258,10 +258,11 @@ def collate(examples: Sequence[Example], pad_id: int, slots: Optional[int] = Non
 
     ``pack`` > 0: the ``N`` sequences are packed into rows of at most
     ``max(pack, T)`` tokens (first fit, longest first; ``pack=1``: rows as
-    long as the longest sequence, so never more positions than padding), each restarting its ``position_ids`` at 0, with no attention mask: a model
-    that takes packed sequences (transformers' Llama family and others, which
-    then attend within each sequence only) computes no padding but the tail of
-    each row. ``input_ids``, ``labels``, ``position_ids`` and ``segments`` (the
+    long as the longest sequence, so never more positions than padding), each
+    sequence restarting its ``position_ids`` at 0, with no attention mask: a
+    model that takes packed sequences (transformers' Llama family and others,
+    which then attend within each sequence only) computes no padding but the
+    tail of each row. ``input_ids``, ``labels``, ``position_ids`` and ``segments`` (the
     sequence of each position, -1 for padding) are ``(R, L)``; ``seq_labels``
     ``(N, T)`` and ``gather`` (each sequence's positions in the flattened rows)
     give the padded per-sequence view (:func:`unpack`)."""
@@ -1257,6 +1258,10 @@ def _resume(job: Job, eng: Engine) -> TrainState:
                          f"{state['gradient_accumulation_steps']} differs from {d.world}x{s.micro_batch_size}x{s.accumulation}")
     if state.get("peft") != eng.adapter:
         raise ValueError(f"cannot resume from {ck}: it was trained with peft {state.get('peft')}, this run has {eng.adapter}")
+    was_grouped = bool(((state.get("config") or {}).get("train") or {}).get("group_by_length", False))
+    if was_grouped != job.cfg["train"]["group_by_length"]:  # another order of the samples: the rest of the epoch would repeat some
+        raise ValueError(f"cannot resume from {ck}: it was trained with train.group_by_length {str(was_grouped).lower()}, "
+                         f"this run has {str(job.cfg['train']['group_by_length']).lower()} (another order of the samples)")
     if eng.ds is not None:
         path, _ = _load_checkpoint_file(ck / "ds", lambda f: eng.ds.load_checkpoint(
             str(ck), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True,
