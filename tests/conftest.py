@@ -173,6 +173,23 @@ def tiny_train_assets(root: Path, *, lm_head_scale: float = 1.0, adjust=None) ->
     return {"root": root, "model": model_dir, "graded": graded_path, "dist": dist_path, "frame": graded}
 
 
+def train_overrides(assets: Mapping[str, Any], out: Path, **extra: Any) -> List[str]:
+    """``--set`` overrides of a small, fast `deft train` run on :func:`tiny_train_assets`
+    into ``out`` (plain loop, 16 samples, 2 x 2 pairs per step, lr 1e-3, no checkpoints,
+    omega 0.5: large enough to matter in a few steps); ``extra`` adds or replaces keys."""
+    import json
+
+    base = {
+        "model": str(assets["model"]), "data.graded": str(assets["graded"]), "data.max_length": 96, "data.max_prompt_length": 64,
+        "deft.distribution": str(assets["dist"]), "deft.omega": 0.5, "train.output_dir": str(out), "train.micro_batch_size": 2,
+        "train.gradient_accumulation_steps": 2, "train.lr": 1e-3, "train.warmup_steps": 1, "train.progress": False,
+        "train.deepspeed": None, "train.save_steps": 0,
+        "data.max_samples": 16,  # the shared CPU is slow: a 49k-row lm_head costs ~0.1 s per sequence
+    }
+    base.update(extra)
+    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in base.items()]
+
+
 # --- a tiny reward model for scoring tests (no network) ---------------------
 
 VOCAB = 50304  # GPT-2's 50257 ids plus room for added special tokens

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import tiny_train_assets
+from conftest import tiny_train_assets, train_overrides
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -24,14 +24,7 @@ def assets(tmp_path_factory):
 
 
 def overrides(assets, out: Path, **extra):
-    base = {
-        "model": str(assets["model"]), "data.graded": str(assets["graded"]), "data.max_length": 96, "data.max_prompt_length": 64,
-        "deft.distribution": str(assets["dist"]), "deft.omega": 0.5, "train.output_dir": str(out), "train.micro_batch_size": 2,
-        "train.gradient_accumulation_steps": 2, "train.lr": 1e-3, "train.warmup_steps": 1, "train.progress": False,
-        "train.deepspeed": None, "train.save_steps": 0, "data.max_samples": 16,
-    }
-    base.update(extra)
-    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in base.items()]
+    return train_overrides(assets, out, **extra)
 
 
 def rows_of(out: Path):
