@@ -14,18 +14,21 @@ Same model, same token ids, same pairs in the same order, same hyper-parameters,
   sequentially (`train_sampling_strategy="sequential"`), so step k trains the same batch in both.
 - Hyper-parameters, both trainers: DPO (sigmoid) loss, beta 0.1, AdamW (betas 0.9/0.999, eps 1e-8,
   weight decay 0; TRL keeps its default optimizer implementation), the same learning rate, a
-  linear schedule with 10% warm-up, gradient clipping at 1.0, --batch pairs per step, no gradient
-  accumulation, float32 on CPU, no gradient checkpointing in either (TRL's own default turns it on;
-  --gradient-checkpointing turns it on in both), no checkpoints during the run. LoRA: the same r,
-  alpha, dropout 0 (TRL disables dropout by default), every linear layer but the lm_head.
-- Variants, interleaved every round (deft, trl, trl-pre, deft, ...), each a fresh subprocess, so
+  linear schedule with 10% warm-up (TRL's first warm-up step has lr 0, deft's lr / (w + 1)),
+  gradient clipping at 1.0, --batch pairs per step, no gradient accumulation, float32 on CPU
+  (`bf16=False`: TRL's default autocasts to bf16, also on CPU), no gradient checkpointing in either
+  (TRL's default turns it on; --gradient-checkpointing turns it on in both), no checkpoints during
+  the run. LoRA: the same r, alpha, dropout 0 (TRL disables dropout by default), every linear
+  layer but the lm_head.
+- Variants, interleaved every round (full: deft, deft-hidden, trl, trl-pre; then LoRA), each a
+  fresh subprocess, so
   its peak RSS is its own:
     deft     `deft.train.run` with configs/dpo.yaml (plain PyTorch loop): reference log-probs
              computed once at setup (the trainer's cached reference), no reference model in memory;
              its default `train.logprobs: logits` (the full B x T x V logits)
     deft-hidden  the same with `train.logprobs: hidden` (log-probs from the hidden states, chunk by
              chunk, response positions only; TRL's `fused_lm_head` is the same idea)
-    trl      TRL's DPOTrainer with its defaults: a reference forward every step (full fine-tuning:
+    trl      TRL's DPOTrainer, otherwise with its defaults: a reference forward every step (full fine-tuning:
              a second copy of the model; LoRA: the base model with the adapter disabled)
     trl-pre  the same with `precompute_ref_log_probs=True` (reference log-probs computed at setup,
              no reference model kept), the configuration comparable to deft's cached reference
@@ -175,7 +178,8 @@ def prepare_pairs(tmp: Path, model_dir: Path, args):
     from deft.config import load_config
     from deft.data import load
     from deft.grade import grade, read_graded
-    from deft.train import PAIRWISE, Schedule, policy_tokenizers, prepare_data, select_responses
+    from deft.render import resolve_template
+    from deft.train import Schedule, frame_examples, policy_tokenizers, prepare_data, select_responses
 
     n = args.batch * args.steps
     lines = gzip.open(SHARED / "data" / "pro-hh" / "test_harmless_base.jsonl.gz", "rt", encoding="utf-8").read().splitlines()
@@ -185,13 +189,9 @@ def prepare_pairs(tmp: Path, model_dir: Path, args):
     graded.write_parquet(tmp / "all.parquet")
     frame = read_graded(tmp / "all.parquet").filter(pl.col("level") == "A")
 
-    from deft.train import frame_examples
-    from deft.render import resolve_template
-
     big = load_config(str(ROOT / "configs" / "dpo.yaml"), [f"model={model_dir}", "data.max_length=100000", "data.max_prompt_length=50000"])
     hf_tok, ptok = policy_tokenizers(big)
     template = resolve_template("auto", ptok, require=str(model_dir))
-    assert "dpo" in PAIRWISE
     whole = frame_examples(big, frame.head(40 * n), template, hf_tok, ptok)
     keep = [e.id for e in whole if e.prompt_len <= args.max_prompt_length and max(len(s) for s in e.input_ids) <= args.max_length]
     if len(keep) < n:
