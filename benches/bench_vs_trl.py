@@ -21,8 +21,7 @@ Same model, same token ids, same pairs in the same order, same hyper-parameters,
   the run. LoRA: the same r, alpha, dropout 0 (TRL disables dropout by default), every linear
   layer but the lm_head.
 - Variants, interleaved every round (full: deft, deft-hidden, trl, trl-pre; then LoRA), each a
-  fresh subprocess, so
-  its peak RSS is its own:
+  fresh subprocess, so its peak RSS is its own:
     deft     `deft.train.run` with configs/dpo.yaml (plain PyTorch loop): reference log-probs
              computed once at setup (the trainer's cached reference), no reference model in memory;
              its default `train.logprobs: logits` (the full B x T x V logits)
