@@ -1610,12 +1610,14 @@ def _eval_reference_logps(job: Job, eng: Engine, bf16: bool):
     with a LoRA adapter the base model), computed before a resumed run loads
     its checkpoint, in the batches the evaluation uses (so that the policy
     before training has margins of exactly 0); cached beside the training
-    reference. Returns (tensor, path)."""
+    reference, keyed by what changes those batches' numerics. Returns (tensor, path)."""
     cfg, prep, d = job.cfg, job.prep, job.d
     t = cfg["train"]
     bs = _eval_batch_size(cfg)
     key = hashlib.sha256(json.dumps({"model": job.model_fp, "eval_data": prep.eval_hash, "bf16": bf16, "batch": bs,
-                                     "world": d.world, "logprobs": job.from_hidden, "max_length": cfg["data"]["max_length"]},
+                                     "world": d.world, "logprobs": job.from_hidden, "max_length": cfg["data"]["max_length"],
+                                     "zero": eng.ds.zero_optimization_stage() if eng.ds is not None else None,
+                                     "lora": eng.adapter is not None},
                                     sort_keys=True).encode()).hexdigest()
     path = Path(t["ref_cache_dir"] or Path(t["output_dir"]) / "ref_cache") / f"ref-eval-{key[:24]}.safetensors"
     n = len(prep.eval_examples)
