@@ -115,7 +115,23 @@ SCHEMA: Dict[str, Any] = {
         "ref_cache_dir": Field(None, "str", nullable=True, help="reference log-prob cache (default: OUTPUT_DIR/ref_cache)"),
         "ref_batch_size": Field(None, "int", nullable=True, help="prompts per reference forward (default: micro_batch_size)"),
         "progress": Field(True, "bool"),
-        "tensorboard": Field(False, "bool", help="also log the per-step metrics to OUTPUT_DIR/tensorboard (needs the tensorboard package)"),
+        "report_to": Field([], "list", help="also report every metrics.jsonl row to these, among tensorboard (OUTPUT_DIR/tensorboard), "
+                                            "wandb (respects WANDB_MODE, WANDB_PROJECT, WANDB_DIR; default dir OUTPUT_DIR) and mlflow "
+                                            "(MLFLOW_TRACKING_URI, default the file store OUTPUT_DIR/mlruns), each installed; names: "
+                                            "a key with a slash as it is (rewards/margins, eval/accuracy), any other under train/ "
+                                            "(train/loss); rank 0 only"),
+        "tensorboard": Field(False, "bool", help="deprecated alias: true adds tensorboard to train.report_to"),
+        "eval_data": Field(None, "str", nullable=True, help="held-out preference pairs evaluated during training: a graded.parquet "
+                                                           "or any file `deft grade` reads (best and worst response of each row, "
+                                                           "every level)"),
+        "eval_holdout": Field(0.0, "float", help="hold out this fraction of the training prompts (by prompt hash, the same "
+                                                 "whatever train.seed) as the eval split, not trained on; with eval_data, both"),
+        "eval_max_samples": Field(None, "int", nullable=True, help="evaluate at most the first N eval pairs (null: all)"),
+        "eval_steps": Field(0, "int", help="with an eval split: evaluate it before training, every N optimizer steps and at the "
+                                           "end (0: before training and at the end only); rows eval/accuracy (a tie counts 1/2), "
+                                           "eval/margin, eval/chosen_reward, eval/rejected_reward (beta * log pi/pi_ref, the "
+                                           "reference the initial policy), eval/nll, eval/loss (SFT, DPO, IPO) in metrics.jsonl"),
+        "eval_batch_size": Field(None, "int", nullable=True, help="pairs per eval forward (default: micro_batch_size)"),
         "device": Field("auto", "str", help="auto | cpu | cuda | cuda:N"),
     },
     "peft": {
@@ -289,6 +305,18 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise ConfigError("train.pack_length: set train.packing: true as well (packing is off)")
     if t["save_total_limit"] < 1:
         raise ConfigError("train.save_total_limit: must be >= 1")
+    if not 0.0 <= t["eval_holdout"] < 1.0:
+        raise ConfigError(f"train.eval_holdout: must be in [0, 1), got {t['eval_holdout']}")
+    if t["eval_steps"] < 0:
+        raise ConfigError(f"train.eval_steps: must be >= 0, got {t['eval_steps']}")
+    if t["eval_steps"] > 0 and not (t["eval_data"] or t["eval_holdout"] > 0):
+        raise ConfigError("train.eval_steps: set train.eval_data or train.eval_holdout as well (the eval split)")
+    for k in ("eval_max_samples", "eval_batch_size"):
+        if t[k] is not None and t[k] < 1:
+            raise ConfigError(f"train.{k}: must be >= 1 (or null), got {t[k]}")
+    from deft.reporting import check_installed, requested_backends
+
+    check_installed(requested_backends(t))
     m, df = cfg["method"], cfg["deft"]
     if m["sft_weight"] is not None and m["sft_weight"] < 0:
         raise ConfigError(f"method.sft_weight: must be >= 0, got {m['sft_weight']}")

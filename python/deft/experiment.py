@@ -578,6 +578,7 @@ def _item_metrics(rec: Mapping[str, Any], base: Mapping[str, Any], beta: float, 
 
 def _training_summary(train_dir: Path) -> Dict[str, Any]:
     rows = [json.loads(l) for l in (train_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if l.strip()]
+    rows = [r for r in rows if "loss" in r]  # the optimizer steps, not the eval rows (train.eval_steps)
     man = json.loads((train_dir / "manifest.json").read_text(encoding="utf-8"))
     diag = man.get("diagnostics") or {}
     share = (diag.get("rdis_grad_share") or {}).get("step_0")

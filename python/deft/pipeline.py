@@ -259,7 +259,8 @@ def _train_config(cfg: Mapping[str, Any], run_dir: Path) -> Dict[str, Any]:
 def train_fingerprint_config(tcfg: Mapping[str, Any]) -> Dict[str, Any]:
     """A `deft train` config as a training fingerprint sees it: only what can
     change the trained model. The paths the pipeline fills in, progress bars,
-    TensorBoard, ``allow_pickle`` and ``deft.diagnose_every`` (a measurement)
+    TensorBoard and the other ``train.report_to`` backends, the eval split
+    (``train.eval_*``; ``eval_holdout`` only while 0), ``allow_pickle`` and ``deft.diagnose_every`` (a measurement)
     are left out; ``method.sft_weight`` is the effective weight; the
     ``omega_share`` keys are left out while unused, so that runs from before
     they existed keep their fingerprints."""
@@ -268,6 +269,12 @@ def train_fingerprint_config(tcfg: Mapping[str, Any]) -> Dict[str, Any]:
         sec, k = key.split(".")
         t[sec][k] = None
     t["train"]["progress"] = t["train"]["tensorboard"] = None
+    # measurements: where metrics are reported, the eval split and how often it is evaluated (not in the fingerprint,
+    # so runs from before these keys existed keep theirs); a held-out fraction changes the training data and stays
+    for k in ("report_to", "eval_data", "eval_max_samples", "eval_steps", "eval_batch_size"):
+        t["train"].pop(k, None)
+    if not t["train"].get("eval_holdout"):
+        t["train"].pop("eval_holdout", None)
     t.pop("allow_pickle", None)
     t["deft"].pop("diagnose_every", None)
     if t["deft"].get("omega_share") is None:

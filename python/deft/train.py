@@ -111,6 +111,7 @@ from deft.losses import (
 )
 from deft.ops import has_linear_head, logprobs_for_model, rdis_for_model
 from deft.render import policy_layout, render_prompt, resolve_template
+from deft.reporting import Reporter, plot_curves, read_metrics, requested_backends
 
 __all__ = ["Example", "encode_examples", "select_responses", "prepare_data", "train", "TrainResult"]
 
@@ -120,6 +121,8 @@ LOW_SHARE = 1e-3
 CHECKPOINTS = "checkpoints"
 #: A checkpoint's weights when a LoRA adapter is trained: the trainable parameters only, by name.
 ADAPTER_WEIGHTS = "adapter.safetensors"
+#: The plot of the training loss and the eval split's accuracy and margin, written at the end.
+CURVES = "curves.png"
 
 
 def _log(msg: str) -> None:
@@ -356,6 +359,8 @@ class Prepared:
     policy_tokenizer: Any  # deft.distribution.PolicyTokenizer
     eos_token_id: int
     pad_token_id: int
+    eval_examples: Optional[List[Example]] = None  # the eval split's (best, worst) pairs (train.eval_data / eval_holdout)
+    eval_hash: Optional[str] = None
 
 
 def policy_tokenizers(cfg: Mapping[str, Any]):
@@ -423,12 +428,50 @@ def prepare_data(cfg: Mapping[str, Any]) -> Prepared:
     frame = read_graded(graded_path, ("id", "context", "responses", "level"))
     levels = list(cfg["data"]["levels"])
     frame = frame.filter(pl.col("level").is_in(levels))
+    held = None
+    if cfg["train"]["eval_holdout"] > 0:  # by prompt hash, as `deft experiment` splits: a repeated prompt is on one side
+        from deft.experiment import split_by_prompt
+
+        frame, held = split_by_prompt(frame, cfg["train"]["eval_holdout"])
     if cfg["data"]["max_samples"] is not None:
         frame = frame.head(cfg["data"]["max_samples"])
     if frame.height == 0:
         raise ValueError(f"{graded_path}: no samples at levels {levels}")
     examples = frame_examples(cfg, frame, template, hf_tok, ptok)
-    return Prepared(examples, template, data_hash(examples), q, dist_meta, hf_tok, ptok, int(eos), int(pad))
+    ev = eval_frame(cfg, held)
+    eval_examples = frame_examples(cfg, ev, template, hf_tok, ptok, method="dpo") if ev is not None else None
+    return Prepared(examples, template, data_hash(examples), q, dist_meta, hf_tok, ptok, int(eos), int(pad),
+                    eval_examples, data_hash(eval_examples) if eval_examples else None)
+
+
+def eval_frame(cfg: Mapping[str, Any], held: Optional[Any] = None) -> Optional[Any]:
+    """The eval split's rows (``id``, ``context``, ``responses``, best first):
+    the held-out training rows ``held`` (``train.eval_holdout``), then those
+    of ``train.eval_data`` (a graded.parquet, or any file :func:`deft.data.load`
+    reads); rows with fewer than two responses left out, at most
+    ``train.eval_max_samples``. ``None`` without an eval split."""
+    t = cfg["train"]
+    cols = ["id", "context", "responses"]
+    frames = [held.select(cols)] if held is not None else []
+    if t["eval_data"]:
+        p = Path(t["eval_data"])
+        if p.suffix == ".parquet":
+            f = read_graded(p, cols)
+        else:
+            from deft.data import load
+
+            f = load(p).frame
+        frames.append(f.select(cols))
+    if not frames:
+        return None
+    frame = pl.concat(frames, how="vertical_relaxed") if len(frames) > 1 else frames[0]
+    frame = frame.filter(pl.col("responses").list.len() >= 2)
+    if t["eval_max_samples"] is not None:
+        frame = frame.head(t["eval_max_samples"])
+    if frame.height == 0:
+        raise ValueError(f"the eval split (train.eval_data {t['eval_data']}, train.eval_holdout {t['eval_holdout']:g}) "
+                         "holds no pair (a row with at least two responses)")
+    return frame
 
 
 # ---------------------------------------------------------------------------
@@ -850,6 +893,9 @@ class Job:
     model_fp: str
     q_diff: Optional[Any]  # torch tensor on the training device, or None
     ref_all: Optional[Any] = None  # (N, 2) reference log-probs (DPO/IPO)
+    eval_ref: Optional[Any] = None  # (E, 2) reference log-probs of the eval pairs
+    eval_info: Optional[Dict[str, Any]] = None  # the eval split, for the manifest
+    reporting: Dict[str, Any] = field(default_factory=dict)  # where the metrics were reported (deft.reporting.Reporter.record)
     diagnose: bool = False  # measure the R_dis gradient share (deft.diagnose_every)
     from_hidden: bool = False  # log-probs from the hidden states, chunk by chunk (train.logprobs: hidden)
     pack: int = 0  # tokens per packed row (train.packing), 0: padded batches
@@ -872,6 +918,12 @@ class Job:
     def diagnose_at(self, step: int) -> bool:
         every = self.cfg["deft"]["diagnose_every"]
         return self.diagnose and (step == 0 or (every > 0 and step % every == 0))
+
+    def eval_at(self, step: int) -> bool:
+        """Whether the eval split is evaluated after optimizer step ``step``
+        (0: before training): then, every ``train.eval_steps`` and at the end."""
+        every = self.cfg["train"]["eval_steps"]
+        return self.eval_ref is not None and (step == 0 or step == self.sched.total_steps or (every > 0 and step % every == 0))
 
 
 @dataclass
@@ -935,9 +987,14 @@ def _train(cfg: Dict[str, Any], resume: bool, d: Dist, use_ds: bool, cuda: bool)
     ref_path, ref_hit = None, False
     if method in PAIRWISE:
         job.ref_all, ref_path, ref_hit = _reference_logps(job, eng, bf16)
+    if prep.eval_examples:  # the eval pairs under the initial policy (every method: the reference of the implicit reward)
+        job.eval_ref, eval_ref_path = _eval_reference_logps(job, eng, bf16)
+        job.eval_info = {"data": t["eval_data"], "holdout": t["eval_holdout"], "pairs": len(prep.eval_examples),
+                         "data_hash": prep.eval_hash, "eval_steps": t["eval_steps"], "reference_cache": str(eval_ref_path)}
 
     # ----- resume, then omega (as configured, or calibrated to a gradient share)
     state = _resume(job, eng) if resume else TrainState()
+    sent_through = _last_logged_step(out_dir / "metrics.jsonl")  # what the interrupted process reported, before trimming
     # Whenever the run (re)starts at global_step, metric lines of later steps are stale: those an
     # interrupted run logged after its checkpoint, or all of them when it starts over.
     _trim_metrics(out_dir / "metrics.jsonl", state.global_step)
@@ -945,37 +1002,46 @@ def _train(cfg: Dict[str, Any], resume: bool, d: Dist, use_ds: bool, cuda: bool)
         out_dir.mkdir(parents=True, exist_ok=True)
     state.omega = _choose_omega(job, eng, state)
 
-    # ----- loop: one step() per optimizer step, a checkpoint every train.save_steps
+    # ----- loop: one step() per optimizer step, the eval split every train.eval_steps, a checkpoint every train.save_steps
     metrics_log = MetricsLog(out_dir / "metrics.jsonl" if d.rank == 0 else None)
-    tb = _tensorboard(out_dir, state.global_step) if t["tensorboard"] and d.rank == 0 else None
-    bar = None
-    if t["progress"] and d.rank == 0:
-        bar = tqdm.auto.tqdm(total=sched.total_steps, initial=state.global_step, desc=f"{method}{'+deft' if q_diff is not None else ''}",
-                             unit="step", dynamic_ncols=True)
-    last: Dict[str, float] = {}
-    eng.runner.train()
-    while state.global_step < sched.total_steps:
-        state.epoch = state.global_step // sched.steps_per_epoch
-        micro = job.micro_batches(state.epoch)
-        for first in range((state.global_step % sched.steps_per_epoch) * sched.accumulation, len(micro), sched.accumulation):
-            last = step(job, eng, state, micro, first)
-            metrics_log.log(**last)
-            if tb is not None:
-                for k, v in last.items():
-                    if k != "step" and v is not None:
-                        tb.add_scalar(k if "/" in k else f"train/{k}", v, state.global_step)
-                tb.flush()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
-            if t["save_steps"] > 0 and state.global_step % t["save_steps"] == 0 and state.global_step < sched.total_steps:
-                _save_checkpoint(job, eng, state)
-            if state.global_step >= sched.total_steps:
-                break
-    if bar is not None:
-        bar.close()
-    if tb is not None:
-        tb.close()
+    with Reporter(requested_backends(t) if d.rank == 0 else (), out_dir, cfg, resume_from=state.resumed_from,
+                  sent_through=sent_through) as reporter:
+        job.reporting = reporter.record
+
+        def log(row: Dict[str, Any]) -> None:
+            metrics_log.log(**row)
+            reporter.log(row)
+
+        if state.global_step == 0 and job.eval_at(0):
+            log(_evaluate(job, eng, 0))
+        bar = None
+        if t["progress"] and d.rank == 0:
+            bar = tqdm.auto.tqdm(total=sched.total_steps, initial=state.global_step, desc=f"{method}{'+deft' if q_diff is not None else ''}",
+                                 unit="step", dynamic_ncols=True)
+        last: Dict[str, float] = {}
+        eng.runner.train()
+        while state.global_step < sched.total_steps:
+            state.epoch = state.global_step // sched.steps_per_epoch
+            micro = job.micro_batches(state.epoch)
+            for first in range((state.global_step % sched.steps_per_epoch) * sched.accumulation, len(micro), sched.accumulation):
+                last = step(job, eng, state, micro, first)
+                log(last)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
+                if job.eval_at(state.global_step):  # logged before the checkpoint: a resumed run does not repeat it
+                    log(_evaluate(job, eng, state.global_step))
+                if t["save_steps"] > 0 and state.global_step % t["save_steps"] == 0 and state.global_step < sched.total_steps:
+                    _save_checkpoint(job, eng, state)
+                if state.global_step >= sched.total_steps:
+                    break
+        if bar is not None:
+            bar.close()
+    if d.rank == 0:
+        try:
+            plot_curves(out_dir / "metrics.jsonl", out_dir / CURVES)
+        except Exception as e:  # noqa: BLE001 - a plot is not worth the trained model
+            _log(f"warning: {CURVES} not written: {type(e).__name__}: {e}")
 
     # ----- final model and manifest
     model_dir = _save_final(job, eng, state, ref_path)
@@ -1344,15 +1410,51 @@ def _calibrate_omega(job: Job, eng: Engine) -> Dict[str, Any]:
 # ----- loop helpers
 
 
-def _tensorboard(out_dir: Path, global_step: int):
-    """A SummaryWriter on OUTPUT_DIR/tensorboard; events an interrupted run
-    logged after the step this one starts from (all of them when it starts over)
-    are purged (``purge_step``)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise ImportError(f"train.tensorboard: true needs the tensorboard package (pip install tensorboard): {e}") from None
-    return SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=global_step + 1)
+def _evaluate(job: Job, eng: Engine, step: int) -> Dict[str, Any]:
+    """The eval row of optimizer step ``step``: on the eval pairs, in eval
+    mode without gradients, the implicit reward ``beta * log(pi / pi_ref)``
+    of the best and the worst response as `deft experiment` measures it
+    (summed log-probs, the reference the initial policy): ``eval/accuracy``
+    (a tie counts 1/2, so the initial policy scores exactly 0.5),
+    ``eval/margin``, ``eval/chosen_reward``, ``eval/rejected_reward``, the
+    per-token NLL of the best response ``eval/nll`` and, for SFT, DPO and IPO,
+    the method's loss ``eval/loss`` (without R_dis). Every rank computes the
+    same row (the pairs are sharded and gathered)."""
+    cfg, t0 = job.cfg, time.perf_counter()
+    m = cfg["method"]
+    logp, ntok = _pair_logps(job, eng, job.prep.eval_examples, _eval_batch_size(cfg))
+    ref = job.eval_ref.double()
+    lc, lr, rc, rr = logp[:, 0], logp[:, 1], ref[:, 0], ref[:, 1]
+    beta = float(m["beta"])
+    margin = beta * ((lc - rc) - (lr - rr))
+    acc = (margin > 0).double() + 0.5 * (margin == 0).double()
+    nc = ntok[:, 0].clamp(min=1)
+    row: Dict[str, Any] = {"step": step, "eval/accuracy": float(acc.mean()), "eval/margin": float(margin.mean()),
+                           "eval/chosen_reward": float((beta * (lc - rc)).mean()), "eval/rejected_reward": float((beta * (lr - rr)).mean()),
+                           "eval/nll": float((-lc / nc).mean())}
+    w_sft = sft_weight(m)
+    loss = None
+    if job.method == "sft":
+        loss = sft_loss(lc, ntok[:, 0])
+    elif job.method == "dpo":
+        loss = dpo_loss(lc, lr, rc, rr, beta=beta, label_smoothing=m["label_smoothing"]).loss
+    elif job.method == "ipo":
+        loss = ipo_loss(lc, lr, rc, rr, beta=beta, chosen_lengths=ntok[:, 0], rejected_lengths=ntok[:, 1]).loss
+    if loss is not None and job.method in PAIRWISE and w_sft != 0.0:
+        loss = loss + w_sft * sft_loss(lc, ntok[:, 0], reduction="sequence")
+    if loss is not None:
+        row["eval/loss"] = float(loss)
+    row["eval/seconds"] = time.perf_counter() - t0
+    _log(f"eval at step {step} ({len(lc)} pairs): accuracy {row['eval/accuracy']:.4f}, margin {row['eval/margin']:.4g}, "
+         f"nll {row['eval/nll']:.4f}")
+    return row
+
+
+def _last_logged_step(path: Path) -> int:
+    """The highest step in a metrics.jsonl (0: none, or not rank 0)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    return max((int(r["step"]) for r in read_metrics(path)), default=0)
 
 
 def _mean_across(row: Dict[str, float], d: Dist) -> Dict[str, float]:
@@ -1386,14 +1488,14 @@ def _load_checkpoint_file(path: Path, load: Callable[[Path], Any]) -> Any:
 
 def _trim_metrics(path: Path, step: int) -> None:
     """Drop metric lines of steps after ``step``, the one a run (re)starts from
-    (0: starting over drops them all)."""
+    (0: starting over drops them all, the eval row of step 0 too)."""
     if int(os.environ.get("RANK", "0")) != 0 or not path.exists():
         return
 
     keep = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
+            if step > 0 and json.loads(line).get("step", 0) <= step:
                 keep.append(line)
         except json.JSONDecodeError:
             continue  # a line cut by the kill
@@ -1511,6 +1613,8 @@ def _save_final(job: Job, eng: Engine, state: TrainState, ref_path: Optional[Pat
             "tokenizer": {"source": prep.policy_tokenizer.source, "sha256": prep.policy_tokenizer.sha256,
                           "vocab_hash": prep.policy_tokenizer.vocab_hash, "eos_token_id": prep.eos_token_id},
             "reference_cache": str(ref_path) if ref_path else None,
+            "eval": job.eval_info,
+            "reporting": job.reporting or None,
             "peft": eng.adapter,
             "loading": eng.loading,
             "omega": dict(state.omega) if state.omega and cfg["deft"]["enabled"] else None,
@@ -1519,6 +1623,7 @@ def _save_final(job: Job, eng: Engine, state: TrainState, ref_path: Optional[Pat
             "global_step": state.global_step,
             "total_steps": job.sched.total_steps,
             "outputs": {"model": str(model_dir), "metrics": str(out_dir / "metrics.jsonl"),
+                        **({"curves": str(out_dir / CURVES)} if (out_dir / CURVES).exists() else {}),
                         **({"merged": str(merged_dir)} if merged_dir else {})},
             "versions": versions(),
             "git_commit": _git_commit(),
@@ -1576,34 +1681,9 @@ def _reference_logps(job: Job, eng: Engine, bf16: bool):
             _log(f"reference log-probs: reusing {path}")
             return ref, path, True
     n = len(prep.examples)
-    bs = t["ref_batch_size"] or t["micro_batch_size"]
-    per_rank = math.ceil(n / d.world)
-    mine = [min(i, n - 1) for i in range(d.rank * per_rank, (d.rank + 1) * per_rank)]  # same count on every rank (ZeRO-3 lockstep)
-    ref = torch.zeros((n, 2), dtype=torch.float64)
-    eng.runner.eval()
     t0 = time.perf_counter()
-    bar = None
-    if t["progress"] and d.rank == 0:
-        bar = tqdm.auto.tqdm(total=len(mine), desc="reference log-probs", unit="sample", dynamic_ncols=True)
-    with torch.no_grad(), eng.reference_mode():  # with a LoRA adapter: the base model
-        for i in range(0, len(mine), bs):
-            idx = mine[i:i + bs]
-            batch = collate([prep.examples[j] for j in idx], prep.pad_token_id)
-            out = _forward(eng.runner, batch, eng.device, eng.autocast_dtype, need_hidden=False, from_hidden=job.from_hidden)
-            logp, _ = _seq_logps(out, batch, eng.device, eng.module)
-            vals = to_slots(logp.float(), batch).cpu().double()
-            for k, j in enumerate(idx):
-                if d.rank * per_rank + i + k < n:  # owned, not padding
-                    ref[j] = vals[k]
-            if bar is not None:
-                bar.update(len(idx))
-    if bar is not None:
-        bar.close()
-    eng.runner.train()
-    if d.world > 1:
-        r = ref.cuda() if td.get_backend() == "nccl" else ref
-        td.all_reduce(r)
-        ref = r.cpu()
+    ref, _ = _pair_logps(job, eng, prep.examples, t["ref_batch_size"] or t["micro_batch_size"], reference=True,
+                         desc="reference log-probs" if t["progress"] else None)
     ref = ref.float()
     if d.rank == 0:
         with atomic_path(path) as tmp:
@@ -1612,6 +1692,83 @@ def _reference_logps(job: Job, eng: Engine, bf16: bool):
     _barrier(d)
     _log(f"reference log-probs for {n} samples in {time.perf_counter() - t0:.1f}s -> {path}")
     return ref, path, False
+
+
+def _pair_logps(job: Job, eng: Engine, examples: Sequence[Example], bs: int, *, reference: bool = False,
+                desc: Optional[str] = None):
+    """``(N, 2)`` float64 summed log-probs and token counts of (best, worst)
+    of each example, in eval mode without gradients, under the policy as it
+    is or (``reference``) its reference (with a LoRA adapter: the base
+    model). The examples are sharded over the ranks, the same count on each
+    (ZeRO-3 runs the forwards in lockstep), in batches of ``bs``, and gathered:
+    every rank returns all of them. ``desc``: a progress bar (rank 0)."""
+    d, pad = job.d, job.prep.pad_token_id
+    n = len(examples)
+    per_rank = math.ceil(n / d.world)
+    mine = [min(i, n - 1) for i in range(d.rank * per_rank, (d.rank + 1) * per_rank)]  # same count on every rank (ZeRO-3 lockstep)
+    res = torch.zeros((n, 4), dtype=torch.float64)  # log-probs (best, worst), token counts (best, worst)
+    eng.runner.eval()
+    bar = None
+    if desc is not None and d.rank == 0:
+        bar = tqdm.auto.tqdm(total=len(mine), desc=desc, unit="sample", dynamic_ncols=True)
+    with torch.no_grad(), (eng.reference_mode() if reference else contextlib.nullcontext()):
+        for i in range(0, len(mine), bs):
+            idx = mine[i:i + bs]
+            batch = collate([examples[j] for j in idx], pad, slots=2)
+            out = _forward(eng.runner, batch, eng.device, eng.autocast_dtype, need_hidden=False, from_hidden=job.from_hidden)
+            logp, ntok = _seq_logps(out, batch, eng.device, eng.module)
+            vals = torch.cat([to_slots(logp.float(), batch).cpu().double(), to_slots(ntok, batch, 0).cpu().double()], dim=1)
+            for k, j in enumerate(idx):
+                if d.rank * per_rank + i + k < n:  # owned, not padding
+                    res[j] = vals[k]
+            if bar is not None:
+                bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+    eng.runner.train()
+    if d.world > 1:
+        r = res.cuda() if td.get_backend() == "nccl" else res
+        td.all_reduce(r)
+        res = r.cpu()
+    return res[:, :2].contiguous(), res[:, 2:].contiguous()
+
+
+def _eval_batch_size(cfg: Mapping[str, Any]) -> int:
+    return cfg["train"]["eval_batch_size"] or cfg["train"]["micro_batch_size"]
+
+
+def _eval_reference_logps(job: Job, eng: Engine, bf16: bool):
+    """``(E, 2)`` float32 summed log-probs of the eval pairs under the initial
+    policy (the reference of the eval's implicit reward, for every method;
+    with a LoRA adapter the base model), computed before a resumed run loads
+    its checkpoint, in the batches the evaluation uses (so that the policy
+    before training has margins of exactly 0); cached beside the training
+    reference, keyed by what changes those batches' numerics. Returns (tensor, path)."""
+    cfg, prep, d = job.cfg, job.prep, job.d
+    t = cfg["train"]
+    bs = _eval_batch_size(cfg)
+    key = hashlib.sha256(json.dumps({"model": job.model_fp, "eval_data": prep.eval_hash, "bf16": bf16, "batch": bs,
+                                     "world": d.world, "logprobs": job.from_hidden, "max_length": cfg["data"]["max_length"],
+                                     "zero": eng.ds.zero_optimization_stage() if eng.ds is not None else None,
+                                     "lora": eng.adapter is not None},
+                                    sort_keys=True).encode()).hexdigest()
+    path = Path(t["ref_cache_dir"] or Path(t["output_dir"]) / "ref_cache") / f"ref-eval-{key[:24]}.safetensors"
+    n = len(prep.eval_examples)
+    if path.exists():
+        ref = load_file(str(path))["ref_logps"]
+        if ref.shape == (n, 2):
+            _log(f"eval reference log-probs: reusing {path}")
+            return ref, path
+    ref, _ = _pair_logps(job, eng, prep.eval_examples, bs, reference=True,
+                         desc="eval reference log-probs" if t["progress"] else None)
+    ref = ref.float()
+    _log(f"eval reference log-probs for {n} pairs -> {path}")
+    if d.rank == 0:
+        with atomic_path(path) as tmp:
+            save_file({"ref_logps": ref.contiguous()}, str(tmp), metadata={"model_fingerprint": job.model_fp, "data_hash": prep.eval_hash,
+                                                                          "bf16": str(bf16), "format": "deft-ref-logps-v1"})
+    _barrier(d)
+    return ref, path
 
 
 # ---------------------------------------------------------------------------
