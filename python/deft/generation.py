@@ -7,7 +7,6 @@ Resuming a run's generations is :mod:`deft.evaluate`'s (its ``generations.jsonl`
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 import time
@@ -164,70 +163,9 @@ def _generate_batch(model, tokenizer, batch: List[List[int]], *, pad_id: int, eo
         f"out of memory generating a batch of {n}; retrying as {half} + {n - half}"))
 
 
-def _cache_kwarg(model) -> Optional[str]:
-    """The name under which ``model``'s forward takes its KV cache (``cache``
-    in transformers 5, ``past_key_values`` before), when :func:`_greedy_compacting`
-    can run it: a decoder-only model whose forward takes ``position_ids``."""
-    import inspect
-
-    if getattr(model.config, "is_encoder_decoder", False):
-        return None
-    params = inspect.signature(type(model).forward).parameters
-    if "position_ids" not in params:
-        return None
-    return next((k for k in ("cache", "past_key_values") if k in params), None)
-
-
-def _greedy_compacting(model, tokenizer, ids, mask, *, eos: List[int], max_new_tokens: int, stop_at_markers: bool,
-                       on_step: Optional[Callable[[], None]] = None) -> List[List[int]]:
-    """Greedy decoding with a KV cache, as ``model.generate`` does it (the
-    same position ids, attention mask and last-position logits), except that a
-    row that is done -- at EOS, or at a turn marker -- leaves the batch: its
-    cache rows are dropped and the rest decode on without it, where
-    ``generate`` keeps computing finished rows until the last one stops.
-    Returns each row's new ids up to (without) its EOS."""
-    import torch
-    from transformers import DynamicCache
-
-    B, T = ids.shape
-    out: List[List[int]] = [[] for _ in range(B)]
-    alive = list(range(B))
-    eos_t = torch.tensor(eos, device=ids.device)
-    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    cache = DynamicCache(config=model.config)
-    kw = {_cache_kwarg(model): cache}
-    inp = ids
-    for _ in range(max_new_tokens):
-        logits = model(input_ids=inp, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **kw).logits[:, -1]
-        nxt = logits.argmax(-1)
-        done = torch.isin(nxt, eos_t).tolist()
-        keep = []
-        for k, (row, tok, is_eos) in enumerate(zip(alive, nxt.tolist(), done)):
-            if is_eos:
-                continue
-            out[row].append(tok)
-            if stop_at_markers and _MARKER_RE.search(tokenizer.decode(out[row][-_STOP_WINDOW:], skip_special_tokens=True)):
-                continue
-            keep.append(k)
-        if on_step is not None:
-            on_step()
-        if not keep:
-            break
-        if len(keep) < len(alive):
-            sel = torch.tensor(keep, device=ids.device)
-            cache.batch_select_indices(sel)
-            nxt, mask, pos = nxt[sel], mask[sel], pos[sel]
-            alive = [alive[k] for k in keep]
-        inp = nxt[:, None]
-        mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
-        pos = pos[:, -1:] + 1
-    return out
-
-
 def _generate_once(model, tokenizer, batch: List[List[int]], *, pad_id: int, eos: List[int], max_new_tokens: int,
                    stop_at_markers: bool, on_step: Optional[Callable[[], None]] = None) -> List[List[int]]:
-    """Greedy continuation ids of one left-padded batch: :func:`_greedy_compacting`
-    when the model allows it (``DEFT_GENERATE=hf`` forces ``model.generate``), else ``model.generate``."""
+    """Greedy continuation ids of one left-padded batch."""
     import torch
     from transformers import GenerationConfig, StoppingCriteriaList
 
@@ -238,10 +176,6 @@ def _generate_once(model, tokenizer, batch: List[List[int]], *, pad_id: int, eos
     for i, x in enumerate(batch):
         ids[i, T - len(x):] = torch.tensor(x, dtype=torch.long)
         mask[i, T - len(x):] = 1
-    if os.environ.get("DEFT_GENERATE", "compact") != "hf" and _cache_kwarg(model) is not None:
-        with torch.inference_mode():
-            return _greedy_compacting(model, tokenizer, ids.to(device), mask.to(device), eos=eos, max_new_tokens=max_new_tokens,
-                                      stop_at_markers=stop_at_markers, on_step=on_step)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id,
                            eos_token_id=eos if len(eos) > 1 else eos[0])
     crit = StoppingCriteriaList([_marker_stop(tokenizer, T)] if stop_at_markers else [])
