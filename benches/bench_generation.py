@@ -18,7 +18,7 @@ Variants:
 - compiled: static plus ``torch.compile`` of the forward (transformers' ``CompileConfig``, forced on
   CPU); skipped with a note when compilation fails.
 
-Reported per variant: wall time of all prompts (median over rounds), new tokens generated (up to
+Reported per variant: wall time of all prompts (median over rounds, and the best round), new tokens generated (up to
 EOS, as ``deft eval`` counts them), new tokens/s, and the ratio against plain; then whether the
 generated ids are identical to main's: for main/new exactly, for the variants without marker
 stopping as a prefix (their ids up to where main stopped).
@@ -195,7 +195,7 @@ def main() -> None:
     for n in names:
         med = statistics.median(times[n])
         ntok = sum(map(len, ids[n]))
-        line = f"{n:9s} {med:8.2f} s  {ntok:6d} new tokens  {ntok / med:7.2f} tok/s"
+        line = f"{n:9s} {med:8.2f} s (best {min(times[n]):7.2f} s)  {ntok:6d} new tokens  {ntok / med:7.2f} tok/s"
         if base:
             line += f"  tok/s vs plain {ntok / med / (ntok_plain / base):5.2f}x  wall vs plain {med / base:5.2f}x"
         print(line)
