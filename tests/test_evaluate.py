@@ -259,6 +259,66 @@ def test_left_padding_equals_unbatched_and_manual_greedy(assets):
         assert raw_1[i] == tok.decode(new, skip_special_tokens=True)
 
 
+def _greedy_reference(lm, ids, max_new, eos, stop_re):
+    """Plain greedy without a cache or a batch: the whole sequence through the
+    model at every step; stops after EOS (not kept) or once the last 16 new
+    tokens' text holds ``stop_re``."""
+    ids, new = list(ids), []
+    with torch.no_grad():
+        for _ in range(max_new):
+            nxt = int(lm(torch.tensor([ids])).logits[0, -1].argmax())
+            if nxt in eos:
+                break
+            new.append(nxt)
+            ids.append(nxt)
+            if stop_re is not None and stop_re.search(lm.deft_tok.decode(new[-16:], skip_special_tokens=True)):
+                break
+    return new
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_default_generation_equals_uncached_greedy_reference(assets, monkeypatch, cache):
+    """generate() (the default static cache, and the dynamic one) against a
+    per-prompt greedy loop with no KV cache, on real rendered prompts of unequal
+    lengths in padded, length-sorted batches, with lead ids and marker stopping
+    (the marker made one the tiny model really writes, so a row stops early)."""
+    import re
+
+    import deft.generation as g
+    from deft.evaluate import load_policy
+    from deft.render import render_prompt
+
+    lm, tok = load_policy(str(assets["model"]), device="cpu")
+    lm.deft_tok = tok
+    samples, _ = ev._load_samples([assets["helpful"], assets["harmless"]], None)
+    prompts = [render_prompt(s.context, "plain") for s in samples[:5]]  # HH text: no BOS of its own
+    lead = [tok.bos_token_id]
+    eos = set(g._eos_ids(lm, tok))
+    enc = [lead + tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    assert len({len(x) for x in enc}) > 2 and all(x[1:2] != lead for x in enc)  # padded batches; the lead is added
+    max_new = 12
+    free = [_greedy_reference(lm, x, max_new, eos, None) for x in enc]
+    # a "marker": a piece of text the model writes a few tokens into one of its answers
+    k = max(range(len(free)), key=lambda i: len(free[i]))
+    piece = next(p for p in (tok.decode([t], skip_special_tokens=True).strip() for t in free[k][3:]) if p)
+    monkeypatch.setattr(g, "_MARKER_RE", re.compile(re.escape(piece)))
+    monkeypatch.setattr(g, "_MARKER_END", piece[-1])
+    monkeypatch.setattr(g, "_COLON_IDS", type(g._COLON_IDS)())
+    want = [_greedy_reference(lm, x, max_new, eos, g._MARKER_RE) for x in enc]
+    assert any(len(w) < len(f) for w, f in zip(want, free))  # the marker stopped a row early
+    got_ids, raw = [], {}
+    inner = g._generate_batch
+    monkeypatch.setattr(g, "_generate_batch", lambda *a, **kw: got_ids.extend(inner(*a, **kw)) or got_ids[-len(a[2]):])
+    g.generate(lm, tok, prompts, max_new_tokens=max_new, batch_size=3, lead_ids=lead, cache=cache,
+               on_batch=lambda idx, gens, r: raw.update(zip(idx, r)))
+    order = sorted(range(len(prompts)), key=lambda i: -len(enc[i]))
+    pad = tok.pad_token_id
+    for j, i in enumerate(order):  # ids after a marker stop are padding
+        ids = got_ids[j]
+        assert ids[:len(want[i])] == want[i] and all(t == pad for t in ids[len(want[i]):]), i
+        assert raw[i] == tok.decode(want[i], skip_special_tokens=True)
+
+
 def test_marker_stopping_criterion(assets):
     from deft.generation import _marker_stop
 

@@ -24,7 +24,9 @@ Pipeline
    ``num_beams=1``), ``max_new_tokens`` (128), batches of ``batch_size``
    prompts of similar length, padded on the *left* with an attention mask (so
    a batched greedy output is the unbatched one), bf16 on CUDA and fp32 on
-   CPU, ``torch.inference_mode``; a CUDA out-of-memory error halves the batch.
+   CPU, ``torch.inference_mode``, a static KV cache where the model supports
+   one (the same greedy ids as the dynamic cache; benches/bench_generation.py);
+   a CUDA out-of-memory error halves the batch.
    The new tokens are decoded (special tokens skipped) up to the first EOS,
    and the text is cut as the PRO evaluation cuts it (:func:`deft.generation.cut_generation`):
    stripped, then cut before the first ``Human:`` or ``Assistant:`` (any

@@ -28,6 +28,8 @@ __all__ = ["generate", "cut_generation"]
 _MARKER_RE = re.compile(r"human:|assistant:", re.IGNORECASE)
 #: New tokens decoded per step by the marker stopping criterion.
 _STOP_WINDOW = 16
+#: The character every turn marker ends with: a row is decoded only after a token holding it.
+_MARKER_END = ":"
 
 
 def _log(msg: str) -> None:
@@ -113,25 +115,57 @@ def _eos_ids(model: Any, tokenizer: Any) -> List[int]:
 
 
 
+_COLON_IDS: "weakref.WeakKeyDictionary[Any, frozenset]" = weakref.WeakKeyDictionary()
+
+
+def _colon_ids(tokenizer: Any) -> frozenset:
+    """The ids whose decoded text holds :data:`_MARKER_END` (every turn marker
+    ends with a ``:``, one byte, so it lies inside the token that completes a
+    marker). Cached per tokenizer."""
+    try:
+        return _COLON_IDS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
+    ids = frozenset(i for i, p in enumerate(pieces) if _MARKER_END in p)
+    try:
+        _COLON_IDS[tokenizer] = ids
+    except TypeError:  # not weak-referenceable
+        pass
+    return ids
+
+
 def _marker_stop(tokenizer: Any, prompt_len: int):
     import torch
     from transformers import StoppingCriteria
 
+    colon = _colon_ids(tokenizer)
+
     class MarkerStop(StoppingCriteria):
-        """Per row: stop once the new text holds a turn marker. Checked at
+        """Per row: stop once the new text holds a turn marker. Checked after
         every step over the last :data:`_STOP_WINDOW` new tokens, which hold
-        any marker completed by the newest token (markers are a few tokens)."""
+        any marker completed by the newest token (markers are a few tokens);
+        decoded only for the rows not stopped yet whose newest token holds a
+        ``:`` (a marker completed by it ends there)."""
 
         def __init__(self) -> None:
             self.hit: Optional[Any] = None
+            self.seen = prompt_len  # columns already checked
 
         def __call__(self, input_ids, scores, **kwargs):
+            n, width = input_ids.shape
             if self.hit is None:
-                self.hit = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-            window = input_ids[:, max(prompt_len, input_ids.shape[1] - _STOP_WINDOW):].cpu().tolist()
-            for i, row in enumerate(window):
-                if not self.hit[i] and _MARKER_RE.search(tokenizer.decode(row, skip_special_tokens=True)):
-                    self.hit[i] = True
+                self.hit = torch.zeros(n, dtype=torch.bool)
+            if width > max(prompt_len, self.seen):
+                # every column not checked yet (one per step; all of them when called on a whole sequence)
+                fresh = input_ids[:, max(prompt_len, self.seen):].cpu().tolist()
+                self.seen = width
+                for i, row in enumerate(fresh):
+                    if self.hit[i] or not any(t in colon for t in row):
+                        continue
+                    window = input_ids[i, max(prompt_len, width - len(row) - _STOP_WINDOW + 1):].tolist()
+                    if _MARKER_RE.search(tokenizer.decode(window, skip_special_tokens=True)):
+                        self.hit[i] = True
             return self.hit.to(input_ids.device)
 
     return MarkerStop()
@@ -152,20 +186,23 @@ def _step_ticker(on_step: Callable[[], None]):
 
 
 def _generate_batch(model, tokenizer, batch: List[List[int]], *, pad_id: int, eos: List[int], max_new_tokens: int,
-                    stop_at_markers: bool, on_step: Optional[Callable[[], None]] = None) -> List[List[int]]:
+                    stop_at_markers: bool, on_step: Optional[Callable[[], None]] = None, cache: str = "static") -> List[List[int]]:
     """Greedy continuation ids of one left-padded batch, halving the batch on
     a CUDA out-of-memory error. ``on_step()`` is called after each decoding step."""
     def run(b: List[List[int]]) -> List[List[int]]:
         return _generate_once(model, tokenizer, b, pad_id=pad_id, eos=eos, max_new_tokens=max_new_tokens,
-                              stop_at_markers=stop_at_markers, on_step=on_step)
+                              stop_at_markers=stop_at_markers, on_step=on_step, cache=cache)
 
     return split_on_oom(run, batch, combine=lambda a, b: a + b, on_split=lambda n, half: _log(
         f"out of memory generating a batch of {n}; retrying as {half} + {n - half}"))
 
 
 def _generate_once(model, tokenizer, batch: List[List[int]], *, pad_id: int, eos: List[int], max_new_tokens: int,
-                   stop_at_markers: bool, on_step: Optional[Callable[[], None]] = None) -> List[List[int]]:
-    """Greedy continuation ids of one left-padded batch."""
+                   stop_at_markers: bool, on_step: Optional[Callable[[], None]] = None, cache: str = "static") -> List[List[int]]:
+    """Greedy continuation ids of one left-padded batch. ``cache``:
+    ``static`` (a KV cache preallocated for the prompt plus ``max_new_tokens``,
+    written in place; used when the model supports it, see :func:`_cache_implementation`)
+    or ``dynamic`` (transformers' default, grown by concatenation at every step)."""
     import torch
     from transformers import GenerationConfig, StoppingCriteriaList
 
@@ -177,7 +214,8 @@ def _generate_once(model, tokenizer, batch: List[List[int]], *, pad_id: int, eos
         ids[i, T - len(x):] = torch.tensor(x, dtype=torch.long)
         mask[i, T - len(x):] = 1
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_id,
-                           eos_token_id=eos if len(eos) > 1 else eos[0])
+                           eos_token_id=eos if len(eos) > 1 else eos[0], cache_implementation=_cache_implementation(model, cache),
+                           disable_compile=True)  # no automatic torch.compile on CUDA for a static cache
     crit = StoppingCriteriaList([_marker_stop(tokenizer, T)] if stop_at_markers else [])
     if on_step is not None:
         crit.append(_step_ticker(on_step))
@@ -198,6 +236,18 @@ def _generate_once(model, tokenizer, batch: List[List[int]], *, pad_id: int, eos
         cut = next((j for j, t in enumerate(row) if t in eos_set), len(row))
         res.append(row[:cut])
     return res
+
+
+def _cache_implementation(model: Any, cache: str) -> Optional[str]:
+    """``"static"`` when asked for and the model (the base model of a PEFT
+    wrapper) supports a static cache (transformers' ``_can_compile_fullgraph``),
+    else None (the dynamic cache)."""
+    if cache == "dynamic":
+        return None
+    if cache != "static":
+        raise ValueError(f"cache must be 'static' or 'dynamic', got {cache!r}")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "static" if getattr(base, "_can_compile_fullgraph", False) else None
 
 
 def _bar_ticker(bar: Any, done: int, n: int, max_new_tokens: int) -> Callable[[], None]:
@@ -223,6 +273,7 @@ def generate(
     metrics: Any = None,
     description: str = "generate",
     lead_ids: Sequence[int] = (),
+    cache: str = "static",
 ) -> List[str]:
     """Greedy generations for rendered ``prompts`` (see the module docstring),
     cut with :func:`cut_generation`, in input order.
@@ -236,7 +287,10 @@ def generate(
     ``lead_ids``: the ids every prompt starts with, as the trainer lays prompts
     out (:func:`deft.render.prompt_lead_ids`: the BOS of a Llama-family
     tokenizer): prepended when a prompt does not start with them, kept when it
-    is left-truncated.
+    is left-truncated. ``cache``: the KV cache, ``static`` (default; the
+    same greedy ids as ``dynamic``, faster on long generations, see
+    benches/README.md) or ``dynamic``; a model without static-cache support
+    always gets the dynamic one.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -244,6 +298,8 @@ def generate(
         raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if cache not in ("static", "dynamic"):
+        raise ValueError(f"cache must be 'static' or 'dynamic', got {cache!r}")
     prompts = list(prompts)
     out: List[Optional[str]] = [None] * len(prompts)
     if not prompts:
@@ -275,7 +331,8 @@ def generate(
             t0 = time.perf_counter()
             on_step = _bar_ticker(bar, start, len(idx), max_new_tokens) if bar is not None else None
             new_ids = _generate_batch(model, tokenizer, [encoded[i] for i in idx], pad_id=pad, eos=eos,
-                                      max_new_tokens=max_new_tokens, stop_at_markers=stop_at_markers, on_step=on_step)
+                                      max_new_tokens=max_new_tokens, stop_at_markers=stop_at_markers, on_step=on_step,
+                                      cache=cache)
             raw = [tokenizer.decode(x, skip_special_tokens=True) for x in new_ids]
             gens = [cut_generation(r) for r in raw]
             dt = time.perf_counter() - t0
