@@ -1669,28 +1669,36 @@ def _sha(path) -> Optional[str]:
 def _reference_logps(job: Job, eng: Engine, bf16: bool):
     """``(N, 2)`` float32 summed log-probs of (best, worst) under the initial
     policy; cached on disk. Returns (tensor, path, cache_hit)."""
-    cfg, prep, d, model_fp = job.cfg, job.prep, job.d, job.model_fp
-    t = cfg["train"]
-    key = hashlib.sha256(json.dumps({"model": model_fp, "data": prep.data_hash, "bf16": bf16,
-                                     "max_length": cfg["data"]["max_length"]}, sort_keys=True).encode()).hexdigest()
-    cache_dir = Path(t["ref_cache_dir"] or Path(t["output_dir"]) / "ref_cache")
-    path = cache_dir / f"ref-{key[:24]}.safetensors"
+    cfg, prep, t = job.cfg, job.prep, job.cfg["train"]
+    key = {"model": job.model_fp, "data": prep.data_hash, "bf16": bf16, "max_length": cfg["data"]["max_length"]}
+    return _cached_pair_logps(job, eng, prep.examples, t["ref_batch_size"] or t["micro_batch_size"], key, "ref",
+                              prep.data_hash, bf16, "reference log-probs", "samples")
+
+
+def _cached_pair_logps(job: Job, eng: Engine, examples: Sequence[Example], bs: int, key: Mapping[str, Any], prefix: str,
+                       data_hash: str, bf16: bool, what: str, unit: str):
+    """``(len(examples), 2)`` float32 log-probs of (best, worst) under the
+    initial policy (:func:`_pair_logps` with ``reference=True``), read from
+    or written (atomically, by rank 0) to ``REF_CACHE/PREFIX-HASH.safetensors``,
+    ``HASH`` that of ``key``. Returns (tensor, path, cache_hit)."""
+    t, d = job.cfg["train"], job.d
+    digest = hashlib.sha256(json.dumps(dict(key), sort_keys=True).encode()).hexdigest()
+    path = Path(t["ref_cache_dir"] or Path(t["output_dir"]) / "ref_cache") / f"{prefix}-{digest[:24]}.safetensors"
+    n = len(examples)
     if path.exists():
         ref = load_file(str(path))["ref_logps"]
-        if ref.shape == (len(prep.examples), 2):
-            _log(f"reference log-probs: reusing {path}")
+        if ref.shape == (n, 2):
+            _log(f"{what}: reusing {path}")
             return ref, path, True
-    n = len(prep.examples)
     t0 = time.perf_counter()
-    ref, _ = _pair_logps(job, eng, prep.examples, t["ref_batch_size"] or t["micro_batch_size"], reference=True,
-                         desc="reference log-probs" if t["progress"] else None)
+    ref, _ = _pair_logps(job, eng, examples, bs, reference=True, desc=what if t["progress"] else None)
     ref = ref.float()
     if d.rank == 0:
         with atomic_path(path) as tmp:
-            save_file({"ref_logps": ref.contiguous()}, str(tmp), metadata={"model_fingerprint": model_fp, "data_hash": prep.data_hash,
+            save_file({"ref_logps": ref.contiguous()}, str(tmp), metadata={"model_fingerprint": job.model_fp, "data_hash": data_hash,
                                                                           "bf16": str(bf16), "format": "deft-ref-logps-v1"})
     _barrier(d)
-    _log(f"reference log-probs for {n} samples in {time.perf_counter() - t0:.1f}s -> {path}")
+    _log(f"{what} for {n} {unit} in {time.perf_counter() - t0:.1f}s -> {path}")
     return ref, path, False
 
 
@@ -1745,29 +1753,11 @@ def _eval_reference_logps(job: Job, eng: Engine, bf16: bool):
     before training has margins of exactly 0); cached beside the training
     reference, keyed by what changes those batches' numerics. Returns (tensor, path)."""
     cfg, prep, d = job.cfg, job.prep, job.d
-    t = cfg["train"]
-    bs = _eval_batch_size(cfg)
-    key = hashlib.sha256(json.dumps({"model": job.model_fp, "eval_data": prep.eval_hash, "bf16": bf16, "batch": bs,
-                                     "world": d.world, "logprobs": job.from_hidden, "max_length": cfg["data"]["max_length"],
-                                     "zero": eng.ds.zero_optimization_stage() if eng.ds is not None else None,
-                                     "lora": eng.adapter is not None},
-                                    sort_keys=True).encode()).hexdigest()
-    path = Path(t["ref_cache_dir"] or Path(t["output_dir"]) / "ref_cache") / f"ref-eval-{key[:24]}.safetensors"
-    n = len(prep.eval_examples)
-    if path.exists():
-        ref = load_file(str(path))["ref_logps"]
-        if ref.shape == (n, 2):
-            _log(f"eval reference log-probs: reusing {path}")
-            return ref, path
-    ref, _ = _pair_logps(job, eng, prep.eval_examples, bs, reference=True,
-                         desc="eval reference log-probs" if t["progress"] else None)
-    ref = ref.float()
-    _log(f"eval reference log-probs for {n} pairs -> {path}")
-    if d.rank == 0:
-        with atomic_path(path) as tmp:
-            save_file({"ref_logps": ref.contiguous()}, str(tmp), metadata={"model_fingerprint": job.model_fp, "data_hash": prep.eval_hash,
-                                                                          "bf16": str(bf16), "format": "deft-ref-logps-v1"})
-    _barrier(d)
+    key = {"model": job.model_fp, "eval_data": prep.eval_hash, "bf16": bf16, "batch": _eval_batch_size(cfg), "world": d.world,
+           "logprobs": job.from_hidden, "max_length": cfg["data"]["max_length"],
+           "zero": eng.ds.zero_optimization_stage() if eng.ds is not None else None, "lora": eng.adapter is not None}
+    ref, path, _ = _cached_pair_logps(job, eng, prep.eval_examples, _eval_batch_size(cfg), key, "ref-eval", prep.eval_hash, bf16,
+                                      "eval reference log-probs", "pairs")
     return ref, path
 
 
