@@ -306,6 +306,17 @@ def test_export_standard_style_all_pairs_and_order_rules(graded, tmp_path):
         export_pairs(canon, levels=["A"])
 
 
+def test_export_standard_style_gives_back_the_hh_transcripts(hh_rows, tmp_path):
+    folder = tmp_path / "harmless-base-test"
+    datasets.Dataset.from_list(hh_rows).save_to_disk(str(folder))
+    res = export_files(folder, tmp_path / "hh.jsonl", style="standard")
+    assert res.counts == {"samples": N, "pairs": N, "no_preference": 0, "rejected": 0}
+    out = [json.loads(line) for line in (tmp_path / "hh.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(r["prompt"] + r["chosen"], r["prompt"] + r["rejected"]) for r in out] == [(r["chosen"], r["rejected"]) for r in hh_rows]
+    man = json.loads(res.manifest_path.read_text())
+    assert man["inputs"][0]["kind"] == "save_to_disk" and man["parameters"]["style"] == "standard"
+
+
 def test_export_errors(graded, tmp_path):
     export_files(graded, tmp_path / "p.parquet", levels=["A"])
     with pytest.raises(FileExistsError, match="already exists"):

@@ -420,6 +420,7 @@ def export_cmd(
     style: str = typer.Option("conversational", "--style", help="conversational: prompt as chat messages, chosen/rejected one assistant message each (TRL applies the chat template); standard: plain HH text, prompt ending in 'Assistant:' and ' response'."),
     on_error: str = OnError,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output and its manifest."),
+    config: Optional[Path] = ConfigOption,
 ) -> None:
     """Write a graded or selected set (e.g. level A) as TRL-ready prompt/chosen/rejected pairs: Parquet, JSON Lines or a save_to_disk folder."""
     from deft.export import export_files

@@ -23,8 +23,8 @@ Records
     :func:`deft.data.load` reads them back to the same context, responses and
     scores. ``style="standard"``: plain text, ``prompt`` the HH transcript
     (:func:`deft.render.render_hh`, ending ``"\\n\\nAssistant:"``) and
-    ``chosen``/``rejected`` the response after one space, what `deft train
-    --template plain` tokenises. Besides: ``id``, ``subset``,
+    ``chosen``/``rejected`` the response after one space, what `deft train`
+    tokenises with ``data.template: plain``. Besides: ``id``, ``subset``,
     ``score_chosen``/``score_rejected`` (null without scores) and, from a
     graded set, ``level``.
 Containers (``format``)

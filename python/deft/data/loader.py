@@ -230,7 +230,10 @@ def load(
 
     Args:
         path: a ``.jsonl``, ``.jsonl.gz``, ``.json``, ``.json.gz`` or
-            ``.parquet`` file.
+            ``.parquet`` file; or a Hugging Face dataset: a
+            ``datasets.Dataset`` (or a ``DatasetDict`` holding one split), a
+            ``save_to_disk`` folder, or ``"hf:NAME[:CONFIG][:SPLIT]"`` read
+            from the local datasets cache (see :mod:`deft.data.hf`).
         format: ``"auto"`` (detect from the first record's fields) or one of
             :data:`FORMATS`.
         subset: subset name for records without a ``subset`` field (default:
