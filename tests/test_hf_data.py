@@ -238,6 +238,18 @@ def test_cli_grade_on_save_to_disk_folder(pro_rows, files, tmp_path):
     assert bad.exit_code == 2 and "not a regular file but a folder" in bad.output
 
 
+def test_pipeline_input_hash_of_a_folder(hh_rows, tmp_path):
+    """`deft run` decides whether grading is up to date from its inputs' hashes: a folder's follows its rows."""
+    from deft.pipeline import file_hash
+
+    datasets.Dataset.from_list(hh_rows).save_to_disk(str(tmp_path / "a"))
+    datasets.Dataset.from_list(hh_rows).save_to_disk(str(tmp_path / "b"))
+    datasets.Dataset.from_list(hh_rows[:-1]).save_to_disk(str(tmp_path / "c"))
+    a, b, c = (file_hash(tmp_path / n) for n in "abc")
+    assert a["path"] == str(tmp_path / "a") and len(a["sha256"]) == 64
+    assert a["sha256"] == b["sha256"] != c["sha256"]
+
+
 def test_select_on_hf_source(hf_cache, tmp_path):
     from deft.select import select_files
 
