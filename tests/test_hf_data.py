@@ -314,8 +314,14 @@ def test_export_standard_style_all_pairs_and_order_rules(graded, tmp_path):
     assert [(r["id"], r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in res.records.iter_rows(named=True)] == [
         ("r#0-1", "a", "b"), ("r#0-2", "a", "c"), ("r#1-2", "b", "c"), ("s#1-0", "hi", "lo")]
     assert res.counts == {"samples": 4, "pairs": 4, "no_preference": 2}
+    twice = canon.with_columns(pl.Series("responses", [["a", "a", "c"], ["lo", "hi"], ["u", "v"], ["x", "y"]]))
+    ids = export_pairs(twice, pairs="all").records["id"].to_list()
+    assert ids == ["r#0-2", "r#1-2", "s#1-0"]  # a against a is no preference
     with pytest.raises(ValueError, match="levels need a graded.parquet"):
         export_pairs(canon, levels=["A"])
+    mid = canon.head(1).with_columns(pl.Series("context", [[{"role": "user", "content": "q"}, {"role": "system", "content": "s"}]]))
+    with pytest.raises(ValueError, match="sample r: context turn 1: HH transcripts have no system role.*style conversational"):
+        export_pairs(mid, style="standard")
 
 
 def test_export_standard_style_gives_back_the_hh_transcripts(hh_rows, tmp_path):

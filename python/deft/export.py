@@ -14,7 +14,7 @@ Pairs
     ``best-worst`` (default): one pair per sample, its best response against
     its worst -- the pair `deft train` trains DPO on. ``all``: every pair
     ``(i, j)``, ``i`` before ``j`` in the preference order and strictly
-    preferred; ids get ``#i-j``.
+    preferred; ids get ``#i-j``. A pair of one text twice is no preference.
 Records
     TRL's preference format with an explicit prompt: ``prompt``, ``chosen``,
     ``rejected``. ``style="conversational"`` (default): ``prompt`` is the
@@ -146,12 +146,16 @@ def export_pairs(
             candidates = [(order[0], order[-1])] if len(order) >= 2 else []
         else:
             candidates = [(order[a], order[b]) for a in range(len(order)) for b in range(a + 1, len(order))]
-        chosen_pairs = [(a, b) for a, b in candidates if _preferred(a, b, by_score)]
+        chosen_pairs = [(a, b) for a, b in candidates
+                        if _preferred(a, b, by_score) and responses[a[0]] != responses[b[0]]]  # one text twice: no preference
         if not chosen_pairs:
             n_none += 1
             continue
         context = [{"role": t["role"], "content": t["content"]} for t in r["context"]]
-        prompt: Any = context if style == "conversational" else render_hh(context)
+        try:
+            prompt: Any = context if style == "conversational" else render_hh(context)
+        except ValueError as e:  # a system turn in the middle: no plain HH text for it
+            raise ValueError(f"sample {r['id']}: {e}; export it with style conversational") from None
         for (i, si), (j, sj) in chosen_pairs:
             rows["id"].append(r["id"] if pairs == "best-worst" else f"{r['id']}#{i}-{j}")
             rows["subset"].append(r["subset"])
