@@ -8,7 +8,6 @@ import gzip
 import json
 import shutil
 import sys
-from pathlib import Path
 
 import numpy as np
 import polars as pl
