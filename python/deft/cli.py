@@ -100,7 +100,7 @@ def load_inputs(inputs: List[Path], fmt: str, subset: Optional[str], on_error: s
 @app.command()
 @_friendly_errors
 def stats(
-    input: List[Path] = typer.Option(..., "--input", "-i", help="Preference file(s): .jsonl, .jsonl.gz, .json or .parquet, any supported format."),
+    input: List[Path] = typer.Option(..., "--input", "-i", help="Preference file(s): .jsonl, .jsonl.gz, .json or .parquet, any supported format; or a datasets save_to_disk folder, or hf:NAME[:CONFIG][:SPLIT] from the local Hugging Face datasets cache."),
     tokenizer: Path = typer.Option(..., "--tokenizer", "-t", help="tokenizer.json, or a folder holding one."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     top: int = typer.Option(20, "--top", help="How many of the most frequent response tokens to list."),
@@ -182,7 +182,7 @@ def _threshold(v: Optional[float]) -> Optional[float]:
 @app.command()
 @_friendly_errors
 def grade(
-    input: List[Path] = typer.Option(..., "--input", "-i", help="Preference file(s) in any supported format."),
+    input: List[Path] = typer.Option(..., "--input", "-i", help="Preference file(s) in any supported format, a datasets save_to_disk folder, or hf:NAME[:CONFIG][:SPLIT] read from the local Hugging Face datasets cache."),
     output_dir: Path = typer.Option(Path("runs/grade"), "--output-dir", "-o", help="Folder for graded.parquet, manifest.json, scores/ and the plot."),
     reward_model: str = typer.Option("builtin", "--reward-model", "-m", help="builtin (offline MiniLM-based stand-in), or a Hugging Face sequence-classification reward model: hub name or local path."),
     template: str = typer.Option("auto", "--template", help="How (context, response) is shown to a Hugging Face reward model: auto, oasst, chat, plain (the builtin reward model has its own fixed input and ignores it)."),
@@ -360,7 +360,7 @@ def train(
 @app.command()
 @_friendly_errors
 def select(
-    input: List[Path] = typer.Option(..., "--input", "-i", help="Preference file(s) in any supported format."),
+    input: List[Path] = typer.Option(..., "--input", "-i", help="Preference file(s) in any supported format, a datasets save_to_disk folder, or hf:NAME[:CONFIG][:SPLIT] read from the local Hugging Face datasets cache."),
     output: Path = typer.Option(..., "--output", "-o", help="Selected pairs (canonical): .parquet, .jsonl or .jsonl.gz. NAME.selection.parquet, NAME.manifest.json and NAME.similarity.png go beside it."),
     strategy: str = typer.Option(..., "--strategy", "-s", help="easy (least similar pairs), hard (most similar), random, centroid (per prompt: the responses nearest the two k-means centroids)."),
     fraction: float = typer.Option(0.5, "--fraction", help="Share of the prompts kept, in (0, 1]; 1 keeps one pair for every prompt."),
@@ -407,6 +407,32 @@ def select(
     if emb:
         console.print(f"embedded {emb['responses']:,} responses in {emb['seconds']:.1f} s ({emb['responses_per_s']:,.1f}/s, {res.embedder['name']})")
     console.print(f"selection: {res.selection_path}; manifest: {res.manifest_path}" + (f"; plot: {res.plot_path}" if res.plot_path else ""))
+
+
+@app.command("export")
+@_friendly_errors
+def export_cmd(
+    input: Path = typer.Option(..., "--input", "-i", help="A graded.parquet of `deft grade`, the output of `deft select`, or any preference file or dataset source deft reads (a save_to_disk folder, hf:NAME[:CONFIG][:SPLIT])."),
+    output: Path = typer.Option(..., "--output", "-o", help="pairs.parquet (trl), pairs.jsonl / .jsonl.gz (jsonl) or a folder name (hf); NAME.manifest.json goes beside it."),
+    fmt: Optional[str] = typer.Option(None, "--format", "-f", help="trl: a Parquet file of TRL prompt/chosen/rejected records; jsonl: the same as JSON Lines; hf: the same as a datasets save_to_disk folder (default: from the output name)."),
+    levels: List[str] = typer.Option([], "--levels", "-l", help="Levels of a graded.parquet to export: --levels A, --levels A,B (default: every sample)."),
+    pairs: str = typer.Option("best-worst", "--pairs", help="best-worst: one pair per sample, its best response against its worst (what deft train trains DPO on); all: every strictly preferred pair of a sample."),
+    style: str = typer.Option("conversational", "--style", help="conversational: prompt as chat messages, chosen/rejected one assistant message each (TRL applies the chat template); standard: plain HH text, prompt ending in 'Assistant:' and ' response'."),
+    on_error: str = OnError,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output and its manifest."),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Write a graded or selected set (e.g. level A) as TRL-ready prompt/chosen/rejected pairs: Parquet, JSON Lines or a save_to_disk folder."""
+    from deft.export import export_files
+
+    res = export_files(input, output, format=fmt, levels=levels or None, pairs=pairs, style=style, on_error=on_error,
+                       overwrite=overwrite)
+    c = res.counts
+    if c.get("rejected"):
+        err_console.print(f"[yellow]skipped {c['rejected']} bad rows[/] (--on-error skip)", highlight=False)
+    console.print(f"exported {c['pairs']:,} pairs from {c['samples']:,} samples"
+                  + (f" ({c['no_preference']:,} without a preference left out)" if c["no_preference"] else "")
+                  + f" -> {res.output_path}; manifest: {res.manifest_path}")
 
 
 @app.command("eval")

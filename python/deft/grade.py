@@ -398,7 +398,7 @@ def grade_files(inputs: Sequence[Any], output_dir: Any, options: Optional[GradeO
     out = Path(output_dir)
     graded_path = out / "graded.parquet"
     check_publication(out / "manifest.json", [graded_path], o.overwrite)  # manifest.json: the commit record, written last
-    loaded = load_many([Path(p) for p in inputs], on_error=o.on_error, rejects_path=o.rejects)
+    loaded = load_many(list(inputs), on_error=o.on_error, rejects_path=o.rejects)  # files or dataset sources
     frame = loaded.frame
     run = GradeRun(output_dir=out, n_rejected=len(loaded.rejects))
     if o.drop_duplicates:

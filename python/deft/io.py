@@ -113,8 +113,14 @@ def versions() -> Dict[str, str]:
     return out
 
 
-def input_record(path: PathLike) -> Dict[str, Any]:
-    """``{"path", "sha256", "bytes"}`` for a manifest's list of inputs."""
+def input_record(path: Any) -> Dict[str, Any]:
+    """``{"path", "sha256", "bytes"}`` for a manifest's list of inputs; for a
+    Hugging Face dataset source (``hf:...``, a ``save_to_disk`` folder, a
+    ``datasets.Dataset``) what :func:`deft.data.hf.source_record` gives."""
+    from deft.data.hf import is_dataset_source, source_record
+
+    if is_dataset_source(path):
+        return source_record(path)
     p = Path(path)
     return {"path": str(p), "sha256": sha256_file(p), "bytes": p.stat().st_size}
 

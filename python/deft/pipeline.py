@@ -180,6 +180,11 @@ def save_hash_cache(run_dir: Path) -> None:
 
 
 def file_hash(path: Any) -> Dict[str, Any]:
+    from deft.data.hf import is_dataset_source, source_record
+
+    if is_dataset_source(path):  # a save_to_disk folder, hf:NAME...: its Arrow files' hash
+        rec = source_record(path)
+        return {"path": rec["path"], "sha256": rec.get("sha256") or rec["fingerprint"]}
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(2, "input file not found", str(p))

@@ -111,6 +111,7 @@ from deft._hf import (
 from deft._util import chars_per_token, find_sub, tokenize_clipped
 from deft.builtin_rm import minilm_fingerprint, minilm_path
 from deft.data import SCHEMA, load_many, save, validate_frame
+from deft.data.hf import is_dataset_source, source_label
 from deft.io import (
     atomic_path, begin_publication, check_publication, input_record, locked_output, sha256_file, write_manifest,
 )
@@ -1028,7 +1029,7 @@ def plot_similarity(result: SelectResult, path: PathLike, title: Optional[str] =
 
 @locked_output("select", "output", beside=True)
 def select_files(
-    inputs: Sequence[PathLike],
+    inputs: Sequence[Any],
     output: PathLike,
     *,
     strategy: str,
@@ -1051,7 +1052,8 @@ def select_files(
     progress: bool = True,
     embeddings: Any = None,
 ) -> SelectResult:
-    """The `deft select` stage: load ``inputs`` (any supported format, as
+    """The `deft select` stage: load ``inputs`` (files in any supported format
+    or Hugging Face dataset sources, as
     :func:`deft.data.load_many` with ``format``/``subset``/``on_error``/
     ``rejects``; with ``on_error="skip"`` rejects go to ``NAME.rejects.jsonl``
     unless ``rejects`` is given), embed every response, :func:`select_pairs`, and write
@@ -1070,10 +1072,11 @@ def select_files(
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    inputs = [Path(p) for p in inputs]
+    inputs = [p if is_dataset_source(p) else Path(p) for p in inputs]  # files, or Hugging Face dataset sources
     if not inputs:
         raise ValueError("select needs at least one input file")
-    for p in inputs:
+    files = [p for p in inputs if isinstance(p, Path)]
+    for p in files:
         if not p.is_file():
             raise FileNotFoundError(2, "input file not found" if not p.exists() else "input is not a file", str(p))
     paths = output_paths(output, plot)
@@ -1085,16 +1088,16 @@ def select_files(
     written = refused + ([Path(rejects)] if on_error == "skip" else [])  # type: ignore[arg-type]
     check_publication(paths["manifest"], refused, overwrite)  # type: ignore[arg-type]
     for w in written:
-        if any(w.resolve() == p.resolve() for p in inputs):  # type: ignore[union-attr]
+        if any(w.resolve() == p.resolve() for p in files):
             raise ValueError(f"output {w} is one of the inputs; write the selection to a new file")
 
     loaded = load_many(inputs, format=format, subset=subset, on_error=on_error,
                        rejects_path=rejects if on_error == "skip" else None)
     frame = loaded.frame
     if frame.height == 0:
-        raise ValueError(f"no rows to select from in {', '.join(map(str, inputs))}")
+        raise ValueError(f"no rows to select from in {', '.join(map(source_label, inputs))}")
     if frame.select(pl.col("responses").list.eval(pl.element().str.strip_chars()).list.n_unique().max()).item() < 2:
-        raise ValueError(f"no prompt in {', '.join(map(str, inputs))} has two distinct responses: nothing to select")
+        raise ValueError(f"no prompt in {', '.join(map(source_label, inputs))} has two distinct responses: nothing to select")
 
     stats: Dict[str, Any] = {}
     if embeddings is not None:

@@ -75,7 +75,11 @@ Detected from the fields of the first record (``format="auto"``) or forced:
 
 Containers: ``.jsonl``, ``.jsonl.gz``, ``.json`` / ``.json.gz`` (a top-level
 array of objects; a ``.json`` file whose first character is ``{`` is read as
-JSON Lines, as written by Hugging Face ``datasets``) and ``.parquet``. Text is
+JSON Lines, as written by Hugging Face ``datasets``) and ``.parquet``; and
+Hugging Face datasets (:mod:`deft.data.hf`): a ``datasets.Dataset`` or
+one-split ``DatasetDict``, a ``save_to_disk`` folder, and
+``hf:NAME[:CONFIG][:SPLIT]`` read from the local datasets cache, row by row
+like a Parquet file's (the 1-based row is the line). Text is
 decoded as UTF-8 line by line (a UTF-8 BOM is accepted), so an undecodable
 line is reported with its number and can be skipped; blank lines are ignored.
 
@@ -114,6 +118,10 @@ Everything above is importable from ``deft.data``; the package's modules own:
 ``fast``
     the vectorised fast path: reading and decoding the lines, the unused
     fields (``meta``), assembling the frame and its notes; ``DEFT_LOADER``.
+``hf``
+    Hugging Face dataset sources: :func:`is_dataset_source`, opening a
+    Dataset, a ``save_to_disk`` folder or ``hf:...`` from the local cache
+    (:func:`hf_cache_dir`), their manifest records.
 ``loader``
     :func:`load`, :func:`load_many`, :func:`load_frame` (fast path first,
     else record by record), the rejects file, :func:`save`.
@@ -123,6 +131,7 @@ from __future__ import annotations
 
 from deft.data.containers import derive_subset
 from deft.data.formats import FORMATS
+from deft.data.hf import hf_cache_dir, is_dataset_source
 from deft.data.loader import load, load_frame, load_many, save
 from deft.data.registry import detect_format
 from deft.data.results import DataError, LoadResult, Note, Reject
@@ -144,6 +153,8 @@ __all__ = [
     "validate_frame",
     "detect_format",
     "derive_subset",
+    "is_dataset_source",
+    "hf_cache_dir",
     # re-exported from deft.render
     "render_hh",
     "render_oasst",

@@ -227,6 +227,12 @@ def _parquet_records(path: Path, display: str) -> Iterator[_Record]:
         frame = pl.read_parquet(path)
     except Exception as e:  # polars/arrow raise a variety of error types
         raise DataError(display, None, None, f"cannot read Parquet file: {_one_line(str(e))}") from e
+    return _frame_records(frame)
+
+
+def _frame_records(frame: pl.DataFrame) -> Iterator[_Record]:
+    """The rows of a frame of records (Parquet, a Hugging Face dataset),
+    numbered from 1."""
     for i, row in enumerate(frame.iter_rows(named=True), start=1):
         yield _Record(i, json.dumps(row, ensure_ascii=False, default=str), row)
 
@@ -235,6 +241,9 @@ def _records(path: Path, display: str) -> Iterator[_Record]:
     """Check that ``path`` is a readable data file and yield its records."""
     if not path.exists():
         raise DataError(display, None, None, "file not found")
+    if path.is_dir():
+        raise DataError(display, None, None, "not a regular file but a folder; a folder is read only when it "
+                                             "is a datasets save_to_disk folder (state.json or dataset_dict.json)")
     if not path.is_file():
         raise DataError(display, None, None, "not a regular file")
     kind = _container(path, display)

@@ -34,7 +34,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import polars as pl
 
@@ -104,10 +104,25 @@ def _fast_load(
 ) -> Optional[_FastFile]:
     """Load ``path`` with the fast path, or return None when it declines (the
     caller then runs the row path). Never raises for bad data."""
+    return _fast_try(display, lambda: _fast_load_file(path, display, fmt, subset, allow_empty))
+
+
+def _fast_load_table(
+    records: pl.DataFrame, display: str, name: str, subset_from: str, fmt: str, subset: Optional[str],
+    allow_empty: Optional[bool],
+) -> Optional[_FastFile]:
+    """:func:`_fast_load` for records already in a frame, one per row (a
+    Hugging Face dataset's Arrow table), read as a Parquet file's: ``name``
+    makes the default ids (``"{name}:{row}"``), ``subset_from`` the default
+    subset (:func:`derive_subset`)."""
+    return _fast_try(display, lambda: _fast_load_records(records, display, name, subset_from, fmt, subset, allow_empty))
+
+
+def _fast_try(display: str, load: Callable[[], _FastFile]) -> Optional[_FastFile]:
     if not _fast_path_enabled():
         return None
     try:
-        return _fast_load_file(path, display, fmt, subset, allow_empty)
+        return load()
     except _Decline as e:
         _trace_fast(display, f"rows: {e}")
     except Exception as e:  # any surprise (parser error, odd type...) -> row path
@@ -125,18 +140,27 @@ def _fast_load_file(
 ) -> _FastFile:
     _require_fast(path.is_file(), "not a regular file")
     kind = _container(path, display)
-    raw_lines: Optional[pl.Series] = None
+    subset_from = f"{path.resolve().parent.name}/{path.name}"
     if kind == "parquet":
-        records = pl.read_parquet(path)
-        _require_fast(records.height > 0, "no records")
-        fmt = _fast_format(records.row(0, named=True), fmt)
-        _check_parquet_types(records, fmt)
-        lines = pl.Series("line", range(1, records.height + 1), dtype=pl.Int64)
-    else:
-        records, rows, fmt = _fast_read_json_lines(path, kind, fmt)
-        lines, raw_lines = rows["lineno"].cast(pl.Int64), rows["line"]
+        return _fast_load_records(pl.read_parquet(path), display, path.name, subset_from, fmt, subset, allow_empty)
+    records, rows, fmt = _fast_read_json_lines(path, kind, fmt)
+    lines, raw_lines = rows["lineno"].cast(pl.Int64), rows["line"]
     built = _reader(fmt).build(records)
-    return _assemble(records, built, fmt, path, display, lines, raw_lines, subset, allow_empty)
+    return _assemble(records, built, fmt, path.name, subset_from, display, lines, raw_lines, subset, allow_empty)
+
+
+def _fast_load_records(
+    records: pl.DataFrame, display: str, name: str, subset_from: str, fmt: str, subset: Optional[str],
+    allow_empty: Optional[bool],
+) -> _FastFile:
+    """The fast path of a frame of records, one per row, numbered from 1 (a
+    Parquet file, a Hugging Face dataset)."""
+    _require_fast(records.height > 0, "no records")
+    fmt = _fast_format(records.row(0, named=True), fmt)
+    _check_parquet_types(records, fmt)
+    lines = pl.Series("line", range(1, records.height + 1), dtype=pl.Int64)
+    built = _reader(fmt).build(records)
+    return _assemble(records, built, fmt, name, subset_from, display, lines, None, subset, allow_empty)
 
 
 def _fast_format(first: Mapping[str, Any], fmt: str) -> str:
@@ -421,7 +445,8 @@ def _assemble(
     records: pl.DataFrame,
     built: _Built,
     fmt: str,
-    path: Path,
+    name: str,
+    subset_from: str,
     display: str,
     lines: pl.Series,
     raw_lines: Optional[pl.Series],
@@ -433,7 +458,6 @@ def _assemble(
     el = pl.element()
     columns = built.columns
     n = records.height
-    name = path.name
     absent = pl.Series([None] * n, dtype=pl.Utf8)
     given = pl.DataFrame({
         "id": records["id"].cast(pl.Utf8) if "id" in records.columns else absent,
@@ -444,7 +468,7 @@ def _assemble(
     _declining_checks(given, {"blank id": (pl.col("id").str.strip_chars(_PY_WHITESPACE) == "").fill_null(False)})
     ids = given.select(pl.coalesce(pl.col("id"), pl.lit(f"{name}:") + pl.col("line").cast(pl.Utf8))).to_series()
     _require_fast(not ids.is_duplicated().any(), "duplicate id")
-    default_subset = subset if subset is not None else _derive_subset_cached(f"{path.resolve().parent.name}/{name}")
+    default_subset = subset if subset is not None else _derive_subset_cached(subset_from)
     if "meta" in columns.columns:  # canonical records carry their own
         meta = columns["meta"]
     else:

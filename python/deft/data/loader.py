@@ -10,17 +10,23 @@ import itertools
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import polars as pl
 
-from deft.data.containers import PathLike, _derive_subset_cached, _records
-from deft.data.fast import _fast_load, _FastFile, _trace_fast
+from deft.data.containers import PathLike, _derive_subset_cached, _frame_records, _Record, _records
+from deft.data.fast import _fast_load, _fast_load_table, _FastFile, _trace_fast
+from deft.data.hf import is_dataset_source, open_dataset_source
 from deft.data.fields import _type_name
 from deft.data.registry import detect_format, format_names, get_format, _unknown_format_reason
 from deft.data.results import DataError, LoadResult, Note, Reject, _duplicate_notes, _RowError
 from deft.data.schema import SCHEMA, _frame_from_columns, validate_frame
 from deft.io import atomic_path
+
+#: What :func:`load` reads: a data file, a ``save_to_disk`` folder, an
+#: ``hf:NAME[:CONFIG][:SPLIT]`` string or a ``datasets.Dataset`` /
+#: ``DatasetDict`` (see :mod:`deft.data.hf`).
+Source = Union[PathLike, Any]
 
 
 class _Loader:
@@ -49,21 +55,33 @@ class _Loader:
             raise err
         self.rejects.append(Reject(err.file, err.line, err.field, err.reason, raw))
 
-    def load_file(self, path: PathLike, fmt: str) -> str:
-        """Read one file into the shared columns; return its format."""
+    def load_file(self, path: Source, fmt: str) -> str:
+        """Read one file (or dataset source) into the shared columns; return its format."""
         names = format_names()
         if fmt != "auto" and fmt not in names:
             raise ValueError(f"unknown format {fmt!r}; expected 'auto' or one of {', '.join(names)}")
-        display = os.fspath(path)
+        if is_dataset_source(path):
+            src = open_dataset_source(path)
+            records = src.records()
+            fast = _fast_load_table(records, src.display, src.name, src.subset_from, fmt, self.subset, self.allow_empty)
+            return self._load_records(fast, src.display, src.name, src.subset_from, fmt, _frame_records(records),
+                                      "dataset is empty: it holds no rows")
+        display = os.fspath(path)  # type: ignore[arg-type]
         p = Path(display)
         fast = _fast_load(p, display, fmt, self.subset, self.allow_empty)
+        return self._load_records(fast, display, p.name, f"{p.resolve().parent.name}/{p.name}", fmt,
+                                  _LazyRecords(p, display), "file is empty: it holds no records")
+
+    def _load_records(self, fast: Optional[_FastFile], display: str, name: str, subset_from: str, fmt: str,
+                      records: Iterable[_Record], empty: str) -> str:
+        """Take what the fast path loaded, else read ``records`` one by one."""
         if fast is not None and self._take_fast(fast, display):
             return fast.fmt
         self._remember_fast_ids()
         detected: Optional[str] = None if fmt == "auto" else fmt
         n_file = n_bad = 0
         first_error: Optional[str] = None
-        for rec in _records(p, display):
+        for rec in records:
             n_file += 1
             self.n_read += 1
             problem = rec.error
@@ -76,7 +94,7 @@ class _Loader:
                     if detected is None:
                         raise DataError(display, rec.line, None, _unknown_format_reason(value))
                 try:
-                    self._add_row(value, detected, display, p.name, rec.line, f"{p.resolve().parent.name}/{p.name}")
+                    self._add_row(value, detected, display, name, rec.line, subset_from)
                     continue
                 except _RowError as e:
                     problem = (e.field, e.reason)
@@ -85,7 +103,7 @@ class _Loader:
             first_error = first_error or str(err)
             self._fail(err, rec.raw)
         if n_file == 0:
-            raise DataError(display, None, None, "file is empty: it holds no records")
+            raise DataError(display, None, None, empty)
         if detected is None:
             raise DataError(
                 display, None, None,
@@ -188,8 +206,19 @@ class _Loader:
         return LoadResult(frame, fmt, self.n_read, self.rejects, written, self.notes)
 
 
+class _LazyRecords:
+    """A file's records, opened (and checked) only when iterated: after the
+    fast path has declined."""
+
+    def __init__(self, path: Path, display: str) -> None:
+        self.path, self.display = path, display
+
+    def __iter__(self) -> Iterator[_Record]:
+        return iter(_records(self.path, self.display))
+
+
 def load(
-    path: PathLike,
+    path: Source,
     *,
     format: str = "auto",
     subset: Optional[str] = None,
@@ -201,7 +230,10 @@ def load(
 
     Args:
         path: a ``.jsonl``, ``.jsonl.gz``, ``.json``, ``.json.gz`` or
-            ``.parquet`` file.
+            ``.parquet`` file; or a Hugging Face dataset: a
+            ``datasets.Dataset`` (or a ``DatasetDict`` holding one split), a
+            ``save_to_disk`` folder, or ``"hf:NAME[:CONFIG][:SPLIT]"`` read
+            from the local datasets cache (see :mod:`deft.data.hf`).
         format: ``"auto"`` (detect from the first record's fields) or one of
             :data:`FORMATS`.
         subset: subset name for records without a ``subset`` field (default:
@@ -228,7 +260,7 @@ def load(
 
 
 def load_many(
-    paths: Iterable[PathLike],
+    paths: Iterable[Source],
     *,
     format: str = "auto",
     subset: Optional[str] = None,
