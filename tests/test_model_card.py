@@ -353,3 +353,33 @@ def test_card_config_keys(assets, tmp_path):
     a = load_config(None, base)
     b = load_config(None, base + ["card.base_model=org/name", "card.license=mit"])
     assert train_fingerprint_config(a) == train_fingerprint_config(b)  # the card does not change what is trained
+
+
+def test_qdiff_section_top_tokens_and_a_changed_file(assets):
+    from deft.distribution import load_distribution, resolve_tokenizer, top_tokens
+    from deft.io import sha256_file
+    from deft.model_card import render_card
+
+    tok = resolve_tokenizer(str(assets["model"]))
+    text = render_card(FIXED, None, assets["dist"], tokenizer=tok, top=3)
+    top = top_tokens(load_distribution(assets["dist"]), tok, 3)
+    assert "Top 3 tokens each way" in text and "| 4 |" not in text.split("## Training")[0].split("Top 3")[1]
+    assert f"| 3 | `{top['positive'][2]['text']!r}` |" in text
+    # FIXED recorded another SHA-256 for its distribution: the card says the file changed since training
+    assert f"the file changed since training (trained with SHA-256 `{'b' * 64}`)" in text and sha256_file(assets["dist"]) in text
+    no_top = render_card(FIXED, None, assets["dist"], tokenizer=tok, top=0)
+    assert "## Discrepancy distribution" in no_top and "tokens each way" not in no_top
+    assert "tokens each way" not in render_card(FIXED, None, assets["dist"])  # no tokenizer: no decoded tokens
+
+
+def test_a_card_failure_is_a_warning_not_a_failed_run(assets, tmp_path, monkeypatch, capsys):
+    import deft.train as train_mod
+
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(train_mod, "write_card", broken)
+    res = train_mod.run(None, train_overrides(assets, tmp_path / "run", **{"train.max_steps": 1, "train.gradient_accumulation_steps": 1}))
+    assert res.global_step == 1 and (tmp_path / "run" / "model" / "model.safetensors").exists()
+    assert not (tmp_path / "run" / "model" / "README.md").exists() and (tmp_path / "run" / "manifest.json").exists()
+    assert f"warning: model card {tmp_path / 'run' / 'model' / 'README.md'} not written: RuntimeError: boom" in capsys.readouterr().err

@@ -80,7 +80,10 @@ Reward; then sacreBLEU and win/tie/lose tables), ``manifest.json``
 ``NAME/generations.jsonl``, ``NAME/plan.json``, ``NAME/samples.parquet`` and
 ``NAME/samples.jsonl`` (``id, subset, prompt, generation, reference, score,
 reward, bleu``, plus ``baseline_reward`` and ``outcome`` with a baseline). All
-files except the append-only generations are written atomically.
+files except the append-only generations are written atomically. A model
+folder that holds the model card of `deft train` gets its run's results in
+that card (:func:`deft.model_card.update_card_eval`), after the outputs above
+are published.
 """
 
 from __future__ import annotations

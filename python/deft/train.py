@@ -46,7 +46,8 @@ Pipeline
    interrupted run (even ``kill -9``) ends with the same weights as an
    uninterrupted one.
 7. **Outputs**: ``OUTPUT_DIR/model`` (``save_pretrained``, safetensors, with
-   the tokenizer), ``OUTPUT_DIR/manifest.json`` (config, data and model
+   the tokenizer and a Hugging Face model card ``README.md``,
+   :mod:`deft.model_card`), ``OUTPUT_DIR/manifest.json`` (config, data and model
    hashes, versions, git commit) and ``OUTPUT_DIR/metrics.jsonl`` (one line per
    optimizer step: loss, L_m, R_dis, rewards, margin, accuracy, lr, tokens/s,
    grad norm; with a distribution, at step 0 and every ``deft.diagnose_every``
@@ -1586,7 +1587,7 @@ def _save_final(job: Job, eng: Engine, state: TrainState, ref_path: Optional[Pat
         if eng.adapter is not None:  # what deft._hf.load_causal_lm loads the adapter onto
             write_json_atomic(tmp / ADAPTER_BASE, {"base_model": cfg["model"], "gguf_file": cfg.get("gguf_file"),
                                                    "fingerprint": job.model_fp})
-        _write_card(job, manifest, tmp)
+        _write_card(job, manifest, tmp, model_dir)
         if model_dir.exists():
             shutil.rmtree(model_dir)
         os.replace(tmp, model_dir)
@@ -1596,7 +1597,7 @@ def _save_final(job: Job, eng: Engine, state: TrainState, ref_path: Optional[Pat
                 shutil.rmtree(tmp)
             eng.module.merge_and_unload().save_pretrained(str(tmp), safe_serialization=True)
             prep.tokenizer.save_pretrained(str(tmp))
-            _write_card(job, manifest, tmp, merged=True)
+            _write_card(job, manifest, tmp, merged_dir, merged=True)
             if merged_dir.exists():
                 shutil.rmtree(merged_dir)
             os.replace(tmp, merged_dir)
@@ -1646,15 +1647,16 @@ def _final_manifest(job: Job, eng: Engine, state: TrainState, ref_path: Optional
     }
 
 
-def _write_card(job: Job, manifest: Mapping[str, Any], folder: Path, *, merged: bool = False) -> None:
-    """The model card ``folder/README.md`` (:func:`deft.model_card.write_card`);
-    a failure is a warning, not worth the trained model."""
+def _write_card(job: Job, manifest: Mapping[str, Any], folder: Path, final: Path, *, merged: bool = False) -> None:
+    """The model card ``folder/README.md`` (:func:`deft.model_card.write_card`)
+    of the model folder that ``folder`` becomes, ``final``; a failure is a
+    warning, not worth the trained model."""
     cfg = job.cfg
     try:
         write_card(folder, manifest, job.out_dir / "metrics.jsonl", cfg["deft"]["distribution"] if cfg["deft"]["enabled"] else None,
                    tokenizer=job.prep.policy_tokenizer, merged=merged, top=cfg["card"]["top_tokens"])
     except Exception as e:  # noqa: BLE001
-        _log(f"warning: model card {folder.name}/{CARD_NAME} not written: {type(e).__name__}: {e}")
+        _log(f"warning: model card {final / CARD_NAME} not written: {type(e).__name__}: {e}")
 
 
 def diagnostics_summary(metrics_path: Path) -> Optional[Dict[str, Any]]:
