@@ -383,3 +383,17 @@ def test_a_card_failure_is_a_warning_not_a_failed_run(assets, tmp_path, monkeypa
     assert res.global_step == 1 and (tmp_path / "run" / "model" / "model.safetensors").exists()
     assert not (tmp_path / "run" / "model" / "README.md").exists() and (tmp_path / "run" / "manifest.json").exists()
     assert f"warning: model card {tmp_path / 'run' / 'model' / 'README.md'} not written: RuntimeError: boom" in capsys.readouterr().err
+
+
+def test_data_section_names_the_grading_from_its_manifest(tmp_path):
+    from deft.model_card import render_card
+
+    m = copy.deepcopy(FIXED)
+    m["graded"]["path"] = str(tmp_path / "graded.parquet")
+    assert "graded by" not in render_card(m, None, None)  # no grading manifest beside the file
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "stage": "grade", "inputs": [{"path": "../shared/data/pro-hh/test_harmless_base.jsonl.gz", "sha256": "e" * 64}],
+        "parameters": {"reward_model": "OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5", "a": 3.73, "c": 12.5}}))
+    text = render_card(m, None, None)
+    assert "| graded by | `OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5` (a = 3.73, c = 12.5) |" in text
+    assert "| graded from | `test_harmless_base.jsonl.gz` |" in text

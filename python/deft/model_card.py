@@ -47,7 +47,7 @@ from deft.io import sha256_file, write_text_atomic
 
 __all__ = [
     "CARD_NAME", "render_card", "write_card", "read_card", "is_deft_card", "card_metadata", "training_summary",
-    "qdiff_summary", "eval_results", "update_card_eval", "base_model_id",
+    "qdiff_summary", "eval_results", "model_index", "update_card_eval", "base_model_id",
 ]
 
 PathLike = Union[str, "Path"]
