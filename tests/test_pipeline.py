@@ -151,6 +151,8 @@ def test_pipeline_run_kill_resume_same_artifacts(slice_assets, tmp_path):
     assert "deft-dpo" in report and "base" in report and "helpful" in report
     assert "per subset:" not in report and ("subsets graded together" in report or "subset graded on its own" in report)
     assert "tie when the rewards differ by at most 1 point)" in report  # not "1 points"
+    card = (full / "train/model/README.md").read_text()  # the model card, with the eval stage's results
+    assert "model-index:\n- name: deft-dpo\n" in card and str(full / "eval" / "eval.json") in card and "deft run" in card
 
     # killed while training, then the same command again: train resumes, the rest follows
     killed = tmp_path / "killed"

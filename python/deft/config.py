@@ -149,6 +149,16 @@ SCHEMA: Dict[str, Any] = {
     "generation": {
         "max_new_tokens": Field(128, "int", help="the paper's generation length (evaluation)"),
     },
+    "card": {
+        "base_model": Field(None, "str", nullable=True, help="hub id the model card (README.md of OUTPUT_DIR/model and merged) "
+                                                            "names as base_model (null: `model` when it is a hub id, or the "
+                                                            "id of a Hugging Face cache folder; a local folder is named in the "
+                                                            "text only)"),
+        "license": Field(None, "str", nullable=True, help="license in the model card (null: the license of the base model "
+                                                         "folder's own README.md; omitted when unknown)"),
+        "datasets": Field([], "list", help="hub dataset ids listed as the model card's datasets"),
+        "top_tokens": Field(10, "int", help="Q_diff tokens listed each way (positive, negative) in the model card"),
+    },
 }
 
 
@@ -329,6 +339,11 @@ def validate(cfg: Mapping[str, Any]) -> None:
     if cfg.get("attn_implementation") == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ConfigError("attn_implementation: flash_attention_2 needs the flash-attn package (pip install flash-attn, CUDA only); "
                           "use sdpa or eager")
+    card = cfg["card"]
+    if card["top_tokens"] < 0:
+        raise ConfigError(f"card.top_tokens: must be >= 0, got {card['top_tokens']}")
+    if not all(isinstance(x, str) and x for x in card["datasets"]):
+        raise ConfigError(f"card.datasets: expected a list of hub dataset ids, got {card['datasets']!r}")
     pf = cfg["peft"]
     if pf["enabled"]:
         if pf["r"] < 1:

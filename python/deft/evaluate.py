@@ -80,7 +80,10 @@ Reward; then sacreBLEU and win/tie/lose tables), ``manifest.json``
 ``NAME/generations.jsonl``, ``NAME/plan.json``, ``NAME/samples.parquet`` and
 ``NAME/samples.jsonl`` (``id, subset, prompt, generation, reference, score,
 reward, bleu``, plus ``baseline_reward`` and ``outcome`` with a baseline). All
-files except the append-only generations are written atomically.
+files except the append-only generations are written atomically. A model
+folder that holds the model card of `deft train` gets its run's results in
+that card (:func:`deft.model_card.update_card_eval`), after the outputs above
+are published.
 """
 
 from __future__ import annotations
@@ -116,6 +119,7 @@ from deft.eval_metrics import (
     score_responses, win_tie_lose,
 )
 from deft.generation import cut_generation, generate
+from deft.model_card import update_card_eval
 from deft.render import prompt_lead_ids, render_prompt, resolve_model_template
 from deft.score import load_reward_model
 
@@ -841,7 +845,8 @@ def evaluate(
                 "bleu": "pro: nltk sentence_bleu([reference.strip()], generation.strip()) over characters, x100, mean over samples",
                 "sacrebleu_signature": sacrebleu_signature() if samples else None}
     report = EvalReport(out, runs, subsets, rm_id, settings, notes)
-    report.eval_json = write_json_atomic(out / "eval.json", report.to_dict())
+    doc = report.to_dict()
+    report.eval_json = write_json_atomic(out / "eval.json", doc)
     report.eval_md = write_text_atomic(out / "eval.md", report.to_markdown())
     report.metrics = out / "metrics.jsonl"
     inputs = [input_record(p) for p in data_paths]
@@ -857,7 +862,25 @@ def evaluate(
         reward_model=rm_id, runs=[{"name": n, "model": m, "fingerprint": weights_stat_fingerprint(m, g)} for n, m, g in zip(names, models, ggufs)],
     )
     pub.done()
+    if samples:
+        _update_model_cards(runs, doc, report.eval_json)
     return report
+
+
+def _update_model_cards(runs: Sequence[RunResult], doc: Mapping[str, Any], eval_json: Path) -> None:
+    """Put each run's results into the model card of the folder it evaluated,
+    when that folder holds one `deft train` wrote (:func:`deft.model_card.update_card_eval`);
+    a card that cannot be updated is a warning (the evaluation is published)."""
+    for r in runs:
+        if not Path(r.model).expanduser().is_dir():
+            continue
+        try:
+            card = update_card_eval(Path(r.model).expanduser(), doc, r.name, eval_json)
+        except (OSError, ValueError) as e:
+            _log(f"warning: the model card of {r.model} was not updated: {e}")
+            continue
+        if card is not None:
+            _log(f"{r.name}: evaluation results written to the model card {card}")
 
 
 def _check_arguments(models: Any, data: Any, *, gguf_file: Any, tokenizer: Any, model_names: Optional[Sequence[str]],

@@ -265,8 +265,8 @@ def train_fingerprint_config(tcfg: Mapping[str, Any]) -> Dict[str, Any]:
     """A `deft train` config as a training fingerprint sees it: only what can
     change the trained model. The paths the pipeline fills in, progress bars,
     TensorBoard and the other ``train.report_to`` backends, the eval split
-    (``train.eval_*``; ``eval_holdout`` only while 0), ``allow_pickle`` and ``deft.diagnose_every`` (a measurement)
-    are left out; ``method.sft_weight`` is the effective weight; the
+    (``train.eval_*``; ``eval_holdout`` only while 0), ``allow_pickle``, ``deft.diagnose_every`` (a measurement)
+    and the model card's ``card.*`` are left out; ``method.sft_weight`` is the effective weight; the
     ``omega_share`` keys are left out while unused, so that runs from before
     they existed keep their fingerprints."""
     t = copy.deepcopy(dict(tcfg))
@@ -281,6 +281,7 @@ def train_fingerprint_config(tcfg: Mapping[str, Any]) -> Dict[str, Any]:
     if not t["train"].get("eval_holdout"):
         t["train"].pop("eval_holdout", None)
     t.pop("allow_pickle", None)
+    t.pop("card", None)  # what the model card says, not what is trained
     t["deft"].pop("diagnose_every", None)
     if t["deft"].get("omega_share") is None:
         t["deft"].pop("omega_share", None)

@@ -46,7 +46,8 @@ Pipeline
    interrupted run (even ``kill -9``) ends with the same weights as an
    uninterrupted one.
 7. **Outputs**: ``OUTPUT_DIR/model`` (``save_pretrained``, safetensors, with
-   the tokenizer), ``OUTPUT_DIR/manifest.json`` (config, data and model
+   the tokenizer and a Hugging Face model card ``README.md``,
+   :mod:`deft.model_card`), ``OUTPUT_DIR/manifest.json`` (config, data and model
    hashes, versions, git commit) and ``OUTPUT_DIR/metrics.jsonl`` (one line per
    optimizer step: loss, L_m, R_dis, rewards, margin, accuracy, lr, tokens/s,
    grad norm; with a distribution, at step 0 and every ``deft.diagnose_every``
@@ -109,6 +110,7 @@ from deft.losses import (
     IGNORE_INDEX, deft_loss, dpo_loss, ipo_loss, length_normalized_scores, pro_loss, response_logprobs, rrhf_loss,
     sft_loss,
 )
+from deft.model_card import CARD_NAME, write_card
 from deft.ops import has_linear_head, logprobs_for_model, rdis_for_model
 from deft.render import policy_layout, render_prompt, resolve_template
 from deft.reporting import Reporter, plot_curves, read_metrics, requested_backends
@@ -1563,14 +1565,15 @@ def _save_checkpoint(job: Job, eng: Engine, state: TrainState) -> Path:
 
 
 def _save_final(job: Job, eng: Engine, state: TrainState, ref_path: Optional[Path]) -> Optional[Path]:
-    """``OUTPUT_DIR/model`` (safetensors, with the tokenizer), then
-    ``manifest.json``, published together (an interrupted save is completed
-    by the same command)."""
+    """``OUTPUT_DIR/model`` (safetensors, with the tokenizer and its model card
+    ``README.md``), then ``manifest.json``, published together (an interrupted
+    save is completed by the same command)."""
     cfg, d, out_dir, prep = job.cfg, job.d, job.out_dir, job.prep
     state_dict = eng.ds._zero3_consolidated_16bit_state_dict() if eng.zero3 else None
     model_dir = out_dir / "model"
     merged_dir = out_dir / "merged" if eng.adapter is not None and cfg["peft"]["merge"] else None
     if d.rank == 0:
+        manifest = _final_manifest(job, eng, state, ref_path, model_dir, merged_dir)
         # model/ (and merged/), then manifest.json
         pub = begin_publication(out_dir / "manifest.json", [model_dir] + ([merged_dir] if merged_dir else []), overwrite=True)
         tmp = out_dir / ".tmp-model"
@@ -1584,6 +1587,7 @@ def _save_final(job: Job, eng: Engine, state: TrainState, ref_path: Optional[Pat
         if eng.adapter is not None:  # what deft._hf.load_causal_lm loads the adapter onto
             write_json_atomic(tmp / ADAPTER_BASE, {"base_model": cfg["model"], "gguf_file": cfg.get("gguf_file"),
                                                    "fingerprint": job.model_fp})
+        _write_card(job, manifest, tmp, model_dir)
         if model_dir.exists():
             shutil.rmtree(model_dir)
         os.replace(tmp, model_dir)
@@ -1593,44 +1597,66 @@ def _save_final(job: Job, eng: Engine, state: TrainState, ref_path: Optional[Pat
                 shutil.rmtree(tmp)
             eng.module.merge_and_unload().save_pretrained(str(tmp), safe_serialization=True)
             prep.tokenizer.save_pretrained(str(tmp))
+            _write_card(job, manifest, tmp, merged_dir, merged=True)
             if merged_dir.exists():
                 shutil.rmtree(merged_dir)
             os.replace(tmp, merged_dir)
-        write_json_atomic(out_dir / "manifest.json", {
-            "stage": "train",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": sys.argv,
-            "config": cfg,
-            "method": cfg["method"]["name"],
-            "deft": cfg["deft"]["enabled"],
-            "template": prep.template,
-            "samples": len(prep.examples),
-            "data_hash": prep.data_hash,
-            "graded": {"path": str(cfg["data"]["graded"]), "sha256": _sha(cfg["data"]["graded"])},
-            "distribution": ({"path": cfg["deft"]["distribution"], "sha256": _sha(cfg["deft"]["distribution"]),
-                              "metadata": prep.distribution_meta} if cfg["deft"]["enabled"] else None),
-            "model": {"source": cfg["model"], "gguf_file": cfg.get("gguf_file"), "fingerprint": job.model_fp},
-            "tokenizer": {"source": prep.policy_tokenizer.source, "sha256": prep.policy_tokenizer.sha256,
-                          "vocab_hash": prep.policy_tokenizer.vocab_hash, "eos_token_id": prep.eos_token_id},
-            "reference_cache": str(ref_path) if ref_path else None,
-            "eval": job.eval_info,
-            "reporting": job.reporting or None,
-            "peft": eng.adapter,
-            "loading": eng.loading,
-            "omega": dict(state.omega) if state.omega and cfg["deft"]["enabled"] else None,
-            "diagnostics": diagnostics_summary(out_dir / "metrics.jsonl"),
-            "world_size": d.world,
-            "global_step": state.global_step,
-            "total_steps": job.sched.total_steps,
-            "outputs": {"model": str(model_dir), "metrics": str(out_dir / "metrics.jsonl"),
-                        **({"curves": str(out_dir / CURVES)} if (out_dir / CURVES).exists() else {}),
-                        **({"merged": str(merged_dir)} if merged_dir else {})},
-            "versions": versions(),
-            "git_commit": _git_commit(),
-        })
+        write_json_atomic(out_dir / "manifest.json", manifest)
         pub.done()
     _barrier(d)
     return model_dir
+
+
+def _final_manifest(job: Job, eng: Engine, state: TrainState, ref_path: Optional[Path], model_dir: Path,
+                    merged_dir: Optional[Path]) -> Dict[str, Any]:
+    """What ``OUTPUT_DIR/manifest.json`` records of a finished run (and the model card reads)."""
+    cfg, d, out_dir, prep = job.cfg, job.d, job.out_dir, job.prep
+    return {
+        "stage": "train",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": sys.argv,
+        "config": cfg,
+        "method": cfg["method"]["name"],
+        "deft": cfg["deft"]["enabled"],
+        "template": prep.template,
+        "samples": len(prep.examples),
+        "data_hash": prep.data_hash,
+        "graded": {"path": str(cfg["data"]["graded"]), "sha256": _sha(cfg["data"]["graded"])},
+        "distribution": ({"path": cfg["deft"]["distribution"], "sha256": _sha(cfg["deft"]["distribution"]),
+                          "metadata": prep.distribution_meta} if cfg["deft"]["enabled"] else None),
+        "model": {"source": cfg["model"], "gguf_file": cfg.get("gguf_file"), "fingerprint": job.model_fp},
+        "tokenizer": {"source": prep.policy_tokenizer.source, "sha256": prep.policy_tokenizer.sha256,
+                      "vocab_hash": prep.policy_tokenizer.vocab_hash, "eos_token_id": prep.eos_token_id},
+        "reference_cache": str(ref_path) if ref_path else None,
+        "eval": job.eval_info,
+        "reporting": job.reporting or None,
+        "peft": eng.adapter,
+        "loading": eng.loading,
+        "omega": dict(state.omega) if state.omega and cfg["deft"]["enabled"] else None,
+        "diagnostics": diagnostics_summary(out_dir / "metrics.jsonl"),
+        "world_size": d.world,
+        "global_step": state.global_step,
+        "total_steps": job.sched.total_steps,
+        "steps_per_epoch": job.sched.steps_per_epoch,
+        "outputs": {"model": str(model_dir), "metrics": str(out_dir / "metrics.jsonl"),
+                    "card": str(model_dir / CARD_NAME),
+                    **({"curves": str(out_dir / CURVES)} if (out_dir / CURVES).exists() else {}),
+                    **({"merged": str(merged_dir)} if merged_dir else {})},
+        "versions": versions(),
+        "git_commit": _git_commit(),
+    }
+
+
+def _write_card(job: Job, manifest: Mapping[str, Any], folder: Path, final: Path, *, merged: bool = False) -> None:
+    """The model card ``folder/README.md`` (:func:`deft.model_card.write_card`)
+    of the model folder that ``folder`` becomes, ``final``; a failure is a
+    warning, not worth the trained model."""
+    cfg = job.cfg
+    try:
+        write_card(folder, manifest, job.out_dir / "metrics.jsonl", cfg["deft"]["distribution"] if cfg["deft"]["enabled"] else None,
+                   tokenizer=job.prep.policy_tokenizer, merged=merged, top=cfg["card"]["top_tokens"])
+    except Exception as e:  # noqa: BLE001
+        _log(f"warning: model card {final / CARD_NAME} not written: {type(e).__name__}: {e}")
 
 
 def diagnostics_summary(metrics_path: Path) -> Optional[Dict[str, Any]]:
