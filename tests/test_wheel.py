@@ -132,16 +132,25 @@ def _hh_texts(n: int) -> List[str]:
 def test_wheel_installs_into_a_fresh_venv_and_runs(wheel: Path, tmp_path: Path) -> None:
     """Install the wheel (not the source tree, not the system's deft) into a new venv and use it.
 
-    The venv sees the system's site-packages for the dependencies (a fresh PyTorch is 4 GB); deft
-    itself must come from the venv: the test checks where `deft`, its extension and its entry point
-    are loaded from, and that `deft --help` imports neither torch nor transformers."""
+    The venv sees this interpreter's site-packages for the dependencies (a fresh PyTorch is 4 GB),
+    after its own; deft itself must come from the venv: the test checks where `deft`, its extension
+    and its entry point are loaded from, and that `deft --help` imports neither torch nor
+    transformers."""
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
+    # a .pth file rather than --system-site-packages, which would miss the packages when pytest itself
+    # runs in a venv; its paths come after the venv's own site-packages
+    venv_site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout.strip()
+    outer = [p for p in sys.path if Path(p).name in {"site-packages", "dist-packages"}]
+    Path(venv_site, "outer-site-packages.pth").write_text("\n".join(outer) + "\n", encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP"}}
     env["PYTHONNOUSERSITE"] = "1"
-    # pip from the system site-packages, installing into the venv; --ignore-installed: a deft in the
-    # system site-packages must not count as "already satisfied"
+    # pip from the outer site-packages, installing into the venv; --ignore-installed: a deft installed
+    # there must not count as "already satisfied"
     install = subprocess.run(
         [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-index", "--no-deps",
          "--ignore-installed", str(wheel)],
@@ -178,9 +187,9 @@ print(json.dumps({{"deft": deft.__file__, "native": deft._native.__file__, "heav
     ran = subprocess.run([str(python), "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert ran.returncode == 0, ran.stderr
     where = json.loads(ran.stdout.strip().splitlines()[-1])
-    site = venv / "lib"
+    venv_lib = venv / "lib"
     for key in ("deft", "native", "dist"):
-        assert Path(where[key]).resolve().is_relative_to(site.resolve()), f"{key} loaded from {where[key]}, not from the venv"
+        assert Path(where[key]).resolve().is_relative_to(venv_lib.resolve()), f"{key} loaded from {where[key]}, not from the venv"
     assert where["heavy"] == [], f"`deft --help` imports {where['heavy']}"
 
     counts = np.load(counts_file, allow_pickle=False)
