@@ -2,13 +2,12 @@
 # Build the deft wheel from source and install it (with its runtime and test
 # dependencies) into the current Python. Needs a Rust toolchain (cargo) and
 # Python >= 3.9 with pip. The wheel is the product: nothing is installed editable.
+# It is the release wheel itself (scripts/build-wheels.sh: abi3, manylinux2014 on
+# Linux, plus the sdist), so the tests run against what users install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-command -v cargo >/dev/null || { echo "error: cargo not found; install Rust (https://rustup.rs) first" >&2; exit 1; }
-"$PY" -m pip install --quiet --disable-pip-version-check "maturin>=1.7,<2"
-rm -rf dist
-"$PY" -m maturin build --release --out dist
+PYTHON="$PY" bash scripts/build-wheels.sh
 wheel="$(ls dist/deft-*.whl | head -n1)"
 "$PY" -m pip install --quiet --disable-pip-version-check "${wheel}[train,test]"
 # same version number as an earlier build: make sure this build is the one installed
