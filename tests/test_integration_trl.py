@@ -147,6 +147,48 @@ def test_loss_and_gradient_are_trl_minus_omega_rdis(tok, rows, qdiff, tmp_path, 
     assert moved > 1e-3 * den  # the R_dis gradient is not negligible against TRL's
 
 
+def test_lora_policy_hidden_states_are_the_adapters(tok, rows, qdiff, tmp_path):
+    """With a LoRA adapter and no reference model, TRL's reference forward runs through the same backbone
+    (adapter disabled) after the policy's: R_dis must be the adapted policy's, and its gradient reach the adapter."""
+    pytest.importorskip("peft")
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import DPOTrainer
+
+    from deft.integrations import DeftDPOTrainer
+
+    policy, _ = float64_policy_and_reference(tok)
+    data = Dataset.from_list(trl_pairs(rows))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False)
+    omega = 20.0
+    torch.manual_seed(1)
+    trl_tr = DPOTrainer(model=copy.deepcopy(policy), args=_args(tmp_path / "trl", per_device_train_batch_size=6), train_dataset=data,
+                        processing_class=tok, peft_config=lora)
+    torch.manual_seed(1)
+    deft_tr = DeftDPOTrainer(model=copy.deepcopy(policy), args=_args(tmp_path / "deft", per_device_train_batch_size=6), train_dataset=data,
+                             processing_class=tok, peft_config=lora, qdiff=qdiff, omega=omega)
+    inputs = _batch(trl_tr, rows)
+    l_trl, g_trl = _loss_and_grads(trl_tr, inputs)
+    l_deft, g_deft = _loss_and_grads(deft_tr, inputs)
+    assert set(g_trl) == set(g_deft) and g_trl and all("lora_" in n for n in g_trl)
+
+    model = deft_tr.model.train()  # the adapted policy (not a deepcopy: TRL's patched forward stays bound to the original)
+    model.zero_grad(set_to_none=True)
+    r = _reference_rdis(model, inputs, _dist_q(qdiff), False)
+    r.backward()
+    g_r = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert set(g_r) == set(g_trl)
+    with model.disable_adapter(), torch.no_grad():
+        r_base = _reference_rdis(model, inputs, _dist_q(qdiff), False).item()
+    r = r.item()
+    assert abs(omega * (r - r_base)) > 1e-4  # the adapter changes R_dis: taking the reference's would fail
+    assert abs(l_deft - (l_trl - omega * r)) <= TOL, (l_deft, l_trl, r, r_base)
+    want = {n: g_trl[n] - omega * g_r[n] for n in g_trl}
+    num = sum(float((g_deft[n] - want[n]).pow(2).sum()) for n in want) ** 0.5
+    den = sum(float(want[n].pow(2).sum()) for n in want) ** 0.5
+    assert num <= TOL * den, num / den
+
+
 def test_trains_and_logs_rdis_and_share(tok, rows, qdiff, tmp_path):
     from datasets import Dataset
 
@@ -239,6 +281,38 @@ def test_bad_qdiff_and_arguments_are_refused(tok, rows, qdiff, tmp_path):
         make(qdiff=qdiff, omega=1.0, rdis_responses="worst")
     with pytest.raises(ValueError, match="non-finite"):
         make(qdiff=torch.full((49152,), float("nan")), omega=1.0)
+
+
+def test_graded_pairs(tmp_path):
+    """graded.parquet -> TRL records: level A only, best response chosen and worst rejected, per template."""
+    from deft.data import load
+    from deft.grade import grade
+    from deft.integrations.trl import graded_pairs
+
+    lines = gzip.open(shared_file("data/pro-hh/test_harmless_base.jsonl.gz"), "rt", encoding="utf-8").read().splitlines()[:100]
+    raw = tmp_path / "rows.jsonl"
+    raw.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    graded = grade(load(raw).frame, a=20)
+    path = tmp_path / "graded.parquet"
+    graded.write_parquet(path)
+    a = graded.filter(graded["level"] == "A")
+    chat = graded_pairs(path)
+    assert len(chat) == a.height == 20
+    first = a.row(0, named=True)
+    assert chat[0]["prompt"] == [dict(t) for t in first["context"]]
+    assert chat[0]["chosen"] == [{"role": "assistant", "content": first["responses"][0]}]
+    assert chat[0]["rejected"] == [{"role": "assistant", "content": first["responses"][-1]}]
+    assert first["scores"][0] > first["scores"][-1]
+    plain = graded_pairs(path, levels=("A", "B"), template="plain")
+    ab = graded.filter(graded["level"].is_in(["A", "B"]))
+    assert len(plain) == ab.height > a.height
+    row = ab.row(0, named=True)
+    assert plain[0]["prompt"].endswith("\n\nAssistant:") and row["context"][-1]["content"] in plain[0]["prompt"]
+    assert plain[0]["chosen"] == " " + row["responses"][0] and plain[0]["rejected"] == " " + row["responses"][-1]
+    with pytest.raises(ValueError, match=r"no samples at levels \['D'\]"):
+        graded_pairs(path, levels=("D",))
+    with pytest.raises(ValueError, match="template must be 'chat' or 'plain'"):
+        graded_pairs(path, template="oasst")
 
 
 def test_import_without_trl_names_the_extra():
