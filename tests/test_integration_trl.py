@@ -283,6 +283,26 @@ def test_bad_qdiff_and_arguments_are_refused(tok, rows, qdiff, tmp_path):
         make(qdiff=torch.full((49152,), float("nan")), omega=1.0)
 
 
+def test_template_mismatch_is_warned(tok, rows, qdiff, tmp_path, caplog):
+    """Q_diff counted for the chat template (SmolLM2) and plain-text TRL records: a warning naming the fix."""
+    import logging
+
+    from datasets import Dataset
+
+    from deft.integrations import DeftDPOTrainer
+    from deft.render import render_hh
+
+    policy, ref = float64_policy_and_reference(tok)
+    plain = [{"prompt": render_hh(r["context"]), "chosen": " " + r["best"], "rejected": " " + r["worst"]} for r in rows]
+    for data, warned in ((plain, True), (trl_pairs(rows), False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="deft.integrations.trl"):
+            DeftDPOTrainer(model=policy, ref_model=ref, args=_args(tmp_path / "x"), train_dataset=Dataset.from_list(data),
+                           processing_class=tok, qdiff=qdiff, omega=1.0)
+        assert ("counted with template 'chat' but the training data is plain text" in caplog.text) == warned, caplog.text
+        assert ("deft distribution --template plain" in caplog.text) == warned
+
+
 def test_graded_pairs(tmp_path):
     """graded.parquet -> TRL records: level A only, best response chosen and worst rejected, per template."""
     from deft.data import load

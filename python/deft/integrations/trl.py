@@ -157,6 +157,26 @@ def trl_batch_rdis(model: torch.nn.Module, hidden: torch.Tensor, inputs: Dict[st
     return rdis_for_model(model, h, q_diff, mask)
 
 
+def _warn_template_mismatch(dist: Distribution, dataset: Any, source: str) -> None:
+    """A warning when Q_diff was counted for one prompt template and the (raw) training data uses the other:
+    conversational records are tokenised after the chat template (``chat``), plain text prompts are ``plain``."""
+    from trl.data_utils import is_conversational
+
+    template = dist.metadata.get("template")
+    try:
+        first = dataset[0] if dataset is not None and len(dataset) > 0 else None
+    except (TypeError, KeyError, IndexError):  # an IterableDataset, a dict of splits
+        return
+    if template not in ("chat", "plain") or not isinstance(first, dict) or "chosen" not in first:
+        return
+    conversational = is_conversational(first)
+    if conversational != (template == "chat"):
+        logger.warning(f"DeftDPOTrainer: {source} was counted with template {template!r} but the training data is "
+                       f"{'conversational' if conversational else 'plain text'}: the responses are tokenised differently "
+                       f"from how Q_diff counted them; rebuild it with `deft distribution --template "
+                       f"{'chat' if conversational else 'plain'}`")
+
+
 class _FinalHidden:
     """Keeps the ``last_hidden_state`` of the first forward of ``backbone``
     while armed (:meth:`capture`)."""
@@ -230,6 +250,8 @@ class DeftDPOTrainer(DPOTrainer):
         if int(calibration_batches) != calibration_batches or calibration_batches < 1:
             raise ValueError(f"DeftDPOTrainer: calibration_batches must be an integer >= 1, got {calibration_batches!r}")
         q, dist, source = load_qdiff(qdiff)  # a bad file fails before TRL tokenises the data
+        if dist is not None:
+            _warn_template_mismatch(dist, kwargs.get("train_dataset"), source)
         super().__init__(*args, **kwargs)
 
         causal = self.model.get_base_model() if is_peft_model(self.model) else self.model
