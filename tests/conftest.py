@@ -136,6 +136,45 @@ def save_tiny_llama(folder: Path, tok=None, *, seed: int = 0, **overrides: Any) 
     return Path(folder)
 
 
+def pro_hh_pairs(n: int = 6) -> List[dict]:
+    """``n`` short real PRO HH rows (harmless base, from its first 80 lines): context
+    (chat messages), best and worst response; what the TRL comparisons train on."""
+    import tempfile
+
+    from deft.data import load
+
+    lines = gzip.open(shared_file("data/pro-hh/test_harmless_base.jsonl.gz"), "rt", encoding="utf-8").read().splitlines()[:80]
+    p = Path(tempfile.mkdtemp()) / "pro_rows.jsonl"
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = []
+    for r in load(p).frame.iter_rows(named=True):
+        if sum(len(t["content"]) for t in r["context"]) < 300 and max(len(x) for x in r["responses"]) < 250:
+            out.append({"context": [dict(t) for t in r["context"]], "best": r["responses"][0], "worst": r["responses"][-1]})
+    assert len(out) >= n
+    return out[:n]
+
+
+def trl_pairs(rows: Sequence[Mapping[str, Any]]) -> List[dict]:
+    """:func:`pro_hh_pairs` rows as TRL's conversational preference records."""
+    return [{"prompt": r["context"], "chosen": [{"role": "assistant", "content": r["best"]}],
+             "rejected": [{"role": "assistant", "content": r["worst"]}]} for r in rows]
+
+
+def float64_policy_and_reference(tok, shift: float = 0.05):
+    """:func:`tiny_llama` in float64 as the reference, and a policy moved away
+    from it by ``shift`` x Gaussian noise (so DPO's loss depends on beta)."""
+    import copy
+
+    import torch
+
+    ref = tiny_llama(tok).to(torch.float64).eval()
+    policy = copy.deepcopy(ref)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(shift * torch.randn_like(p))
+    return policy, ref
+
+
 def tiny_train_assets(root: Path, *, lm_head_scale: float = 1.0, adjust=None) -> dict:
     """What the trainer tests train on, under ``root``: :func:`tiny_llama` with
     the SmolLM2 tokenizer (``tiny-llama/``; its lm_head multiplied by

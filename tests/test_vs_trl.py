@@ -9,13 +9,11 @@ without TRL (CI installs it: the ``test`` extra)."""
 from __future__ import annotations
 
 import copy
-import gzip
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from conftest import shared_file
+from conftest import float64_policy_and_reference, pro_hh_pairs, shared_file, trl_pairs
 
 pytest.importorskip("trl")
 pytest.importorskip("transformers")
@@ -29,33 +27,16 @@ TOL = 1e-5
 @pytest.fixture(scope="module")
 def rows():
     """Six short real PRO HH rows (harmless base): context, best and worst response."""
-    from deft.data import load
-
-    lines = gzip.open(shared_file("data/pro-hh/test_harmless_base.jsonl.gz"), "rt", encoding="utf-8").read().splitlines()[:80]
-    p = Path(tempfile.mkdtemp()) / "pro_rows.jsonl"
-    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    out = []
-    for r in load(p).frame.iter_rows(named=True):
-        if sum(len(t["content"]) for t in r["context"]) < 300 and max(len(x) for x in r["responses"]) < 250:
-            out.append({"context": [dict(t) for t in r["context"]], "best": r["responses"][0], "worst": r["responses"][-1]})
-    assert len(out) >= 6
-    return out[:6]
+    return pro_hh_pairs(6)
 
 
 @pytest.fixture(scope="module")
 def models():
     """A tiny float64 Llama with SmolLM2's vocabulary: the reference, and the policy moved away from it."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(shared_file("tokenizers/smollm2")))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
-    ref = LlamaForCausalLM(cfg).to(torch.float64).eval()
-    policy = copy.deepcopy(ref)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    policy, ref = float64_policy_and_reference(tok)
     return tok, policy, ref
 
 
@@ -64,8 +45,7 @@ def _trl_loss_and_grads(loss_type: str, beta: float, tok, policy, ref, rows, tmp
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    data = [{"prompt": r["context"], "chosen": [{"role": "assistant", "content": r["best"]}],
-             "rejected": [{"role": "assistant", "content": r["worst"]}]} for r in rows]
+    data = trl_pairs(rows)
     args = DPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False,
                      max_length=None, beta=beta, loss_type=[loss_type], per_device_train_batch_size=len(rows), dataset_num_proc=None,
                      disable_tqdm=True)

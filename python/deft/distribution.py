@@ -73,6 +73,18 @@ def _chat_template_beside(folder: Path) -> Optional[str]:
     return None
 
 
+def hf_policy_tokenizer(hf_tok: Any, source: Union[str, "os.PathLike[str]"]) -> PolicyTokenizer:
+    """The :class:`PolicyTokenizer` of a loaded Hugging Face fast tokenizer (its
+    ``tokenizer.json``): the vocabulary identity a distribution file is checked against."""
+    backend = getattr(hf_tok, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"tokenizer {source}: not a fast (tokenizers-based) tokenizer; deft needs its tokenizer.json")
+    text = backend.to_str()
+    vh, size = vocab_hash(text)  # the identity `deft distribution` records
+    return PolicyTokenizer(json=text, source=str(source), sha256=sha256_text(text), vocab_hash=vh, vocab_size=size,
+                           chat_template=getattr(hf_tok, "chat_template", None))
+
+
 def resolve_tokenizer(spec: Union[str, "os.PathLike[str]"], *, trust_remote_code: bool = False) -> PolicyTokenizer:
     """A tokenizer.json file, a folder holding one, or a Hugging Face model
     folder / hub name (loaded with ``transformers.AutoTokenizer``, which must be
@@ -258,13 +270,20 @@ def load_distribution(path: Union[str, Path], *, tokenizer: Optional[PolicyToken
         raise ValueError(f"{path}: not a deft distribution file (format {meta.get('format')!r}, missing tensors {sorted(missing)})")
     dist = Distribution(tensors["q_pos"], tensors["q_neg"], tensors["q_diff"], meta)
     if tokenizer is not None:
-        if tokenizer.vocab_size != dist.vocab_size or tokenizer.vocab_hash != meta.get("vocab_hash"):
-            raise ValueError(
-                f"{path}: counted with tokenizer {meta.get('tokenizer_source')} (vocabulary {meta.get('vocab_size')} tokens, "
-                f"hash {meta.get('vocab_hash', '?')[:12]}) but the given tokenizer {tokenizer.source} has a different vocabulary "
-                f"({tokenizer.vocab_size} tokens, hash {tokenizer.vocab_hash[:12]})"
-            )
+        check_vocabulary(dist, tokenizer, path)
     return dist
+
+
+def check_vocabulary(dist: Distribution, tokenizer: PolicyTokenizer, where: Union[str, Path]) -> None:
+    """A ValueError naming ``where`` (the distribution file) unless ``tokenizer``
+    has the vocabulary ``dist`` was counted with (size and hash)."""
+    meta = dist.metadata
+    if tokenizer.vocab_size != dist.vocab_size or tokenizer.vocab_hash != meta.get("vocab_hash"):
+        raise ValueError(
+            f"{where}: counted with tokenizer {meta.get('tokenizer_source')} (vocabulary {meta.get('vocab_size')} tokens, "
+            f"hash {meta.get('vocab_hash', '?')[:12]}) but the given tokenizer {tokenizer.source} has a different vocabulary "
+            f"({tokenizer.vocab_size} tokens, hash {tokenizer.vocab_hash[:12]})"
+        )
 
 
 def top_tokens(dist: Distribution, tokenizer: PolicyTokenizer, k: int = 20) -> Dict[str, List[Dict[str, Any]]]:

@@ -67,7 +67,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from deft.losses import response_logprobs_from_hidden
+from deft.losses import IGNORE_INDEX, response_logprobs_from_hidden
 
 __all__ = [
     "rdis_from_logits",
@@ -77,6 +77,7 @@ __all__ = [
     "linear_head",
     "has_linear_head",
     "rdis_naive",
+    "rdis_mask",
     "prepare_q",
     "is_zero_sum",
     "ZERO_SUM_TOL",
@@ -439,6 +440,18 @@ def is_zero_sum(q_diff: Tensor, tol: float = ZERO_SUM_TOL) -> Tuple[bool, float]
     q = torch.as_tensor(q_diff).detach().to(torch.float64)
     s = float(q.sum())
     return abs(s) <= tol * float(q.abs().sum()), s
+
+
+def rdis_mask(labels: Tensor, keep_rows: Optional[Tensor] = None, *, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """The R_dis mask (B x T, bool) of teacher-forced ``labels`` (B x T, ``ignore_index``
+    on the prompt and the padding): row ``t`` is 1 when the logits there predict a
+    response token, ``labels[t + 1] != ignore_index``. ``keep_rows`` (B, bool):
+    only those sequences count (``deft.responses: best``)."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != ignore_index
+    if keep_rows is not None:
+        mask &= keep_rows.to(device=mask.device, dtype=torch.bool)[:, None]
+    return mask
 
 
 def _masked_mean(values: Tensor, mask: Tensor, reduction: str) -> Tensor:

@@ -96,22 +96,22 @@ from safetensors.torch import load_file, save_file
 
 # Imported inside the functions that use them, on purpose: deepspeed (the optional [train] extra),
 # transformers and tensorboard; importing deft stays fast.
-from deft._hf import ADAPTER_BASE, is_oom, load_causal_lm, load_tokenizer, vocab_hash, weights_fingerprint
+from deft._hf import ADAPTER_BASE, is_oom, load_causal_lm, load_tokenizer, weights_fingerprint
 from deft._util import chars_per_token, tokenize_clipped
 from deft.config import load_config, sft_weight
-from deft.distribution import PolicyTokenizer, load_distribution
+from deft.distribution import hf_policy_tokenizer, load_distribution
 from deft.errors import CheckpointError
 from deft.grade import read_graded
 from deft.io import (
     MetricsLog, atomic_path, begin_publication, interrupted_publication, locked_output, remove_stale_temporaries,
-    sha256_file, sha256_text, versions, write_json_atomic, write_text_atomic,
+    sha256_file, versions, write_json_atomic, write_text_atomic,
 )
 from deft.losses import (
     IGNORE_INDEX, deft_loss, dpo_loss, ipo_loss, length_normalized_scores, pro_loss, response_logprobs, rrhf_loss,
     sft_loss,
 )
 from deft.model_card import CARD_NAME, write_card
-from deft.ops import has_linear_head, logprobs_for_model, rdis_for_model
+from deft.ops import has_linear_head, logprobs_for_model, rdis_for_model, rdis_mask
 from deft.render import policy_layout, render_prompt, resolve_template
 from deft.reporting import Reporter, plot_curves, read_metrics, requested_backends
 
@@ -372,14 +372,7 @@ def policy_tokenizers(cfg: Mapping[str, Any]):
     spec = cfg["tokenizer"] or cfg["model"]
     hf_tok = load_tokenizer(cfg["model"], tokenizer=cfg["tokenizer"], gguf_file=cfg.get("gguf_file"),
                             trust_remote_code=cfg["trust_remote_code"])
-    backend = getattr(hf_tok, "backend_tokenizer", None)
-    if backend is None:
-        raise ValueError(f"tokenizer {spec}: not a fast (tokenizers-based) tokenizer; deft needs its tokenizer.json")
-    text = backend.to_str()
-    vh, size = vocab_hash(text)  # the same identity `deft distribution` records
-    ptok = PolicyTokenizer(json=text, source=str(spec), sha256=sha256_text(text), vocab_hash=vh, vocab_size=size,
-                           chat_template=getattr(hf_tok, "chat_template", None))
-    return hf_tok, ptok
+    return hf_tok, hf_policy_tokenizer(hf_tok, spec)
 
 
 def frame_examples(cfg: Mapping[str, Any], frame: Any, template: str, hf_tok: Any, ptok: Any, method: Optional[str] = None) -> List[Example]:
@@ -587,10 +580,8 @@ def loss_terms(cfg, method: str, module, out, batch, device, q_diff, ref: Option
     r_dis = None
     if q_diff is not None:  # per sequence (a packed batch is unpacked: the hidden states are d-sized)
         labels = batch.get("seq_labels", batch["labels"]).to(device)
-        mask = torch.zeros_like(labels, dtype=torch.bool)
-        mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-        if cfg["deft"]["responses"] == "best":
-            mask &= (batch["col"].to(device) == 0)[:, None]
+        best = batch["col"].to(device) == 0 if cfg["deft"]["responses"] == "best" else None
+        mask = rdis_mask(labels, best)
         r_dis = rdis_for_model(module, unpack(out.hidden_states[-1], batch), q_diff, mask)
         metrics["R_dis"] = float(r_dis.detach())
     return lm, r_dis, metrics
@@ -605,13 +596,14 @@ def compute_loss(cfg, method: str, module, out, batch, device, q_diff, ref: Opti
     return loss, metrics
 
 
-def grad_terms(lm, r_dis, params) -> Dict[str, float]:
+def grad_terms(lm, r_dis, params, *, retain_graph: bool = False) -> Dict[str, float]:
     """Exact gradient norms of the two terms over ``params`` (two separate
     backward passes through the same graph) and their inner product:
     ``{"norm_L_m", "norm_R_dis", "dot"}`` with ``dot = grad(L_m) . grad(R_dis)``.
-    Nothing is accumulated into ``.grad``."""
+    Nothing is accumulated into ``.grad``. ``retain_graph``: keep the graph for
+    a later backward of the training loss (measuring on the step's own graph)."""
     g_m = torch.autograd.grad(lm, params, retain_graph=True, allow_unused=True)
-    g_r = torch.autograd.grad(r_dis, params, allow_unused=True)
+    g_r = torch.autograd.grad(r_dis, params, retain_graph=retain_graph, allow_unused=True)
     nm = nr = dot = 0.0
     for a, b in zip(g_m, g_r):
         if a is not None:
@@ -1395,18 +1387,33 @@ def _calibrate_omega(job: Job, eng: Engine) -> Dict[str, Any]:
     t0 = time.perf_counter()
     for gidx in micro[:cfg["deft"]["calibration_batches"]]:
         batch, ref = job.batch(gidx)
-        g = _diagnose(job, eng, batch, ref)
-        ratios.append(g["norm_R_dis"] / g["norm_L_m"] if g["norm_L_m"] > 0 else float("inf"))
+        ratios.append(grad_ratio(_diagnose(job, eng, batch, ref)))
+    info = omega_for_share(share, ratios, (lambda rho: _mean_across({"rho": rho}, d)["rho"]) if d.world > 1 else None)
+    _log(f"omega {info['value']:.4g}: ||grad R_dis|| / ||grad L_m|| = {info['ratio_median']:.4g} (median of {len(ratios)} "
+         f"micro-batches, {time.perf_counter() - t0:.1f}s), for a gradient share of {share:g}")
+    return info
+
+
+def grad_ratio(g: Mapping[str, float]) -> float:
+    """``||grad R_dis|| / ||grad L_m||`` of one :func:`grad_terms` measurement (inf when L_m has no gradient)."""
+    return g["norm_R_dis"] / g["norm_L_m"] if g["norm_L_m"] > 0 else float("inf")
+
+
+def omega_for_share(share: float, ratios: Sequence[float], reduce: Optional[Callable[[float], float]] = None,
+                    key: str = "deft.omega_share", instead: str = "deft.omega") -> Dict[str, Any]:
+    """omega such that ``omega * ||grad R_dis|| = share * ||grad L_m||`` from the
+    measured ratios (:func:`grad_ratio`, one per micro-batch): ``share / median``,
+    the median first combined across processes by ``reduce`` (a mean). The record
+    the manifest and checkpoints keep: ``{"value", "source", "omega_share",
+    "ratio_median", "ratios"}``. A ValueError when no finite positive ratio exists."""
     rho = float(np.median(ratios))
-    if d.world > 1:
-        rho = _mean_across({"rho": rho}, d)["rho"]
+    if reduce is not None:
+        rho = float(reduce(rho))
     if not (rho > 0 and math.isfinite(rho)):
-        raise ValueError(f"deft.omega_share: cannot calibrate omega, ||grad R_dis|| / ||grad L_m|| is {rho} on the first "
-                         f"{len(ratios)} micro-batches; set deft.omega instead")
-    omega = share / rho
-    _log(f"omega {omega:.4g}: ||grad R_dis|| / ||grad L_m|| = {rho:.4g} (median of {len(ratios)} micro-batches, "
-         f"{time.perf_counter() - t0:.1f}s), for a gradient share of {share:g}")
-    return {"value": omega, "source": "calibrated", "omega_share": share, "ratio_median": rho, "ratios": ratios}
+        raise ValueError(f"{key}: cannot calibrate omega, ||grad R_dis|| / ||grad L_m|| is {rho} on the first "
+                         f"{len(ratios)} micro-batches; set {instead} instead")
+    return {"value": share / rho, "source": "calibrated", "omega_share": float(share), "ratio_median": rho,
+            "ratios": [float(r) for r in ratios]}
 
 
 # ----- loop helpers
