@@ -128,3 +128,58 @@ def test_config_keys_and_checks():
     with pytest.raises(ConfigError, match="at least one must be positive"):
         load_config(None, base + ["method.name=kto", "method.undesirable_weight=0", "method.desirable_weight=0"])
     assert load_config(None, base + ["method.name=cpo", "method.label_smoothing=0.1"])["method"]["label_smoothing"] == 0.1
+
+
+def test_new_method_keys_leave_other_fingerprints_alone():
+    """`deft run` / `deft experiment` fingerprints of DPO runs do not change with the SimPO/KTO keys;
+    a SimPO run's changes with its gamma."""
+    from deft.config import load_config
+    from deft.pipeline import train_fingerprint_config
+
+    base = ["model=m", "data.graded=g", "deft.distribution=q"]
+    dpo = train_fingerprint_config(load_config(REPO / "configs" / "deft-dpo.yaml", base))
+    assert not {"gamma", "desirable_weight", "undesirable_weight"} & set(dpo["method"])
+    assert dpo == train_fingerprint_config(load_config(REPO / "configs" / "deft-dpo.yaml", base + ["method.gamma=3", "method.desirable_weight=2"]))
+    s1 = train_fingerprint_config(load_config(REPO / "configs" / "simpo.yaml", base))
+    s2 = train_fingerprint_config(load_config(REPO / "configs" / "simpo.yaml", base + ["method.gamma=0.5"]))
+    assert s1["method"]["gamma"] == 1.0 and s1 != s2 and "desirable_weight" not in s1["method"]
+    k = train_fingerprint_config(load_config(REPO / "configs" / "kto.yaml", base))
+    assert k["method"]["undesirable_weight"] == 1.0 and "gamma" not in k["method"]
+
+
+def _deepspeed_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+@pytest.mark.slow
+def test_kto_packed_hidden_and_deepspeed_match_the_plain_loop(assets, tmp_path):
+    """KTO's extra pass over the mismatched pairs goes through every batch layout and engine: packed
+    rows with log-probs from the hidden states, and ZeRO-2 in one process, give the plain padded
+    loop's losses, reference points and R_dis over three steps."""
+    import os
+    import subprocess
+    import sys
+
+    from deft.train import run
+
+    kw = {"method.name": "kto", "train.max_steps": 3, "train.gradient_accumulation_steps": 1, "train.lr": 5e-3}
+    run(None, train_overrides(assets, tmp_path / "plain", **kw))
+    run(None, train_overrides(assets, tmp_path / "packed", **kw, **{"train.packing": True, "train.logprobs": "hidden"}))
+    runs = {"plain": _rows(tmp_path / "plain"), "packed": _rows(tmp_path / "packed")}
+    if _deepspeed_available():
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+        ov = train_overrides(assets, tmp_path / "ds", **kw, **{"train.deepspeed": str(REPO / "configs" / "deepspeed" / "zero2.json")})
+        r = subprocess.run([sys.executable, "-m", "deft", "train"] + [a for o in ov for a in ("--set", o)], capture_output=True,
+                           text=True, env=env, cwd=tmp_path, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs["ds"] = _rows(tmp_path / "ds")
+    plain = runs.pop("plain")
+    assert max(r["kl"] for r in plain) > 1e-3, [r["kl"] for r in plain]  # a reference point that is not the trivial 0
+    for name, rows in runs.items():
+        for a, b in zip(plain, rows):
+            for k in ("L_m", "R_dis", "loss"):
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (name, a["step"], k)
+            # kl is a mean of differences of summed log-probs (hundreds of nats): float32 rounding of those
+            assert b["kl"] == pytest.approx(a["kl"], abs=1e-4), (name, a["step"])

@@ -72,7 +72,8 @@ SCHEMA: Dict[str, Any] = {
         "label_smoothing": Field(0.0, "float", help="conservative DPO epsilon (dpo, simpo, cpo)"),
         "sft_weight": Field(None, "float", nullable=True, help="weight of the SFT term, the length-normalised NLL of the best response "
                                                               "(null: 0.05 for PRO/RRHF, 0 for DPO/IPO; > 0 for DPO/IPO is RPO-style DPO+NLL, "
-                                                              "the paper's 5e-2 for DEFT-DPO)"),
+                                                              "the paper's 5e-2 for DEFT-DPO; null: 1 for CPO/ORPO, whose NLL term it "
+                                                              "weighs, token-averaged as TRL's; 0 for SimPO, > 0 is CPO-SimPO; 0 for KTO)"),
         "gamma": Field(0.5, "float", help="SimPO target reward margin gamma (TRL's simpo_gamma, default 0.5)"),
         "desirable_weight": Field(1.0, "float", help="KTO: weight of the desirable (chosen) examples' losses"),
         "undesirable_weight": Field(1.0, "float", help="KTO: weight of the undesirable (rejected) examples' losses"),
