@@ -183,3 +183,50 @@ def test_kto_packed_hidden_and_deepspeed_match_the_plain_loop(assets, tmp_path):
                 assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (name, a["step"], k)
             # kl is a mean of differences of summed log-probs (hundreds of nats): float32 rounding of those
             assert b["kl"] == pytest.approx(a["kl"], abs=1e-4), (name, a["step"])
+
+
+@pytest.mark.slow
+def test_experiment_with_simpo_and_deft_kto_arms(tmp_path):
+    """`deft experiment` runs arms of the new methods: SimPO (no reference pass: the shared ref_cache
+    only gets KTO's two files) and DEFT-KTO, each evaluated like every arm against the base model."""
+    import gzip
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from transformers import AutoTokenizer
+
+    from conftest import shared_file, tiny_llama
+
+    tok = AutoTokenizer.from_pretrained(str(shared_file("tokenizers/smollm2")))
+    tiny_llama(tok).save_pretrained(tmp_path / "tiny-llama")
+    tok.save_pretrained(tmp_path / "tiny-llama")
+    lines = gzip.open(shared_file("data/pro-hh/test_harmless_base.jsonl.gz"), "rt", encoding="utf-8").read().splitlines()[:160]
+    (tmp_path / "pro.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    run_dir = tmp_path / "exp"
+    cfg = {
+        "run_dir": str(run_dir), "model": str(tmp_path / "tiny-llama"), "inputs": {"files": [str(tmp_path / "pro.jsonl")]},
+        "grade": {"use_input_scores": True, "a": 10.0, "c": 12.5}, "data": {"max_length": 96, "max_prompt_length": 64},
+        "method": {"name": "dpo", "beta": 0.1}, "deft": {"omega": 0.5, "diagnose_every": 0},
+        "train": {"lr": 1e-3, "micro_batch_size": 2, "gradient_accumulation_steps": 1, "max_steps": 2, "warmup_steps": 1,
+                  "deepspeed": None, "save_steps": 0, "progress": False},
+        "generation": {"max_new_tokens": 4},
+        "experiment": {"seeds": [0], "baseline": "simpo-A", "eval_fraction": 0.2, "eval_pairs": 8, "eval_prompts": 2,
+                       "batch_size": 8, "bootstrap": 100, "device": "cpu",
+                       "arms": [{"name": "base", "base": True},
+                                {"name": "simpo-A", "set": {"deft.enabled": False, "method.name": "simpo", "method.beta": 2.0}},
+                                {"name": "deft-kto", "set": {"method.name": "kto"}}]},
+    }
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    r = subprocess.run([sys.executable, "-m", "deft", "experiment", "--config", str(path), "--no-progress"], capture_output=True,
+                       text=True, env=dict(os.environ), cwd=tmp_path, timeout=1200)
+    assert r.returncode == 0, r.stderr[-4000:]
+    summary = json.loads((run_dir / "experiment.json").read_text())
+    arms = {a["name"]: a for a in summary["arms"]}
+    assert arms["simpo-A"]["training"]["steps"] == 2 and arms["deft-kto"]["training"]["steps"] == 2
+    assert set(arms["deft-kto"]["vs_baseline"]) >= {"accuracy", "margin", "nll"}
+    assert sorted(p.name.split("-")[:-1] for p in (run_dir / "ref_cache").iterdir()) == [["ref"], ["ref", "kto", "kl"]]
+    rows = _rows(run_dir / "arms" / "deft-kto" / "seed-0" / "train")
+    assert all(np.isfinite(r["R_dis"]) and np.isfinite(r["kl"]) for r in rows)
