@@ -59,7 +59,7 @@ def test_two_deft_steps(assets, tmp_path, method):
         assert man["config"]["method"]["name"] == method
 
 
-def test_kto_reference_point_moves_and_refuses_one_sample(assets, tmp_path):
+def test_kto_reference_point_moves_and_refuses_one_sample(assets, tmp_path, capsys):
     from deft.train import run
 
     out = tmp_path / "kto"
@@ -67,8 +67,11 @@ def test_kto_reference_point_moves_and_refuses_one_sample(assets, tmp_path):
                                               "train.lr": 5e-3, "deft.enabled": False, "deft.distribution": None}))
     rows = _rows(out)
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4) and rows[-1]["kl"] > 1e-3  # the policy has moved from the reference
+    capsys.readouterr()
     with pytest.raises(ValueError, match="kto needs at least 2 samples"):
-        run(None, train_overrides(assets, tmp_path / "one", **{"method.name": "kto", "data.max_samples": 1, "train.max_steps": 1}))
+        run(None, train_overrides(assets, tmp_path / "one", **{"method.name": "kto", "data.max_samples": 1, "train.max_steps": 1,
+                                                                "train.micro_batch_size": 1}))
+    assert "with train.micro_batch_size 1 that is 2 pairs" in capsys.readouterr().err
 
 
 def test_kto_kl_examples_pair_each_prompt_with_the_previous_completions():

@@ -1061,6 +1061,9 @@ def _train(cfg: Dict[str, Any], resume: bool, d: Dist, use_ds: bool, cuda: bool)
     if method in WITH_REFERENCE:
         job.ref_all, ref_path, ref_hit = _reference_logps(job, eng, bf16)
     if method == "kto":
+        if t["micro_batch_size"] < 2:
+            _log("warning: kto estimates its reference point per micro-batch, from its prompts paired with other samples' "
+                 "completions: with train.micro_batch_size 1 that is 2 pairs (TRL refuses a batch of 1); the kto configs use 4")
         job.kl_examples = kto_kl_examples(prep.examples, cfg["data"]["max_length"])
         job.kl_ref = _kto_kl_reference_logps(job, eng, bf16)
     if prep.eval_examples:  # the eval pairs under the initial policy (every method: the reference of the implicit reward)
