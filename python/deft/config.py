@@ -22,9 +22,13 @@ import yaml
 from deft.errors import DeftError
 from deft.render import POLICY_TEMPLATES
 
-__all__ = ["SCHEMA", "METHODS", "DEFAULT_SFT_WEIGHT", "sft_weight", "ConfigError", "load_config", "apply_override", "defaults", "validate"]
+__all__ = ["SCHEMA", "METHODS", "REFERENCE_FREE", "DEFAULT_SFT_WEIGHT", "sft_weight", "ConfigError", "load_config", "apply_override", "defaults", "validate"]
 
-METHODS = ("sft", "dpo", "ipo", "pro", "rrhf")
+METHODS = ("sft", "dpo", "ipo", "pro", "rrhf", "simpo", "cpo", "orpo", "kto")
+#: Methods whose loss needs no reference model: no reference log-probs are computed or cached for them.
+REFERENCE_FREE = ("simpo", "cpo", "orpo")
+#: Methods with a label-smoothing variant (``method.label_smoothing``).
+LABEL_SMOOTHING = ("dpo", "simpo", "cpo")
 
 
 class ConfigError(DeftError, ValueError):
@@ -63,11 +67,16 @@ SCHEMA: Dict[str, Any] = {
     },
     "method": {
         "name": Field("dpo", "str", choices=METHODS),
-        "beta": Field(0.1, "float", help="DPO/IPO beta"),
-        "label_smoothing": Field(0.0, "float", help="conservative DPO epsilon"),
+        "beta": Field(0.1, "float", help="DPO/IPO/CPO/KTO beta; SimPO beta (scale of the average log-prob reward); ORPO lambda "
+                                          "(weight of the odds-ratio term, TRL's ORPOConfig.beta)"),
+        "label_smoothing": Field(0.0, "float", help="conservative DPO epsilon (dpo, simpo, cpo)"),
         "sft_weight": Field(None, "float", nullable=True, help="weight of the SFT term, the length-normalised NLL of the best response "
                                                               "(null: 0.05 for PRO/RRHF, 0 for DPO/IPO; > 0 for DPO/IPO is RPO-style DPO+NLL, "
-                                                              "the paper's 5e-2 for DEFT-DPO)"),
+                                                              "the paper's 5e-2 for DEFT-DPO; null: 1 for CPO/ORPO, whose NLL term it "
+                                                              "weighs, token-averaged as TRL's; 0 for SimPO, > 0 is CPO-SimPO; 0 for KTO)"),
+        "gamma": Field(0.5, "float", help="SimPO target reward margin gamma (TRL's simpo_gamma, default 0.5)"),
+        "desirable_weight": Field(1.0, "float", help="KTO: weight of the desirable (chosen) examples' losses"),
+        "undesirable_weight": Field(1.0, "float", help="KTO: weight of the undesirable (rejected) examples' losses"),
     },
     "deft": {
         "enabled": Field(True, "bool", help="add -omega * R_dis to the loss"),
@@ -271,7 +280,8 @@ def apply_override(cfg: Dict[str, Any], override: str, schema: Optional[Mapping[
 
 
 #: The SFT weight of each method when ``method.sft_weight`` is null.
-DEFAULT_SFT_WEIGHT = {"sft": 0.0, "dpo": 0.0, "ipo": 0.0, "pro": 0.05, "rrhf": 0.05}
+DEFAULT_SFT_WEIGHT = {"sft": 0.0, "dpo": 0.0, "ipo": 0.0, "pro": 0.05, "rrhf": 0.05,
+                      "simpo": 0.0, "cpo": 1.0, "orpo": 1.0, "kto": 0.0}  # CPO: TRL's cpo_alpha 1; ORPO: the paper's L_SFT + lambda L_OR
 
 
 def sft_weight(method_cfg: Mapping[str, Any]) -> float:
@@ -330,6 +340,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
     m, df = cfg["method"], cfg["deft"]
     if m["sft_weight"] is not None and m["sft_weight"] < 0:
         raise ConfigError(f"method.sft_weight: must be >= 0, got {m['sft_weight']}")
+    _validate_method(m)
     if df["omega_share"] is not None and not df["omega_share"] > 0:
         raise ConfigError(f"deft.omega_share: must be positive, got {df['omega_share']}")
     if df["calibration_batches"] < 1:
@@ -356,6 +367,23 @@ def validate(cfg: Mapping[str, Any]) -> None:
             raise ConfigError("peft.enabled: needs the peft package (pip install peft, or the deft[lora] extra)")
     elif pf["path"] or pf["merge"]:
         raise ConfigError(f"peft.{'path' if pf['path'] else 'merge'}: set peft.enabled: true as well (LoRA is off)")
+
+
+def _validate_method(m: Mapping[str, Any]) -> None:
+    """The ``method`` keys the new losses read (SimPO, CPO, ORPO, KTO)."""
+    name = m["name"]
+    if name in REFERENCE_FREE + ("kto",) and not m["beta"] > 0:
+        raise ConfigError(f"method.beta: must be positive for {name}, got {m['beta']}")
+    if m["label_smoothing"] != 0.0 and name in REFERENCE_FREE + ("kto",) and name not in LABEL_SMOOTHING:
+        raise ConfigError(f"method.label_smoothing: {name} has no label smoothing (only {', '.join(LABEL_SMOOTHING)}); "
+                          f"got {m['label_smoothing']}")
+    if name in LABEL_SMOOTHING and not 0.0 <= m["label_smoothing"] < 0.5:
+        raise ConfigError(f"method.label_smoothing: must be in [0, 0.5), got {m['label_smoothing']}")
+    for k in ("desirable_weight", "undesirable_weight"):
+        if m[k] < 0:
+            raise ConfigError(f"method.{k}: must be >= 0, got {m[k]}")
+    if name == "kto" and m["desirable_weight"] + m["undesirable_weight"] <= 0:
+        raise ConfigError("method.desirable_weight, method.undesirable_weight: at least one must be positive")
 
 
 def read_config(path: Optional[Union[str, Path]], overrides: Sequence[str], schema: Mapping[str, Any]) -> Dict[str, Any]:

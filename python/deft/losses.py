@@ -1,5 +1,5 @@
-"""Loss functions for preference fine-tuning: SFT, DPO, IPO, RRHF, PRO and the
-DEFT combination, plus :func:`response_logprobs`, which turns causal-LM
+"""Loss functions for preference fine-tuning: SFT, DPO, IPO, SimPO, CPO, ORPO,
+KTO, RRHF, PRO and the DEFT combination, plus :func:`response_logprobs`, which turns causal-LM
 logits into the per-response log-probability summaries the losses consume.
 
 The losses are small pure functions over tensors the trainer has already
@@ -41,17 +41,24 @@ __all__ = [
     "DEFT_OMEGA_DPO",
     "DEFT_OMEGA_PRO",
     "IGNORE_INDEX",
+    "KTOLossOutput",
+    "OddsRatioLossOutput",
     "PreferenceLossOutput",
     "RankingLossOutput",
+    "cpo_loss",
     "deft_loss",
     "dpo_loss",
     "ipo_loss",
+    "kto_loss",
+    "kto_reference_point",
     "length_normalized_scores",
+    "orpo_loss",
     "pro_loss",
     "response_logprobs_from_hidden",
     "response_logprobs",
     "rrhf_loss",
     "sft_loss",
+    "simpo_loss",
 ]
 
 #: Label value marking positions that are not response tokens (HF convention).
@@ -308,6 +315,220 @@ def ipo_loss(
     h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
     losses = (h - 1.0 / (2.0 * beta)) ** 2
     return _pairwise_output(losses, beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+
+
+# --------------------------------------------------------------------------
+# more pairwise losses: SimPO, CPO, ORPO (reference-free), KTO (unpaired)
+
+
+@dataclass
+class OddsRatioLossOutput(PreferenceLossOutput):
+    """Result of :func:`orpo_loss`: a :class:`PreferenceLossOutput` (``losses``
+    the odds-ratio term ``-lambda * log sigmoid(log_odds)``) plus, per example,
+    ``log_odds`` and ``ratio = log sigmoid(log_odds)``, detached."""
+
+    log_odds: torch.Tensor
+    ratio: torch.Tensor
+
+    def metrics(self, prefix: str = "") -> Dict[str, float]:
+        """TRL's ORPO metric names: ``log_odds_ratio`` (mean of ``ratio``) and
+        ``log_odds_chosen`` (mean of ``log_odds``), beside the pairwise ones."""
+        out = super().metrics(prefix)
+        out[f"{prefix}log_odds_ratio"] = float(self.ratio.mean())
+        out[f"{prefix}log_odds_chosen"] = float(self.log_odds.mean())
+        return out
+
+
+@dataclass
+class KTOLossOutput(PreferenceLossOutput):
+    """Result of :func:`kto_loss`: a :class:`PreferenceLossOutput` plus the
+    reference point ``kl`` (a detached scalar) the losses were computed with."""
+
+    kl: torch.Tensor
+
+    def metrics(self, prefix: str = "") -> Dict[str, float]:
+        out = super().metrics(prefix)
+        out[f"{prefix}kl"] = float(self.kl)
+        return out
+
+
+def _check_beta_smoothing(beta: float, label_smoothing: float = 0.0) -> None:
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+
+
+def _smoothed_sigmoid_loss(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    losses = -F.logsigmoid(logits)
+    if label_smoothing:
+        losses = (1.0 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-logits)
+    return losses
+
+
+def simpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    chosen_lengths: Optional[torch.Tensor] = None,
+    rejected_lengths: Optional[torch.Tensor] = None,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+    label_smoothing: float = 0.0,
+) -> PreferenceLossOutput:
+    """SimPO (Meng et al. 2024): a reference-free sigmoid loss on the average
+    log-probs with a target reward margin ``gamma``.
+
+    Pass summed log-probs with their ``chosen_lengths`` / ``rejected_lengths``
+    (averaged here, an empty response counting 0 as in
+    :func:`length_normalized_scores`) or already-averaged log-probs and no
+    lengths. With the averages ``a_w``, ``a_l``::
+
+        loss_b = -log sigmoid(beta * (a_w - a_l) - gamma)        (label smoothing eps: as in dpo_loss)
+        loss   = mean_b loss_b
+
+    This is TRL's ``CPOTrainer.cpo_loss`` with ``loss_type="simpo"``
+    (``simpo_gamma`` = ``gamma``), whose log-probs are token averages; the
+    rewards are ``beta * a``. CPO-SimPO adds the NLL term (the trainer's
+    ``method.sft_weight``, TRL's ``cpo_alpha``).
+    """
+    _check_beta_smoothing(beta, label_smoothing)
+    if (chosen_lengths is None) != (rejected_lengths is None):
+        raise ValueError("give both chosen_lengths and rejected_lengths, or neither")
+    if chosen_lengths is not None:
+        policy_chosen, _ = length_normalized_scores(policy_chosen, chosen_lengths)
+        policy_rejected, _ = length_normalized_scores(policy_rejected, rejected_lengths)
+    losses = _smoothed_sigmoid_loss(beta * (policy_chosen - policy_rejected) - gamma, label_smoothing)
+    zero = torch.zeros_like(policy_chosen)
+    return _pairwise_output(losses, beta, policy_chosen, policy_rejected, zero, zero)
+
+
+def cpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> PreferenceLossOutput:
+    """The preference term of CPO (Xu et al. 2024): DPO's sigmoid loss on the
+    policy's summed log-probs alone (the reference dropped)::
+
+        loss_b = -log sigmoid(beta * (pc - pr))                  (label smoothing eps: as in dpo_loss)
+        loss   = mean_b loss_b
+
+    TRL's ``CPOTrainer.cpo_loss`` with ``loss_type="sigmoid"``. CPO's NLL term
+    on the preferred response (TRL's ``cpo_alpha``, default 1) is added by the
+    trainer with :func:`sft_loss` (``method.sft_weight``). Rewards ``beta * p``.
+    """
+    _check_beta_smoothing(beta, label_smoothing)
+    losses = _smoothed_sigmoid_loss(beta * (policy_chosen - policy_rejected), label_smoothing)
+    zero = torch.zeros_like(policy_chosen)
+    return _pairwise_output(losses, beta, policy_chosen, policy_rejected, zero, zero)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, branching at ``-log 2`` (Maechler 2012)."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    chosen_lengths: Optional[torch.Tensor] = None,
+    rejected_lengths: Optional[torch.Tensor] = None,
+    beta: float = 0.1,
+) -> OddsRatioLossOutput:
+    """The odds-ratio term of ORPO (Hong et al. 2024), weight ``beta`` (the
+    paper's lambda, TRL's ``ORPOConfig.beta``), on average log-probs.
+
+    Pass summed log-probs with their lengths (averaged here) or averages and
+    no lengths. With ``a = mean token log-prob`` and ``odds(y) = p / (1 - p)``,
+    ``p = exp(a)``::
+
+        log_odds_b = (a_w - a_l) - (log(1 - exp(a_w)) - log(1 - exp(a_l)))
+        loss_b     = -beta * log sigmoid(log_odds_b)
+        loss       = mean_b loss_b
+
+    TRL's ``ORPOTrainer.odds_ratio_loss`` (its ``losses`` are
+    ``beta * log sigmoid``, which it subtracts; ``log1mexp`` the same stable
+    branch), in float32 as TRL casts it, or float64 for float64 inputs. ORPO's NLL term
+    is added by the trainer (:func:`sft_loss`, ``method.sft_weight`` 1).
+    A pair with an empty response (length 0, average 0, ``p = 1``: odds
+    infinite) adds 0 and still counts in the mean; with averages passed
+    directly, an average of 0 is treated the same way.
+    """
+    _check_beta_smoothing(beta)
+    if (chosen_lengths is None) != (rejected_lengths is None):
+        raise ValueError("give both chosen_lengths and rejected_lengths, or neither")
+    if chosen_lengths is not None:
+        a_w, ok_w = length_normalized_scores(policy_chosen, chosen_lengths)
+        a_l, ok_l = length_normalized_scores(policy_rejected, rejected_lengths)
+        ok = ok_w & ok_l
+    else:
+        a_w, a_l = policy_chosen, policy_rejected
+        ok = (a_w < 0) & (a_l < 0)
+    a_w = a_w if a_w.dtype == torch.float64 else a_w.float()
+    a_l = a_l if a_l.dtype == torch.float64 else a_l.float()
+    safe_w = torch.where(ok, a_w, torch.full_like(a_w, -1.0))  # finite values (and gradients) where the term is dropped
+    safe_l = torch.where(ok, a_l, torch.full_like(a_l, -1.0))
+    log_odds = (safe_w - safe_l) - (_log1mexp(safe_w) - _log1mexp(safe_l))
+    ratio = F.logsigmoid(log_odds)
+    losses = torch.where(ok, -beta * ratio, torch.zeros_like(ratio))
+    zero = torch.zeros_like(a_w)
+    base = _pairwise_output(losses, beta, a_w, a_l, zero, zero)
+    return OddsRatioLossOutput(**vars(base), log_odds=log_odds.detach(), ratio=ratio.detach())
+
+
+def kto_reference_point(
+    policy_kl: torch.Tensor,
+    ref_kl: torch.Tensor,
+    valid: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """KTO's reference point ``z_ref`` from mismatched (prompt, completion)
+    pairs: the mean of ``policy_kl - ref_kl`` (summed log-probs of the
+    mismatched completions) over the ``valid`` entries, detached, as TRL's
+    ``KTOTrainer`` computes ``kl`` before gathering over processes and
+    clamping at 0. Returns the (unclamped) mean; :func:`kto_loss` clamps."""
+    if policy_kl.shape != ref_kl.shape:
+        raise ValueError(f"policy_kl has shape {tuple(policy_kl.shape)}, ref_kl {tuple(ref_kl.shape)}")
+    v = _mask(valid, policy_kl)
+    return _masked_mean((policy_kl - ref_kl.to(policy_kl)).detach(), v)
+
+
+def kto_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    kl: Union[torch.Tensor, Number],
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> KTOLossOutput:
+    """KTO (Ethayarajh et al. 2024) on paired data taken apart: every chosen
+    response is a desirable example, every rejected one an undesirable
+    example, with summed log-probs. With ``z = max(0, kl)`` the reference point
+    (:func:`kto_reference_point`, no gradient) and ``r = p - ref``::
+
+        desirable_b   = 1 - sigmoid(beta * (r_w - z))
+        undesirable_b = 1 - sigmoid(beta * (z - r_l))
+        loss = mean over the 2B examples of [desirable_weight * desirable_b, undesirable_weight * undesirable_b]
+
+    TRL's ``KTOTrainer`` (``loss_type="kto"``: Eqn (7) of the paper, the
+    ``losses.nanmean()`` of its desirable and undesirable rows). ``losses``
+    per pair is the mean of its two weighted terms, so ``loss`` is their
+    batch mean. Rewards ``beta * r``.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    if desirable_weight < 0 or undesirable_weight < 0 or desirable_weight + undesirable_weight <= 0:
+        raise ValueError(f"desirable_weight and undesirable_weight must be >= 0, not both 0; got {desirable_weight}, {undesirable_weight}")
+    z = torch.as_tensor(kl, dtype=policy_chosen.dtype, device=policy_chosen.device).detach().clamp(min=0)
+    r_w = policy_chosen - ref_chosen
+    r_l = policy_rejected - ref_rejected
+    desirable = 1.0 - torch.sigmoid(beta * (r_w - z))
+    undesirable = 1.0 - torch.sigmoid(beta * (z - r_l))
+    losses = 0.5 * (desirable_weight * desirable + undesirable_weight * undesirable)
+    base = _pairwise_output(losses, beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    return KTOLossOutput(**vars(base), kl=z)
 
 
 # --------------------------------------------------------------------------

@@ -267,8 +267,9 @@ def train_fingerprint_config(tcfg: Mapping[str, Any]) -> Dict[str, Any]:
     TensorBoard and the other ``train.report_to`` backends, the eval split
     (``train.eval_*``; ``eval_holdout`` only while 0), ``allow_pickle``, ``deft.diagnose_every`` (a measurement)
     and the model card's ``card.*`` are left out; ``method.sft_weight`` is the effective weight; the
-    ``omega_share`` keys are left out while unused, so that runs from before
-    they existed keep their fingerprints."""
+    ``omega_share`` keys, and the ``method`` keys of SimPO and KTO, are left
+    out while unused, so that runs from before they existed keep their
+    fingerprints."""
     t = copy.deepcopy(dict(tcfg))
     for key in _FILLED:
         sec, k = key.split(".")
@@ -287,7 +288,14 @@ def train_fingerprint_config(tcfg: Mapping[str, Any]) -> Dict[str, Any]:
         t["deft"].pop("omega_share", None)
         t["deft"].pop("calibration_batches", None)
     t["method"]["sft_weight"] = sft_weight(t["method"])
+    for k, users in _METHOD_KEYS.items():  # a method key only its own methods read: out while unused (older runs keep theirs)
+        if t["method"]["name"] not in users:
+            t["method"].pop(k, None)
     return t
+
+
+#: ``method`` keys added with the losses that read them: left out of other methods' fingerprints.
+_METHOD_KEYS = {"gamma": ("simpo",), "desirable_weight": ("kto",), "undesirable_weight": ("kto",)}
 
 
 def _tokenizer_spec(cfg: Mapping[str, Any]) -> str:

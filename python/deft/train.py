@@ -24,10 +24,12 @@ Pipeline
    response that fits whole in ``data.max_length`` (512): a response cut short
    has no end (the model is not taught to stop mid-sentence). Labels are -100
    on the prompt and the padding, the ids elsewhere (the end included).
-3. **Reference log-probs** (DPO/IPO) are computed once, in a first pass with
+3. **Reference log-probs** (DPO/IPO/KTO; not for the reference-free SimPO,
+   CPO, ORPO) are computed once, in a first pass with
    the initial policy, and cached as safetensors in ``train.ref_cache_dir``
    keyed by the model fingerprint, the precision and a hash of the token ids,
    so no reference model is held during training and reruns reuse them.
+   KTO also caches those of its mismatched pairs (:func:`kto_kl_examples`).
 4. **Training**: DeepSpeed (``train.deepspeed``: a JSON config; its batch
    sizes, gradient clipping and bf16 are filled in from the ``train`` section)
    or a plain PyTorch loop (``train.deepspeed: null``, one process). One
@@ -98,7 +100,7 @@ from safetensors.torch import load_file, save_file
 # transformers and tensorboard; importing deft stays fast.
 from deft._hf import ADAPTER_BASE, is_oom, load_causal_lm, load_tokenizer, weights_fingerprint
 from deft._util import chars_per_token, tokenize_clipped
-from deft.config import load_config, sft_weight
+from deft.config import REFERENCE_FREE, load_config, sft_weight
 from deft.distribution import hf_policy_tokenizer, load_distribution
 from deft.errors import CheckpointError
 from deft.grade import read_graded
@@ -110,6 +112,7 @@ from deft.losses import (
     IGNORE_INDEX, deft_loss, dpo_loss, ipo_loss, length_normalized_scores, pro_loss, response_logprobs, rrhf_loss,
     sft_loss,
 )
+from deft.losses import PreferenceLossOutput, cpo_loss, kto_loss, kto_reference_point, orpo_loss, simpo_loss
 from deft.model_card import CARD_NAME, write_card
 from deft.ops import has_linear_head, logprobs_for_model, rdis_for_model, rdis_mask
 from deft.render import policy_layout, render_prompt, resolve_template
@@ -118,6 +121,10 @@ from deft.reporting import Reporter, plot_curves, read_metrics, requested_backen
 __all__ = ["Example", "encode_examples", "select_responses", "prepare_data", "train", "TrainResult"]
 
 PAIRWISE = ("dpo", "ipo")
+#: Methods trained on the (best, worst) pair of each prompt.
+PAIRED = PAIRWISE + REFERENCE_FREE + ("kto",)
+#: Methods whose loss reads reference log-probs (computed once and cached); the others compute none.
+WITH_REFERENCE = PAIRWISE + ("kto",)
 #: Below this R_dis gradient share at step 0, the trainer warns that R_dis cannot change the model.
 LOW_SHARE = 1e-3
 CHECKPOINTS = "checkpoints"
@@ -161,7 +168,7 @@ def select_responses(responses: Sequence[str], scores: Optional[Sequence[float]]
     sc = list(scores) if scores is not None else [float(len(responses) - i) for i in range(len(responses))]
     if method == "sft":
         return responses[:1], sc[:1]
-    if method in PAIRWISE:
+    if method in PAIRED:
         return [responses[0], responses[-1]], [sc[0], sc[-1]]
     if max_responses is not None and len(responses) > max_responses:
         keep = list(range(max_responses - 1)) + [len(responses) - 1]
@@ -251,6 +258,27 @@ def data_hash(examples: Sequence[Example]) -> str:
             h.update(s.tobytes())
         h.update(np.asarray(ex.rewards, dtype=np.float64).tobytes())
     return h.hexdigest()
+
+
+def kto_kl_examples(examples: Sequence[Example], max_length: int) -> List[Example]:
+    """KTO's mismatched (prompt, completion) pairs for its reference point: the
+    prompt of example ``i`` with the two completions (best, worst) of example
+    ``i - 1`` (cyclic, in data order), cut to ``max_length`` tokens. This is
+    TRL's ``KTOTrainer`` pairing -- each unpaired row's ``KL_completion_ids``
+    are the previous row's completion -- with the rotation over the whole
+    data set instead of within each fixed, unshuffled batch, so that the
+    pairs do not depend on the (shuffled) micro-batches and their reference
+    log-probs are computed once and cached."""
+    if len(examples) < 2:
+        raise ValueError(f"kto needs at least 2 samples (its reference point pairs each prompt with another sample's "
+                         f"completions); got {len(examples)}")
+    out: List[Example] = []
+    for i, ex in enumerate(examples):
+        other = examples[i - 1]
+        prompt = ex.input_ids[0][:ex.prompt_len]
+        seqs = [np.concatenate([prompt, s[other.prompt_len:]])[:max_length] for s in other.input_ids]
+        out.append(Example(id=f"{ex.id}|kl:{other.id}", input_ids=seqs, prompt_len=ex.prompt_len, rewards=list(other.rewards)))
+    return out
 
 
 def collate(examples: Sequence[Example], pad_id: int, slots: Optional[int] = None, pack: int = 0):
@@ -566,6 +594,24 @@ def loss_terms(cfg, method: str, module, out, batch, device, q_diff, ref: Option
             sft_term = w_sft * sft_loss(logp_s[:, 0], len_s[:, 0], valid[:, 0], reduction="sequence")
             metrics.update({"pair_loss": float(lm.detach()), "sft_term": float(sft_term.detach())})
             lm = lm + sft_term
+    elif method in REFERENCE_FREE:  # no reference log-probs
+        o, sft_term = reference_free_loss(m, method, logp_s[:, 0], logp_s[:, 1], len_s[:, 0], len_s[:, 1], valid[:, 0])
+        lm = o.loss
+        metrics.update({k: v for k, v in o.metrics().items() if k != "loss"})
+        if sft_term is not None:
+            metrics.update({"pair_loss": float(lm.detach()), "sft_term": float(sft_term.detach())})
+            lm = lm + sft_term
+    elif method == "kto":
+        assert ref is not None and "kto_kl" in batch, "kto needs the reference log-probs and the reference point (_kto_reference_point)"
+        ref = ref.to(device=device, dtype=logp_s.dtype)
+        o = kto_loss(logp_s[:, 0], logp_s[:, 1], ref[:, 0], ref[:, 1], batch["kto_kl"], beta=m["beta"],
+                     desirable_weight=m["desirable_weight"], undesirable_weight=m["undesirable_weight"])
+        lm = o.loss
+        metrics.update({k: v for k, v in o.metrics().items() if k != "loss"})
+        if w_sft != 0.0:  # as for DPO/IPO: + weight x length-normalised NLL of the preferred response
+            sft_term = w_sft * sft_loss(logp_s[:, 0], len_s[:, 0], valid[:, 0], reduction="sequence")
+            metrics.update({"pair_loss": float(lm.detach()), "sft_term": float(sft_term.detach())})
+            lm = lm + sft_term
     elif method == "rrhf":
         o = rrhf_loss(None, logp_s, len_s, valid, sft_weight=w_sft, rewards=rewards)
         lm = o.loss
@@ -585,6 +631,25 @@ def loss_terms(cfg, method: str, module, out, batch, device, q_diff, ref: Option
         r_dis = rdis_for_model(module, unpack(out.hidden_states[-1], batch), q_diff, mask)
         metrics["R_dis"] = float(r_dis.detach())
     return lm, r_dis, metrics
+
+
+def reference_free_loss(m: Mapping[str, Any], method: str, pc, pr, nc, nr, valid_c=None) -> Tuple[PreferenceLossOutput, Optional[Any]]:
+    """A reference-free method's loss (SimPO, CPO, ORPO) from summed log-probs
+    ``pc``, ``pr`` and token counts ``nc``, ``nr`` of the (best, worst) pairs:
+    its pairwise output and its NLL term, ``method.sft_weight`` x
+    :func:`deft.losses.sft_loss` over all preferred-response tokens together
+    (``reduction="token"``: TRL's CPO and ORPO trainers' ``CrossEntropyLoss``
+    on the chosen responses), or ``None`` when the weight is 0."""
+    if method == "simpo":
+        o = simpo_loss(pc, pr, nc, nr, beta=m["beta"], gamma=m["gamma"], label_smoothing=m["label_smoothing"])
+    elif method == "cpo":
+        o = cpo_loss(pc, pr, beta=m["beta"], label_smoothing=m["label_smoothing"])
+    elif method == "orpo":
+        o = orpo_loss(pc, pr, nc, nr, beta=m["beta"])
+    else:  # pragma: no cover - REFERENCE_FREE lists the three
+        raise ValueError(f"{method!r} is not a reference-free method")
+    w = sft_weight(m)
+    return o, (w * sft_loss(pc, nc, valid_c, reduction="token") if w != 0.0 else None)
 
 
 def compute_loss(cfg, method: str, module, out, batch, device, q_diff, ref: Optional[Any]):
@@ -633,6 +698,8 @@ def _diagnose(job: "Job", eng: "Engine", batch, ref) -> Dict[str, float]:
     the training state (gradients, RNG)."""
     devices = [eng.device] if eng.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
+        if job.method == "kto" and "kto_kl" not in batch:
+            batch["kto_kl"] = _kto_reference_point(job, eng, eng.module, batch, ref)
         # through the module, not a DeepSpeed engine: the engine's forward hooks expect engine.backward
         out = _forward(eng.module, batch, eng.device, eng.autocast_dtype, need_hidden=True, from_hidden=job.from_hidden)
         lm, r_dis, _ = loss_terms(job.cfg, job.method, eng.module, out, batch, eng.device, job.q_diff, ref)
@@ -888,6 +955,8 @@ class Job:
     q_diff: Optional[Any]  # torch tensor on the training device, or None
     ref_all: Optional[Any] = None  # (N, 2) reference log-probs (DPO/IPO)
     eval_ref: Optional[Any] = None  # (E, 2) reference log-probs of the eval pairs
+    kl_examples: Optional[List[Example]] = None  # KTO: the mismatched pairs of each example (kto_kl_examples)
+    kl_ref: Optional[Any] = None  # KTO: (N, 2) their reference log-probs
     eval_info: Optional[Dict[str, Any]] = None  # the eval split, for the manifest
     reporting: Dict[str, Any] = field(default_factory=dict)  # where the metrics were reported (deft.reporting.Reporter.record)
     diagnose: bool = False  # measure the R_dis gradient share (deft.diagnose_every)
@@ -900,7 +969,11 @@ class Job:
         mbs = self.sched.micro_batch_size
         idx = gidx[self.d.rank * mbs:(self.d.rank + 1) * mbs]
         ref = self.ref_all[torch.as_tensor(idx)] if self.ref_all is not None else None
-        return collate([self.prep.examples[i] for i in idx], self.prep.pad_token_id, pack=self.pack if pack is None else pack), ref
+        b = collate([self.prep.examples[i] for i in idx], self.prep.pad_token_id, pack=self.pack if pack is None else pack)
+        if self.kl_examples is not None:  # KTO: the mismatched pairs ride along, their reference log-probs in ref[:, 2:]
+            b["kl"] = collate([self.kl_examples[i] for i in idx], self.prep.pad_token_id, pack=self.pack if pack is None else pack)
+            ref = torch.cat([ref, self.kl_ref[torch.as_tensor(idx)]], dim=1)
+        return b, ref
 
     def micro_batches(self, epoch: int) -> List[np.ndarray]:
         t = self.cfg["train"]
@@ -979,8 +1052,14 @@ def _train(cfg: Dict[str, Any], resume: bool, d: Dist, use_ds: bool, cuda: bool)
         job.pack = int(t["pack_length"] or 1)  # null: rows as long as each micro-batch's longest sequence
         eng.loading["packing"] = _check_packing(job, eng)
     ref_path, ref_hit = None, False
-    if method in PAIRWISE:
+    if method in WITH_REFERENCE:
         job.ref_all, ref_path, ref_hit = _reference_logps(job, eng, bf16)
+    if method == "kto":
+        if t["micro_batch_size"] < 2:
+            _log("warning: kto estimates its reference point per micro-batch, from its prompts paired with other samples' "
+                 "completions: with train.micro_batch_size 1 that is 2 pairs (TRL refuses a batch of 1); the kto configs use 4")
+        job.kl_examples = kto_kl_examples(prep.examples, cfg["data"]["max_length"])
+        job.kl_ref = _kto_kl_reference_logps(job, eng, bf16)
     if prep.eval_examples:  # the eval pairs under the initial policy (every method: the reference of the implicit reward)
         job.eval_ref, eval_ref_path = _eval_reference_logps(job, eng, bf16)
         job.eval_info = {"data": t["eval_data"], "holdout": t["eval_holdout"], "pairs": len(prep.eval_examples),
@@ -1054,6 +1133,8 @@ def step(job: Job, eng: Engine, state: TrainState, micro: Sequence[np.ndarray], 
     t0 = time.perf_counter()
     for mi in range(first, first + gas):
         batch, ref = job.batch(micro[mi])
+        if job.method == "kto":
+            batch["kto_kl"] = _kto_reference_point(job, eng, eng.runner, batch, ref)
         if mi == first and job.diagnose_at(state.global_step):  # measured before this step's update
             diag = share_metrics(_diagnose(job, eng, batch, ref), cfg["deft"]["omega"])
             if state.global_step == 0 and d.rank == 0 and diag["rdis_grad_share"] < LOW_SHARE:
@@ -1426,8 +1507,9 @@ def _evaluate(job: Job, eng: Engine, step: int) -> Dict[str, Any]:
     (summed log-probs, the reference the initial policy): ``eval/accuracy``
     (a tie counts 1/2, so the initial policy scores exactly 0.5),
     ``eval/margin``, ``eval/chosen_reward``, ``eval/rejected_reward``, the
-    per-token NLL of the best response ``eval/nll`` and, for SFT, DPO and IPO,
-    the method's loss ``eval/loss`` (without R_dis). Every rank computes the
+    per-token NLL of the best response ``eval/nll`` and, for SFT, DPO, IPO,
+    SimPO, CPO and ORPO, the method's loss ``eval/loss`` (without R_dis; not
+    for KTO, whose reference point needs mismatched pairs of the eval split). Every rank computes the
     same row (the pairs are sharded and gathered)."""
     cfg, t0 = job.cfg, time.perf_counter()
     m = cfg["method"]
@@ -1449,6 +1531,9 @@ def _evaluate(job: Job, eng: Engine, step: int) -> Dict[str, Any]:
         loss = dpo_loss(lc, lr, rc, rr, beta=beta, label_smoothing=m["label_smoothing"]).loss
     elif job.method == "ipo":
         loss = ipo_loss(lc, lr, rc, rr, beta=beta, chosen_lengths=ntok[:, 0], rejected_lengths=ntok[:, 1]).loss
+    elif job.method in REFERENCE_FREE:  # its own loss needs no reference: the same as in training
+        o, nll = reference_free_loss(m, job.method, lc, lr, ntok[:, 0], ntok[:, 1])
+        loss = o.loss if nll is None else o.loss + nll
     if loss is not None and job.method in PAIRWISE and w_sft != 0.0:
         loss = loss + w_sft * sft_loss(lc, ntok[:, 0], reduction="sequence")
     if loss is not None:
@@ -1706,6 +1791,38 @@ def _reference_logps(job: Job, eng: Engine, bf16: bool):
     key = {"model": job.model_fp, "data": prep.data_hash, "bf16": bf16, "max_length": cfg["data"]["max_length"]}
     return _cached_pair_logps(job, eng, prep.examples, t["ref_batch_size"] or t["micro_batch_size"], key, "ref",
                               prep.data_hash, bf16, "reference log-probs", "samples")
+
+
+def _kto_kl_reference_logps(job: Job, eng: Engine, bf16: bool):
+    """``(N, 2)`` float32 reference log-probs of KTO's mismatched pairs
+    (:attr:`Job.kl_examples`), cached like the training reference's."""
+    cfg, t = job.cfg, job.cfg["train"]
+    kl_hash = data_hash(job.kl_examples)
+    key = {"model": job.model_fp, "data": kl_hash, "bf16": bf16, "max_length": cfg["data"]["max_length"]}
+    ref, _, _ = _cached_pair_logps(job, eng, job.kl_examples, t["ref_batch_size"] or t["micro_batch_size"], key, "ref-kto-kl",
+                                   kl_hash, bf16, "KTO reference-point log-probs", "samples")
+    return ref
+
+
+def _kto_reference_point(job: Job, eng: Engine, model, batch, ref):
+    """KTO's reference point for one micro-batch: the mean over its mismatched
+    pairs (``batch["kl"]``) of the policy's summed log-prob minus the
+    reference's (``ref[:, 2:]``), under ``model`` without gradients (in the
+    mode it trains in, as TRL's ``_compute_kl_logps``), averaged over the
+    ranks (TRL gathers it over processes), detached; :func:`deft.losses.kto_loss`
+    clamps it at 0."""
+    kl = batch["kl"]
+    with torch.no_grad():
+        out = _forward(model, kl, eng.device, eng.autocast_dtype, need_hidden=False, from_hidden=job.from_hidden)
+        logp, ntok = _seq_logps(out, kl, eng.device, eng.module)
+    pol = to_slots(logp, kl)
+    usable = kl["valid"].to(pol.device) & (to_slots(ntok, kl, 0) > 0)
+    z = kto_reference_point(pol, ref[:, 2:4].to(device=pol.device, dtype=pol.dtype), usable)
+    if job.d.world > 1:
+        z = z.clone()
+        td.all_reduce(z)
+        z = z / job.d.world
+    return z
 
 
 def _cached_pair_logps(job: Job, eng: Engine, examples: Sequence[Example], bs: int, key: Mapping[str, Any], prefix: str,
