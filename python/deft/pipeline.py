@@ -262,8 +262,9 @@ def train_fingerprint_config(tcfg: Mapping[str, Any]) -> Dict[str, Any]:
     TensorBoard and the other ``train.report_to`` backends, the eval split
     (``train.eval_*``; ``eval_holdout`` only while 0), ``allow_pickle`` and ``deft.diagnose_every`` (a measurement)
     are left out; ``method.sft_weight`` is the effective weight; the
-    ``omega_share`` keys are left out while unused, so that runs from before
-    they existed keep their fingerprints."""
+    ``omega_share`` keys are left out while unused and ``method.variant``
+    while default, so that runs from before they existed keep their
+    fingerprints."""
     t = copy.deepcopy(dict(tcfg))
     for key in _FILLED:
         sec, k = key.split(".")
@@ -281,6 +282,8 @@ def train_fingerprint_config(tcfg: Mapping[str, Any]) -> Dict[str, Any]:
         t["deft"].pop("omega_share", None)
         t["deft"].pop("calibration_batches", None)
     t["method"]["sft_weight"] = sft_weight(t["method"])
+    if t["method"].get("variant") == "default":  # left out while default, as omega_share
+        t["method"].pop("variant")
     return t
 
 
