@@ -340,9 +340,6 @@ def validate(cfg: Mapping[str, Any]) -> None:
         if m["name"] not in OFFICIAL_METHODS:
             raise ConfigError(f"method.variant: 'official' exists for {' and '.join(OFFICIAL_METHODS)} only, not {m['name']} "
                               "(use variant: default)")
-        if m["name"] == "pro" and t["packing"]:
-            raise ConfigError("train.packing: the official PRO variant scores each sequence's first padding position, as the "
-                              "reference code does, which packed rows do not have; set train.packing: false")
         if m["name"] == "rrhf" and m["sft_weight"] == 0:
             raise ConfigError("method.sft_weight: must be > 0 for the official RRHF variant, whose loss is rank / sft_weight + SFT "
                               "(the reference's rrhf_weight = 1 / sft_weight)")

@@ -481,7 +481,12 @@ def pro_loss(
     model) the ``eps`` floors the round's log-sum: the loss is higher, the
     negatives' gradient shrinks towards 0 and the best response's grows
     towards ``-d_kk`` (the round turns into a plain push on ``s_k``). Scores,
-    temperatures and the SFT term are the same in both.
+    temperatures and the SFT term are the same in both. Which tokens are
+    scored is the data layout's business and is not changed: the reference's
+    collator appends no EOS and pads with EOS, and its mask (position ``t``'s
+    paired with token ``t + 1``) scores the first pad, i.e. the EOS, of every
+    response shorter than the batch's longest and no EOS for the longest;
+    `deft train` scores the EOS of every complete response.
 
     For ``l = 2`` with gap ``d = r_0 - r_1`` (``d = 1`` without rewards), this
     reduces to a scaled pairwise (DPO-like, reference-free) loss::

@@ -558,31 +558,11 @@ def padded_lengths(batch, device) -> torch.Tensor:
     return to_slots(seq_len, batch, 0).amax(dim=1)
 
 
-def pro_official_labels(batch) -> Dict[str, Any]:
-    """``batch`` with the labels whose log-probs the PRO reference code sums:
-    the response tokens and, for every sequence shorter than the batch's
-    longest, its first padding position (the pad token). The reference pairs
-    the mask of position ``t`` with the label of ``t + 1``
-    (``ProcessManager.compute_loss``, with the prompt mask one token short to
-    match), so one position past each sequence's end counts while it is still
-    inside the padded batch. Padded batches only: packed rows have no padding
-    after a sequence."""
-    if "segments" in batch:
-        raise ValueError("the official PRO variant needs padded batches (train.packing: false): it scores each sequence's "
-                         "first padding position, as the reference code does")
-    labels = batch["labels"].clone()
-    n = batch["attention_mask"].sum(dim=1)
-    rows = (n < labels.shape[1]).nonzero().squeeze(1)
-    labels[rows, n[rows]] = batch["input_ids"][rows, n[rows]]
-    return {**batch, "labels": labels}
-
-
 def loss_terms(cfg, method: str, module, out, batch, device, q_diff, ref: Optional[Any]):
     """The two terms of one micro-batch's objective, ``(L_m, R_dis, metrics)``:
     ``L_m`` the method's loss (with its SFT term), ``R_dis`` the distribution
     reward (``None`` without a distribution)."""
-    scored = pro_official_labels(batch) if method == "pro" and cfg["method"].get("variant") == "official" else batch
-    logp, ntok = _seq_logps(out, scored, device, module)
+    logp, ntok = _seq_logps(out, batch, device, module)
     logp_s = to_slots(logp, batch)
     len_s = to_slots(ntok, batch, 0)
     valid = batch["valid"].to(device)
