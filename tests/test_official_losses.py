@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import List, Sequence
 
 import numpy as np
 import pytest
