@@ -29,6 +29,9 @@ METHODS = ("sft", "dpo", "ipo", "pro", "rrhf", "simpo", "cpo", "orpo", "kto")
 REFERENCE_FREE = ("simpo", "cpo", "orpo")
 #: Methods with a label-smoothing variant (``method.label_smoothing``).
 LABEL_SMOOTHING = ("dpo", "simpo", "cpo")
+#: ``method.variant``: ``official`` exists for :data:`OFFICIAL_METHODS` only.
+VARIANTS = ("default", "official")
+OFFICIAL_METHODS = ("pro", "rrhf")
 
 
 class ConfigError(DeftError, ValueError):
@@ -67,6 +70,11 @@ SCHEMA: Dict[str, Any] = {
     },
     "method": {
         "name": Field("dpo", "str", choices=METHODS),
+        "variant": Field("default", "str", choices=VARIANTS, help="pro/rrhf: official computes the reference code's loss (to 1e-6): PRO "
+                                                                 "log(1e-10 + sum exp) for the exact logsumexp; RRHF scores and SFT "
+                                                                 "divided by the prompt's padded length, loss = rank / sft_weight + SFT "
+                                                                 "(its rrhf_weight = 1 / sft_weight; null: 0.01, its default 100); "
+                                                                 "default: the cleaner forms (README, 'Official PRO and RRHF')"),
         "beta": Field(0.1, "float", help="DPO/IPO/CPO/KTO beta; SimPO beta (scale of the average log-prob reward); ORPO lambda "
                                           "(weight of the odds-ratio term, TRL's ORPOConfig.beta)"),
         "label_smoothing": Field(0.0, "float", help="conservative DPO epsilon (dpo, simpo, cpo)"),
@@ -284,10 +292,18 @@ DEFAULT_SFT_WEIGHT = {"sft": 0.0, "dpo": 0.0, "ipo": 0.0, "pro": 0.05, "rrhf": 0
                       "simpo": 0.0, "cpo": 1.0, "orpo": 1.0, "kto": 0.0}  # CPO: TRL's cpo_alpha 1; ORPO: the paper's L_SFT + lambda L_OR
 
 
+#: The SFT weight of official RRHF when ``method.sft_weight`` is null: the
+#: reference's rrhf_weight 100 (``loss = rank / sft_weight + SFT``).
+OFFICIAL_RRHF_SFT_WEIGHT = 0.01
+
+
 def sft_weight(method_cfg: Mapping[str, Any]) -> float:
     """The effective ``method.sft_weight``: the configured one, else the
-    method's default (:data:`DEFAULT_SFT_WEIGHT`)."""
+    method's default (:data:`DEFAULT_SFT_WEIGHT`; official RRHF:
+    :data:`OFFICIAL_RRHF_SFT_WEIGHT`)."""
     w = method_cfg.get("sft_weight")
+    if w is None and method_cfg["name"] == "rrhf" and method_cfg.get("variant") == "official":
+        return OFFICIAL_RRHF_SFT_WEIGHT
     return float(DEFAULT_SFT_WEIGHT[method_cfg["name"]] if w is None else w)
 
 
@@ -340,6 +356,13 @@ def validate(cfg: Mapping[str, Any]) -> None:
     m, df = cfg["method"], cfg["deft"]
     if m["sft_weight"] is not None and m["sft_weight"] < 0:
         raise ConfigError(f"method.sft_weight: must be >= 0, got {m['sft_weight']}")
+    if m.get("variant", "default") == "official":
+        if m["name"] not in OFFICIAL_METHODS:
+            raise ConfigError(f"method.variant: 'official' exists for {' and '.join(OFFICIAL_METHODS)} only, not {m['name']} "
+                              "(use variant: default)")
+        if m["name"] == "rrhf" and m["sft_weight"] == 0:
+            raise ConfigError("method.sft_weight: must be > 0 for the official RRHF variant, whose loss is rank / sft_weight + SFT "
+                              "(the reference's rrhf_weight = 1 / sft_weight)")
     _validate_method(m)
     if df["omega_share"] is not None and not df["omega_share"] > 0:
         raise ConfigError(f"deft.omega_share: must be positive, got {df['omega_share']}")

@@ -43,7 +43,9 @@ __all__ = [
     "IGNORE_INDEX",
     "KTOLossOutput",
     "OddsRatioLossOutput",
+    "PRO_OFFICIAL_EPS",
     "PreferenceLossOutput",
+    "RRHF_OFFICIAL_WEIGHT",
     "RankingLossOutput",
     "cpo_loss",
     "deft_loss",
@@ -57,6 +59,7 @@ __all__ = [
     "response_logprobs_from_hidden",
     "response_logprobs",
     "rrhf_loss",
+    "rrhf_loss_official",
     "sft_loss",
     "simpo_loss",
 ]
@@ -68,6 +71,11 @@ IGNORE_INDEX = -100
 DEFT_OMEGA_DPO = 2.5e-6
 #: The paper's DEFT weight of the distribution reward for PRO.
 DEFT_OMEGA_PRO = 2.5e-5
+
+#: The ``eps`` of the PRO reference code's ``log(eps + sum exp(.))`` (``pro_loss(official=True)``).
+PRO_OFFICIAL_EPS = 1e-10
+#: The RRHF reference code's default ``rrhf_weight`` (its shipped scripts pass 1).
+RRHF_OFFICIAL_WEIGHT = 100.0
 
 Number = Union[float, int]
 
@@ -556,14 +564,22 @@ def rrhf_loss(
         sft_term  = sft_weight * mean_b ( -logp_sum[b, 0] / lengths[b, 0] )
         loss      = rank_loss + sft_term
 
-    "usable" is ``valid & (lengths > 0)``. The reference sums the pairs of its
-    single prompt; we sum the pairs of each prompt and average over the
-    prompts. Its SFT term is the best response's mean token log-prob, and we
-    use that too (``sft_loss(..., reduction="sequence")``, over rows whose best
-    response is usable). The reference weights the rank term instead
-    (``rrhf_weight * rank + sft``, default 100); up to an overall factor that
-    is ``sft_weight = 1 / rrhf_weight``. The SFT term uses index 0 even when
-    ``rewards`` are given.
+    "usable" is ``valid & (lengths > 0)``. The reference (GanjinZero/RRHF,
+    ``train.py``, ``RRHFTrainer.compute_loss``) trains one prompt per batch
+    and sums its pairs; we sum the pairs of each prompt and average over the
+    prompts. The SFT term here is the best response's NLL per response token
+    (``sft_loss(..., reduction="sequence")``, over rows whose best response is
+    usable). The reference differs in three ways, which
+    :func:`rrhf_loss_official` reproduces: its SFT term
+    ``-logit_label[max_idx].mean()`` is the summed NLL divided by *all*
+    positions of the padded sequence (prompt and padding included); its scores
+    are divided by that padded length too, not by the response length (its
+    ``gather_logits_labels`` overwrites the ``-100`` labels in place before
+    ``get_score`` counts them, RRHF issue #37); and it weights the rank term,
+    ``rrhf_weight * rank + sft`` (default 100, its scripts pass 1), where this
+    weights the SFT term (``sft_weight = 1 / rrhf_weight`` gives the same
+    balance, smaller by the factor ``rrhf_weight``). The SFT term uses index 0
+    even when ``rewards`` are given.
     """
     _check_2d("logp_sum", logp_sum)
     s_computed, usable = length_normalized_scores(logp_sum, lengths, valid)
@@ -587,12 +603,66 @@ def rrhf_loss(
     return RankingLossOutput(loss=rank + sft, rank_loss=rank, sft_term=sft)
 
 
+def rrhf_loss_official(
+    logp_sum: torch.Tensor,
+    lengths: torch.Tensor,
+    padded_lengths: torch.Tensor,
+    valid: Optional[torch.Tensor] = None,
+    rewards: Optional[torch.Tensor] = None,
+    rrhf_weight: float = RRHF_OFFICIAL_WEIGHT,
+) -> RankingLossOutput:
+    """RRHF exactly as the reference code computes it (GanjinZero/RRHF,
+    ``train.py``, ``RRHFTrainer.compute_loss`` with ``length_penalty`` 1).
+
+    ``padded_lengths`` ``(B,)`` is ``T_b``, the number of positions of prompt
+    ``b``'s padded sequences: the longest of its ``l`` sequences (prompt +
+    response + end), which is what the reference pads one prompt's responses
+    to (it trains one prompt per batch). Its ``logit_label`` is zero at prompt
+    and padding positions, so its ``-logit_label[max_idx].mean()`` is the
+    best response's summed log-prob divided by ``T_b``; and since its
+    ``gather_logits_labels`` overwrites the ``-100`` labels in place before
+    ``get_score`` counts them, every score is divided by ``T_b`` as well::
+
+        s_bj      = logp_sum[b, j] / T_b
+        rank_b    = sum_{i better than j, both usable} max(0, s_bj - s_bi)
+        sft_b     = -logp_sum[b, m_b] / T_b,   m_b = argmax_j rewards[b, j] (the first on ties; 0 without rewards)
+        loss      = mean_b ( rrhf_weight * rank_b + sft_b )
+
+    "Better" and "usable" are as in :func:`rrhf_loss`. The output's
+    ``rank_loss`` is the weighted ``rrhf_weight * mean_b rank_b`` and
+    ``sft_term`` the SFT mean, so ``loss = rank_loss + sft_term``. With one
+    prompt this is the reference's loss; a batch of ``B`` prompts gives the
+    mean of their ``B`` reference losses (what gradient accumulation over
+    ``B`` one-prompt batches gives).
+    """
+    _check_2d("logp_sum", logp_sum)
+    B, l = logp_sum.shape
+    if padded_lengths.shape != (B,):
+        raise ValueError(f"padded_lengths must have shape ({B},), got {tuple(padded_lengths.shape)}")
+    T = padded_lengths.to(device=logp_sum.device, dtype=logp_sum.dtype).clamp(min=1)
+    s = logp_sum / T[:, None]
+    ranked = rrhf_loss(s, logp_sum, lengths, valid, sft_weight=0.0, rewards=rewards)
+    v = _mask(valid, logp_sum)
+    if rewards is not None:
+        if rewards.shape != logp_sum.shape:
+            raise ValueError(f"rewards has shape {tuple(rewards.shape)}, expected {tuple(logp_sum.shape)}")
+        r = rewards.to(device=logp_sum.device, dtype=logp_sum.dtype)
+        best = torch.where(v, r, torch.full_like(r, float("-inf"))).argmax(dim=1)
+    else:
+        best = torch.zeros(B, dtype=torch.long, device=logp_sum.device)
+    sft_rows = -logp_sum.gather(1, best[:, None]).squeeze(1) / T
+    sft = _masked_mean(sft_rows, v.any(dim=1))
+    rank = rrhf_weight * ranked.rank_loss
+    return RankingLossOutput(loss=rank + sft, rank_loss=rank, sft_term=sft)
+
+
 def pro_loss(
     s: torch.Tensor,
     rewards: Optional[torch.Tensor],
     logp_sum_best: torch.Tensor,
     valid: Optional[torch.Tensor] = None,
     sft_weight: float = 0.05,
+    official: bool = False,
 ) -> RankingLossOutput:
     """PRO (Song et al. 2023): ``l - 1`` softmax rounds plus weighted SFT.
 
@@ -625,7 +695,19 @@ def pro_loss(
     Absent rounds add 0 (they still count in the batch mean). A row whose best
     slot is invalid adds no SFT term. Pass ``valid & (lengths > 0)``; see the
     module notes. Unlike the reference, we use a stable ``logsumexp`` in place
-    of ``log(1e-10 + sum exp(.))``.
+    of ``log(1e-10 + sum exp(.))``. ``official=True`` computes the reference's
+    ``log(PRO_OFFICIAL_EPS + sum exp(.))`` instead, to 1e-6 of its code: the
+    same for a trained model, but where ``sum exp(.)`` is not much larger than
+    1e-10 (low log-probs times large reward gaps, as in an untrained or small
+    model) the ``eps`` floors the round's log-sum: the loss is higher, the
+    negatives' gradient shrinks towards 0 and the best response's grows
+    towards ``-d_kk`` (the round turns into a plain push on ``s_k``). Scores,
+    temperatures and the SFT term are the same in both. Which tokens are
+    scored is the data layout's business and is not changed: the reference's
+    collator appends no EOS and pads with EOS, and its mask (position ``t``'s
+    paired with token ``t + 1``) scores the first pad, i.e. the EOS, of every
+    response shorter than the batch's longest and no EOS for the longest;
+    `deft train` scores the EOS of every complete response.
 
     For ``l = 2`` with gap ``d = r_0 - r_1`` (``d = 1`` without rewards), this
     reduces to a scaled pairwise (DPO-like, reference-free) loss::
@@ -656,7 +738,10 @@ def pro_loss(
             pos_temp = torch.ones_like(s[:, k])
         pos = s[:, k] * pos_temp
         neg = (s[:, k + 1 :] * gaps).masked_fill(~rest_valid, float("-inf"))
-        round_loss = torch.logsumexp(torch.cat([pos[:, None], neg], dim=1), dim=1) - pos
+        if official:  # the reference's log(eps + exp(pos) + sum exp(neg)), masked terms exp(-inf) = 0
+            round_loss = torch.log(PRO_OFFICIAL_EPS + torch.exp(torch.cat([pos[:, None], neg], dim=1)).sum(dim=1)) - pos
+        else:
+            round_loss = torch.logsumexp(torch.cat([pos[:, None], neg], dim=1), dim=1) - pos
         rank_rows = rank_rows + torch.where(active, round_loss, torch.zeros_like(round_loss))
     rank = rank_rows.mean()
 

@@ -268,7 +268,7 @@ def train_fingerprint_config(tcfg: Mapping[str, Any]) -> Dict[str, Any]:
     (``train.eval_*``; ``eval_holdout`` only while 0), ``allow_pickle``, ``deft.diagnose_every`` (a measurement)
     and the model card's ``card.*`` are left out; ``method.sft_weight`` is the effective weight; the
     ``omega_share`` keys, and the ``method`` keys of SimPO and KTO, are left
-    out while unused, so that runs from before they existed keep their
+    out while unused and ``method.variant`` while default, so that runs from before they existed keep their
     fingerprints."""
     t = copy.deepcopy(dict(tcfg))
     for key in _FILLED:
@@ -291,6 +291,8 @@ def train_fingerprint_config(tcfg: Mapping[str, Any]) -> Dict[str, Any]:
     for k, users in _METHOD_KEYS.items():  # a method key only its own methods read: out while unused (older runs keep theirs)
         if t["method"]["name"] not in users:
             t["method"].pop(k, None)
+    if t["method"].get("variant") == "default":  # left out while default, as omega_share
+        t["method"].pop("variant")
     return t
 
 

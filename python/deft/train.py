@@ -112,7 +112,7 @@ from deft.losses import (
     IGNORE_INDEX, deft_loss, dpo_loss, ipo_loss, length_normalized_scores, pro_loss, response_logprobs, rrhf_loss,
     sft_loss,
 )
-from deft.losses import PreferenceLossOutput, cpo_loss, kto_loss, kto_reference_point, orpo_loss, simpo_loss
+from deft.losses import PreferenceLossOutput, cpo_loss, kto_loss, kto_reference_point, orpo_loss, rrhf_loss_official, simpo_loss
 from deft.model_card import CARD_NAME, write_card
 from deft.ops import has_linear_head, logprobs_for_model, rdis_for_model, rdis_mask
 from deft.render import policy_layout, render_prompt, resolve_template
@@ -567,6 +567,19 @@ def to_slots(values, batch, fill=0.0):
     return out.index_put((batch["row"].to(values.device), batch["col"].to(values.device)), values)
 
 
+def padded_lengths(batch, device) -> torch.Tensor:
+    """``(B,)``: per prompt, the positions of its longest sequence (prompt +
+    response + end), which is the length the official RRHF code pads that
+    prompt's responses to (it trains one prompt per batch): the same whatever
+    the micro-batch size, packing or grouping."""
+    if "segments" in batch:  # packed rows: the positions of each sequence
+        seg = batch["segments"].to(device)
+        seq_len = torch.bincount(seg[seg >= 0], minlength=len(batch["row"]))
+    else:
+        seq_len = batch["attention_mask"].to(device).sum(dim=1)
+    return to_slots(seq_len, batch, 0).amax(dim=1)
+
+
 def loss_terms(cfg, method: str, module, out, batch, device, q_diff, ref: Optional[Any]):
     """The two terms of one micro-batch's objective, ``(L_m, R_dis, metrics)``:
     ``L_m`` the method's loss (with its SFT term), ``R_dis`` the distribution
@@ -612,13 +625,17 @@ def loss_terms(cfg, method: str, module, out, batch, device, q_diff, ref: Option
             sft_term = w_sft * sft_loss(logp_s[:, 0], len_s[:, 0], valid[:, 0], reduction="sequence")
             metrics.update({"pair_loss": float(lm.detach()), "sft_term": float(sft_term.detach())})
             lm = lm + sft_term
+    elif method == "rrhf" and m.get("variant") == "official":  # the reference's form: rrhf_weight = 1 / sft_weight
+        o = rrhf_loss_official(logp_s, len_s, padded_lengths(batch, device), valid, rewards=rewards, rrhf_weight=1.0 / w_sft)
+        lm = o.loss
+        metrics.update({"rank_loss": float(o.rank_loss.detach()), "sft_term": float(o.sft_term.detach())})
     elif method == "rrhf":
         o = rrhf_loss(None, logp_s, len_s, valid, sft_weight=w_sft, rewards=rewards)
         lm = o.loss
         metrics.update({"rank_loss": float(o.rank_loss.detach()), "sft_term": float(o.sft_term.detach())})
     elif method == "pro":
         s, usable = length_normalized_scores(logp_s, len_s, valid)
-        o = pro_loss(s, rewards, logp_s[:, 0], valid=usable, sft_weight=w_sft)
+        o = pro_loss(s, rewards, logp_s[:, 0], valid=usable, sft_weight=w_sft, official=m.get("variant") == "official")
         lm = o.loss
         metrics.update({"rank_loss": float(o.rank_loss.detach()), "sft_term": float(o.sft_term.detach())})
     else:  # pragma: no cover - validated by the config
