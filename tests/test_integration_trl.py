@@ -329,8 +329,12 @@ def test_graded_pairs(tmp_path):
     row = ab.row(0, named=True)
     assert plain[0]["prompt"].endswith("\n\nAssistant:") and row["context"][-1]["content"] in plain[0]["prompt"]
     assert plain[0]["chosen"] == " " + row["responses"][0] and plain[0]["rejected"] == " " + row["responses"][-1]
-    with pytest.raises(ValueError, match=r"no samples at levels \['D'\]"):
+    with pytest.raises(ValueError, match=r"unknown level 'D'"):
         graded_pairs(path, levels=("D",))
+    only_a = tmp_path / "only-a.parquet"
+    a.write_parquet(only_a)
+    with pytest.raises(ValueError, match=r"no pairs at levels \['C'\] \(0 samples there"):
+        graded_pairs(only_a, levels=("C",))
     with pytest.raises(ValueError, match="template must be 'chat' or 'plain'"):
         graded_pairs(path, template="oasst")
 

@@ -594,37 +594,27 @@ def loss_terms(cfg, method: str, module, out, batch, device, q_diff, ref: Option
     metrics: Dict[str, float] = {}
     if method == "sft":
         lm = sft_loss(logp_s, len_s, valid)
-    elif method in PAIRWISE:
+    elif method in WITH_REFERENCE:  # dpo, ipo, kto: against the cached reference log-probs
         assert ref is not None
         ref = ref.to(device=device, dtype=logp_s.dtype)
         if method == "dpo":
             o = dpo_loss(logp_s[:, 0], logp_s[:, 1], ref[:, 0], ref[:, 1], beta=m["beta"], label_smoothing=m["label_smoothing"])
-        else:
+        elif method == "ipo":
             o = ipo_loss(logp_s[:, 0], logp_s[:, 1], ref[:, 0], ref[:, 1], beta=m["beta"], chosen_lengths=len_s[:, 0], rejected_lengths=len_s[:, 1])
+        else:
+            assert "kto_kl" in batch, "kto needs the reference point (_kto_reference_point)"
+            o = kto_loss(logp_s[:, 0], logp_s[:, 1], ref[:, 0], ref[:, 1], batch["kto_kl"], beta=m["beta"],
+                         desirable_weight=m["desirable_weight"], undesirable_weight=m["undesirable_weight"])
         lm = o.loss
         metrics.update({k: v for k, v in o.metrics().items() if k != "loss"})
         if w_sft != 0.0:  # RPO-style: + weight x length-normalised NLL of the preferred response
-            sft_term = w_sft * sft_loss(logp_s[:, 0], len_s[:, 0], valid[:, 0], reduction="sequence")
-            metrics.update({"pair_loss": float(lm.detach()), "sft_term": float(sft_term.detach())})
-            lm = lm + sft_term
+            lm = _with_sft_term(lm, w_sft * sft_loss(logp_s[:, 0], len_s[:, 0], valid[:, 0], reduction="sequence"), metrics)
     elif method in REFERENCE_FREE:  # no reference log-probs
         o, sft_term = reference_free_loss(m, method, logp_s[:, 0], logp_s[:, 1], len_s[:, 0], len_s[:, 1], valid[:, 0])
         lm = o.loss
         metrics.update({k: v for k, v in o.metrics().items() if k != "loss"})
         if sft_term is not None:
-            metrics.update({"pair_loss": float(lm.detach()), "sft_term": float(sft_term.detach())})
-            lm = lm + sft_term
-    elif method == "kto":
-        assert ref is not None and "kto_kl" in batch, "kto needs the reference log-probs and the reference point (_kto_reference_point)"
-        ref = ref.to(device=device, dtype=logp_s.dtype)
-        o = kto_loss(logp_s[:, 0], logp_s[:, 1], ref[:, 0], ref[:, 1], batch["kto_kl"], beta=m["beta"],
-                     desirable_weight=m["desirable_weight"], undesirable_weight=m["undesirable_weight"])
-        lm = o.loss
-        metrics.update({k: v for k, v in o.metrics().items() if k != "loss"})
-        if w_sft != 0.0:  # as for DPO/IPO: + weight x length-normalised NLL of the preferred response
-            sft_term = w_sft * sft_loss(logp_s[:, 0], len_s[:, 0], valid[:, 0], reduction="sequence")
-            metrics.update({"pair_loss": float(lm.detach()), "sft_term": float(sft_term.detach())})
-            lm = lm + sft_term
+            lm = _with_sft_term(lm, sft_term, metrics)
     elif method == "rrhf" and m.get("variant") == "official":  # the reference's form: rrhf_weight = 1 / sft_weight
         o = rrhf_loss_official(logp_s, len_s, padded_lengths(batch, device), valid, rewards=rewards, rrhf_weight=1.0 / w_sft)
         lm = o.loss
@@ -648,6 +638,12 @@ def loss_terms(cfg, method: str, module, out, batch, device, q_diff, ref: Option
         r_dis = rdis_for_model(module, unpack(out.hidden_states[-1], batch), q_diff, mask)
         metrics["R_dis"] = float(r_dis.detach())
     return lm, r_dis, metrics
+
+
+def _with_sft_term(pair_loss, sft_term, metrics: Dict[str, float]):
+    """``pair_loss + sft_term``, logging both (``pair_loss``, ``sft_term``)."""
+    metrics.update({"pair_loss": float(pair_loss.detach()), "sft_term": float(sft_term.detach())})
+    return pair_loss + sft_term
 
 
 def reference_free_loss(m: Mapping[str, Any], method: str, pc, pr, nc, nr, valid_c=None) -> Tuple[PreferenceLossOutput, Optional[Any]]:

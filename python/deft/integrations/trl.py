@@ -49,7 +49,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import polars as pl
 import torch
 
 try:
@@ -65,11 +64,11 @@ from packaging.version import Version
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from deft.distribution import Distribution, check_vocabulary, hf_policy_tokenizer, load_distribution
+from deft.export import export_pairs
 from deft.grade import read_graded
 from deft.io import write_json_atomic
 from deft.losses import IGNORE_INDEX, deft_loss
 from deft.ops import linear_head, prepare_q, rdis_for_model, rdis_mask
-from deft.render import render_hh, response_prefix
 from deft.train import LOW_SHARE, grad_ratio, grad_terms, omega_for_share, share_metrics
 
 __all__ = ["DeftDPOTrainer", "graded_pairs", "load_qdiff", "trl_batch_rdis", "OMEGA_FILE"]
@@ -111,30 +110,25 @@ def load_qdiff(qdiff: QDiffLike) -> Tuple[torch.Tensor, Optional[Distribution], 
 
 def graded_pairs(graded: Union[str, "os.PathLike[str]"], *, levels: Sequence[str] = ("A",), template: str = "chat"):
     """The rows of a ``graded.parquet`` (`deft grade`) at ``levels`` as a TRL
-    preference dataset (``datasets.Dataset``), one pair per prompt: the best
-    response chosen, the worst rejected, as ``deft train`` pairs them. ``template``
-    must be the one Q_diff was counted with (``deft distribution show`` prints
-    it): ``chat`` gives conversational records (TRL applies the tokenizer's chat
-    template), ``plain`` HH text prompts ending in ``Assistant:`` and ``" " + response``."""
+    preference dataset (``datasets.Dataset`` of ``prompt``/``chosen``/``rejected``),
+    one pair per prompt: the best response chosen, the worst rejected, as
+    ``deft train`` pairs them (:func:`deft.export.export_pairs`, what `deft
+    export` writes; a sample whose scores are all equal gives no pair).
+    ``template`` must be the one Q_diff was counted with (``deft distribution
+    show`` prints it): ``chat`` gives conversational records (TRL applies the
+    tokenizer's chat template), ``plain`` HH text prompts ending in
+    ``Assistant:`` and ``" " + response``."""
     from datasets import Dataset
 
     if template not in ("chat", "plain"):
         raise ValueError(f"template must be 'chat' or 'plain' (the template Q_diff was counted with), got {template!r}")
-    frame = read_graded(graded, ("id", "context", "responses", "level"))
-    rows = frame.filter(pl.col("level").is_in(list(levels)))
-    if rows.height == 0:
-        raise ValueError(f"{graded}: no samples at levels {list(levels)} (levels present: {sorted(frame['level'].unique().to_list())})")
-    prefix = response_prefix(template)
-    records = []
-    for r in rows.iter_rows(named=True):
-        context = [dict(t) for t in r["context"]]
-        best, worst = r["responses"][0], r["responses"][-1]
-        if template == "chat":
-            records.append({"prompt": context, "chosen": [{"role": "assistant", "content": best}],
-                            "rejected": [{"role": "assistant", "content": worst}]})
-        else:
-            records.append({"prompt": render_hh(context), "chosen": prefix + best, "rejected": prefix + worst})
-    return Dataset.from_list(records)
+    frame = read_graded(graded, ("id", "subset", "context", "responses", "scores", "level"))
+    result = export_pairs(frame, levels=list(levels), style="conversational" if template == "chat" else "standard")
+    if result.records.height == 0:
+        raise ValueError(f"{graded}: no pairs at levels {list(levels)} ({result.counts['samples']} samples there, "
+                         f"{result.counts['no_preference']} without a preference; levels present: "
+                         f"{sorted(frame['level'].unique().to_list())})")
+    return Dataset.from_list(result.records.select("prompt", "chosen", "rejected").to_dicts())
 
 
 def trl_batch_rdis(model: torch.nn.Module, hidden: torch.Tensor, inputs: Dict[str, torch.Tensor], q_diff: torch.Tensor,
