@@ -18,8 +18,12 @@ pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
 start=$SECONDS
 rm -rf dist
 if [[ "$(uname -s)" == Linux ]]; then
-    # ziglang: the zig toolchain as a Python package (maturin finds it through this Python)
+    # ziglang: the zig toolchain as a Python package. maturin finds zig through cargo-zigbuild,
+    # which runs `$CARGO_ZIGBUILD_PYTHON_PATH -m ziglang` (default: the python3 on PATH), so point
+    # it at the Python that ziglang is installed into here.
     pip_install "maturin>=1.7,<2" "ziglang>=0.17,<0.18" "auditwheel>=6.8"
+    CARGO_ZIGBUILD_PYTHON_PATH="$("$PY" -c 'import sys; print(sys.executable)')"
+    export CARGO_ZIGBUILD_PYTHON_PATH
     "$PY" -m maturin build --release --zig --compatibility manylinux2014 --out dist
 else
     pip_install "maturin>=1.7,<2"

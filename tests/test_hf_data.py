@@ -114,6 +114,23 @@ def test_bad_row_names_the_dataset_and_row():
     assert json.loads(res.rejects[0].raw) == rows[2]
 
 
+def test_several_unnamed_objects_get_distinct_ids(hh_rows, files):
+    """Objects without a dataset name are all ``dataset``: in one load_many the second and later are numbered
+    by their position, so their default ids differ; the same object twice still gives duplicate ids."""
+    from deft.data import load_many
+
+    a, b = datasets.Dataset.from_list(hh_rows[:5]), datasets.Dataset.from_list(hh_rows[5:8])
+    c = datasets.DatasetDict({"test": datasets.Dataset.from_list(hh_rows[8:10])})
+    res = load_many([files["harmless-base-test.jsonl"], a, b, c])
+    ids = res.frame["id"].to_list()
+    assert ids[N:] == [f"dataset:{i}" for i in range(1, 6)] + [f"dataset#3:{i}" for i in (1, 2, 3)] + ["dataset#4[test]:1", "dataset#4[test]:2"]
+    assert res.frame["source_file"].to_list()[N + 5] == "dataset#3"
+    assert load(b).frame["id"][0] == "dataset:1"  # alone: not numbered
+    for twice, first in (([a, a], "dataset"), ([a, b, a], "dataset"), ([b, a, a], "dataset#2")):
+        with pytest.raises(DataError, match=rf"duplicate id '{first}:1': already used by {first}:1\b"):
+            load_many(twice)
+
+
 def test_dataset_dict_split_and_errors(hh_rows):
     dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(hh_rows[:10]), "test": datasets.Dataset.from_list(hh_rows[10:])})
     res = load(dd["test"])

@@ -283,6 +283,57 @@ def test_bad_qdiff_and_arguments_are_refused(tok, rows, qdiff, tmp_path):
         make(qdiff=torch.full((49152,), float("nan")), omega=1.0)
 
 
+def test_reentrant_checkpointing_is_refused_and_unset_becomes_non_reentrant(tok, rows, qdiff, tmp_path):
+    """The gradient share needs torch.autograd.grad, which reentrant checkpointing refuses: checked in __init__."""
+    from datasets import Dataset
+
+    from deft.integrations import DeftDPOTrainer
+
+    policy, ref = float64_policy_and_reference(tok)
+    data = Dataset.from_list(trl_pairs(rows))
+
+    def make(**kw):
+        return DeftDPOTrainer(model=policy, ref_model=ref, args=_args(tmp_path / "x", **kw), train_dataset=data,
+                              processing_class=tok, qdiff=qdiff, omega=1.0)
+
+    with pytest.raises(ValueError, match="use_reentrant=True cannot give the gradient of R_dis"):
+        make(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+    tr = make(gradient_checkpointing=True, gradient_checkpointing_kwargs={"preserve_rng_state": True})
+    assert tr.args.activation_checkpointing_kwargs == {"preserve_rng_state": True, "use_reentrant": False}
+    assert tr.args.gradient_checkpointing_kwargs == tr.args.activation_checkpointing_kwargs
+    tr = make(gradient_checkpointing=False, gradient_checkpointing_kwargs={"use_reentrant": True})  # no checkpointing: no matter
+    assert tr.args.activation_checkpointing_kwargs == {"use_reentrant": True}
+
+
+def test_calibration_runs_as_training_does_checkpointed_and_autocast(tok, rows, qdiff, tmp_path):
+    """omega_share is calibrated before Trainer.train turns checkpointing on and prepares the model (its
+    autocast): the calibration turns both on itself, and leaves the model as it found it."""
+    from datasets import Dataset
+
+    from deft.integrations import DeftDPOTrainer
+    from deft.integrations.trl import OMEGA_FILE
+
+    policy, ref = float64_policy_and_reference(tok)
+    tr = DeftDPOTrainer(model=policy, ref_model=ref, args=_args(tmp_path / "run", bf16=True, gradient_checkpointing=True),
+                        train_dataset=Dataset.from_list(trl_pairs(rows)), processing_class=tok, qdiff=qdiff, omega_share=0.25,
+                        calibration_batches=1)
+    seen = []
+    terms = tr._terms
+
+    def spy(model, inputs, return_outputs=False):
+        seen.append((policy.is_activation_checkpointing, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return terms(model, inputs, return_outputs)
+
+    tr._terms = spy
+    assert not policy.is_activation_checkpointing
+    tr._set_omega(None)
+    assert seen == [(True, True, torch.bfloat16)]
+    assert not policy.is_activation_checkpointing  # Trainer.train turns it on again for training
+    assert tr.omega_info["source"] == "calibrated" and math.isfinite(tr.omega) and tr.omega > 0
+    tr.save_model(str(tmp_path / "final"))  # every model save keeps omega
+    assert json.loads((tmp_path / "final" / OMEGA_FILE).read_text())["value"] == tr.omega
+
+
 def test_template_mismatch_is_warned(tok, rows, qdiff, tmp_path, caplog):
     """Q_diff counted for the chat template (SmolLM2) and plain-text TRL records: a warning naming the fix."""
     import logging

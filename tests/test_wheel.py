@@ -163,7 +163,7 @@ def test_wheel_installs_into_a_fresh_venv_and_runs(wheel: Path, tmp_path: Path) 
     assert Path(shebang[2:]).parent == venv / "bin", f"the deft entry point runs {shebang!r}, not the venv's Python"
     helped = subprocess.run([str(deft_cmd), "--help"], env=env, capture_output=True, text=True, timeout=120)
     assert helped.returncode == 0, helped.stderr
-    for command in ("grade", "distribution", "train", "eval", "select", "run", "experiment", "stats"):
+    for command in ("grade", "distribution", "train", "eval", "select", "run", "experiment", "stats", "export"):
         assert re.search(rf"^\W*{command}\b", helped.stdout, flags=re.MULTILINE), f"`deft --help` lists no {command}:\n{helped.stdout}"
 
     texts = _hh_texts(200)

@@ -12,7 +12,7 @@ same command completes (see "Output locks and publications" below).
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import errno
 import functools
 import glob
 import hashlib
@@ -168,7 +168,8 @@ class MetricsLog:
 #
 # Every stage holds an *output lock* while it runs: ``.deft.lock`` in its
 # output folder, or ``.NAME.lock`` beside an output file (`deft select`, `deft
-# distribution`). The lock is an ``fcntl.flock`` on that file, so the kernel
+# distribution`). The lock is a :func:`lock_file` (``fcntl.flock``; Windows:
+# ``msvcrt.locking``) on that file, so the kernel
 # drops it when the holder dies: a lock file a killed process leaves behind
 # never blocks a rerun. The file names the holder (pid, host, start time,
 # command) for the one-line error of a second run, and is removed on release.
@@ -187,6 +188,51 @@ class MetricsLog:
 from typing import Callable, List, Sequence
 
 LOCK_NAME = ".deft.lock"
+
+try:  # POSIX
+    import fcntl as _fcntl
+except ImportError:  # Windows: msvcrt.locking in lock_file
+    _fcntl = None  # type: ignore[assignment]
+
+# Windows locks are mandatory (they block reads of the locked bytes by other
+# processes), so the lock sits on one byte far past the holder record, which a
+# second run then still reads for its error message. Locking past the end of a
+# file is allowed there and does not grow it.
+_WIN_LOCK_OFFSET = 1 << 20
+_WIN_POLL_S = 0.1  # how often a waiting lock_file retries on Windows
+
+
+def lock_file(fd: int, *, wait: bool) -> None:
+    """Take an exclusive lock on the open file ``fd``, dropped when the fd is
+    closed or the process dies. Without ``wait`` raise :class:`BlockingIOError`
+    at once when another process holds it; with ``wait`` block until it is
+    free. POSIX: ``fcntl.flock``. Windows: ``msvcrt.locking`` of one byte
+    (non-blocking tries every 0.1 s while waiting, with no timeout, as flock)."""
+    if _fcntl is not None:
+        _fcntl.flock(fd, _fcntl.LOCK_EX if wait else _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+        return
+    import msvcrt
+    while True:
+        os.lseek(fd, _WIN_LOCK_OFFSET, os.SEEK_SET)  # msvcrt.locking locks from the file position
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return
+        except OSError as e:  # EACCES or EDEADLOCK: another process holds the byte
+            if e.errno not in (errno.EACCES, errno.EDEADLK, getattr(errno, "EDEADLOCK", errno.EDEADLK)):  # anything else is real
+                raise
+            if not wait:
+                raise BlockingIOError(errno.EAGAIN, "the file is locked by another process") from None
+        time.sleep(_WIN_POLL_S)
+
+
+def unlock_file(fd: int) -> None:
+    """Release a lock taken by :func:`lock_file` (closing ``fd`` also does)."""
+    if _fcntl is not None:
+        _fcntl.flock(fd, _fcntl.LOCK_UN)
+        return
+    import msvcrt
+    os.lseek(fd, _WIN_LOCK_OFFSET, os.SEEK_SET)
+    msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
 
 
 class OutputLockedError(FileExistsError):
@@ -240,9 +286,9 @@ def _mkdirs(folder: Path) -> List[Path]:
 def _acquire(lp: Path, target: Path, stage: str, wait: bool) -> List[Any]:
     created = _mkdirs(lp.parent)
     while True:
-        fd = os.open(lp, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666 & ~_umask())
+        fd = os.open(lp, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0), 0o666 & ~_umask())
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock_file(fd, wait=wait)
         except BlockingIOError:
             os.close(fd)
             raise OutputLockedError(target, read_lock_holder(lp)) from None
@@ -259,16 +305,22 @@ def _acquire(lp: Path, target: Path, stage: str, wait: bool) -> List[Any]:
     holder = {"pid": os.getpid(), "host": socket.gethostname(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stage": stage, "command": sys.argv}
     os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(holder) + "\n").encode("utf-8"), 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, (json.dumps(holder) + "\n").encode("utf-8"))
     return [fd, 1, created]
 
 
 def _release(lp: Path, entry: List[Any]) -> None:
     fd, _, created = entry
-    try:
-        lp.unlink(missing_ok=True)  # while still holding it: see the inode check in _acquire
-    finally:
+    if _fcntl is not None:
+        try:
+            lp.unlink(missing_ok=True)  # while still holding it: see the inode check in _acquire
+        finally:
+            os.close(fd)
+    else:  # Windows cannot remove an open file: close first; the removal fails (and is skipped) while another process has it open
         os.close(fd)
+        with contextlib.suppress(PermissionError):
+            lp.unlink(missing_ok=True)
     for d in created:  # folders only this lock created (a run that failed early leaves none behind)
         try:
             d.rmdir()

@@ -87,7 +87,6 @@ A CUDA out-of-memory error splits the batch in halves and retries.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -105,7 +104,7 @@ from deft._hf import default_device, dtype_kwarg, log_split, pickle_only_weights
 from deft._util import chars_per_token, clip_text, find_sub, tokenize_clipped
 from deft.builtin_rm import BuiltinRewardModel
 from deft.errors import DeftError
-from deft.io import MetricsLog, atomic_path, write_json_atomic
+from deft.io import MetricsLog, atomic_path, lock_file, unlock_file, write_json_atomic
 from deft.render import RM_TEMPLATES, render_pair, resolve_rm_template
 
 
@@ -562,13 +561,13 @@ def _shard_lock(shard_dir: Path, what: str) -> Iterator[None]:
     shard_dir.mkdir(parents=True, exist_ok=True)
     with open(shard_dir / "lock", "a+") as f:
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock_file(f.fileno(), wait=False)
         except OSError:
             raise ScoreWorkError(f"{what} in {shard_dir.parent} is being scored by another process") from None
         try:
             yield
         finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            unlock_file(f.fileno())
 
 
 # --------------------------------------------------------------------------

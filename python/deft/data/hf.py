@@ -32,7 +32,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -53,6 +53,8 @@ INSTALL_HINT = 'pip install "deft[hf]"'
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?\Z")
 _DATASET_CLASSES = ("Dataset", "DatasetDict", "IterableDataset", "IterableDatasetDict")
+#: The name of a dataset object that has none.
+UNNAMED = "dataset"
 
 
 @dataclass
@@ -61,7 +63,9 @@ class DatasetSource:
     ``source_file``; ``name`` makes the default ids (``"{name}:{row}"``);
     ``subset_from`` the default subset (:func:`deft.data.derive_subset`);
     ``kind`` is ``"hf"``, ``"save_to_disk"`` or ``"dataset"``; ``location``
-    the folder the rows were read from (None for an object in memory)."""
+    the folder the rows were read from (None for an object in memory);
+    ``unnamed``: an object without a dataset name (``Dataset.from_list``, a
+    ``load_dataset("json", ...)``), named ``dataset``."""
 
     display: str
     name: str
@@ -69,6 +73,15 @@ class DatasetSource:
     dataset: Any
     kind: str
     location: Optional[Path] = None
+    unnamed: bool = False
+
+    def numbered(self, position: int) -> "DatasetSource":
+        """This unnamed source as ``dataset#POSITION`` (its default ids
+        ``dataset#POSITION:ROW``): several unnamed objects in one
+        :func:`deft.data.load_many` call get distinct ids."""
+        assert self.unnamed
+        tag = f"{UNNAMED}#{position}"
+        return replace(self, display=tag + self.display[len(UNNAMED):], name=tag + self.name[len(UNNAMED):])
 
     def records(self) -> pl.DataFrame:
         """The rows as a Polars frame (one record per row, as Parquet's)."""
@@ -135,7 +148,7 @@ def _object_label(obj: Any) -> str:
     except ImportError:  # pragma: no cover
         packaged = {}
     if not name or name in packaged:  # "json", "parquet", ...: the builder, not the data
-        name = "dataset"
+        name = UNNAMED
     split = getattr(obj, "split", None)
     return f"{name}[{split}]" if split else str(name)
 
@@ -173,7 +186,7 @@ def _open_object(obj: Any) -> DatasetSource:
         name = _object_label(obj)
         label = name if name.endswith(f"[{split}]") else f"{name}[{split}]"
     base = label.split("[", 1)[0]
-    return DatasetSource(label, label, base, obj, "dataset")
+    return DatasetSource(label, label, base, obj, "dataset", unnamed=base == UNNAMED)
 
 
 def _open_folder(path: Path, display: str) -> DatasetSource:

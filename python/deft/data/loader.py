@@ -16,7 +16,7 @@ import polars as pl
 
 from deft.data.containers import PathLike, _derive_subset_cached, _frame_records, _Record, _records
 from deft.data.fast import _fast_load, _fast_load_table, _FastFile, _trace_fast
-from deft.data.hf import is_dataset_source, open_dataset_source
+from deft.data.hf import DatasetSource, is_dataset_source, open_dataset_source
 from deft.data.fields import _type_name
 from deft.data.registry import detect_format, format_names, get_format, _unknown_format_reason
 from deft.data.results import DataError, LoadResult, Note, Reject, _duplicate_notes, _RowError
@@ -49,6 +49,9 @@ class _Loader:
         self.rejects: List[Reject] = []
         self.notes: List[Note] = []
         self.n_read = 0
+        self.n_sources = 0
+        # Unnamed dataset objects loaded so far, as opened (``dataset``, then ``dataset#POSITION``).
+        self.unnamed: List[Tuple[Any, DatasetSource]] = []
 
     def _fail(self, err: DataError, raw: Optional[str]) -> None:
         if self.on_error == "raise":
@@ -60,8 +63,11 @@ class _Loader:
         names = format_names()
         if fmt != "auto" and fmt not in names:
             raise ValueError(f"unknown format {fmt!r}; expected 'auto' or one of {', '.join(names)}")
+        self.n_sources += 1
         if is_dataset_source(path):
             src = open_dataset_source(path)
+            if src.unnamed:
+                src = self._distinct_unnamed(path, src)
             records = src.records()
             fast = _fast_load_table(records, src.display, src.name, src.subset_from, fmt, self.subset, self.allow_empty)
             return self._load_records(fast, src.display, src.name, src.subset_from, fmt, _frame_records(records),
@@ -71,6 +77,17 @@ class _Loader:
         fast = _fast_load(p, display, fmt, self.subset, self.allow_empty)
         return self._load_records(fast, display, p.name, f"{p.resolve().parent.name}/{p.name}", fmt,
                                   _LazyRecords(p, display), "file is empty: it holds no records")
+
+    def _distinct_unnamed(self, obj: Any, src: DatasetSource) -> DatasetSource:
+        """``src`` numbered by its position when an earlier source of this call was another unnamed object
+        (the same object again keeps the name it got, so its rows are duplicates)."""
+        for earlier, opened in self.unnamed:
+            if earlier is obj:
+                return opened
+        if self.unnamed:
+            src = src.numbered(self.n_sources)
+        self.unnamed.append((obj, src))
+        return src
 
     def _load_records(self, fast: Optional[_FastFile], display: str, name: str, subset_from: str, fmt: str,
                       records: Iterable[_Record], empty: str) -> str:

@@ -29,7 +29,13 @@ backward passes, nothing written to ``.grad``); eval rows get ``eval_R_dis``,
 ``eval_L_m``. ``omega_share`` sets omega before training from the median
 ratio over the first ``calibration_batches`` micro-batches
 (:func:`deft.train.omega_for_share`, as ``deft.omega_share``), and every
-checkpoint keeps the value (``deft_omega.json``), which a resumed run reuses.
+checkpoint keeps the value (``deft_omega.json``, written with the weights,
+before trainer_state.json and a Hub push), which a resumed run reuses. The
+calibration runs as training does: its forwards under the accelerator's
+autocast (bf16/fp16) and, when the arguments ask for it, with activation
+checkpointing on (off again afterwards until ``Trainer.train`` turns it on).
+Activation checkpointing must be non-reentrant (the share takes
+``torch.autograd.grad``): ``use_reentrant`` unset becomes False, True is refused.
 
 Tested in one process (CPU). Not supported: vision-language models; models
 whose logits are transformed after the lm_head (softcapping, a logit scale);
@@ -61,7 +67,7 @@ except ImportError as e:  # pragma: no cover - exercised in a subprocess without
 
 from accelerate.utils import is_peft_model
 from packaging.version import Version
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint
 
 from deft.distribution import Distribution, check_vocabulary, hf_policy_tokenizer, load_distribution
 from deft.export import export_pairs
@@ -207,6 +213,23 @@ def _partitioned(params: List[torch.Tensor]) -> bool:
                for p in params)
 
 
+def _checkpointing(args: Any) -> bool:
+    """Activation (gradient) checkpointing on in these TrainingArguments (transformers 5 names it both ways)."""
+    return bool(getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", None))
+
+
+def _checkpointing_kwargs(args: Any) -> Dict[str, Any]:
+    kwargs = getattr(args, "activation_checkpointing_kwargs", None) or getattr(args, "gradient_checkpointing_kwargs", None) or {}
+    if isinstance(kwargs, str):  # a JSON string, as from the command line
+        kwargs = json.loads(kwargs)
+    return kwargs
+
+
+def _zero3(args: Any) -> bool:
+    plugin = getattr(args, "deepspeed_plugin", None)
+    return plugin is not None and getattr(plugin, "zero_stage", None) == 3
+
+
 class DeftDPOTrainer(DPOTrainer):
     """TRL's ``DPOTrainer`` minimising ``L_m - omega * R_dis``.
 
@@ -271,6 +294,28 @@ class DeftDPOTrainer(DPOTrainer):
         self._hidden = _FinalHidden(causal.base_model)
         self._diagnosed_step: Optional[int] = None
         self._warned_partitioned = False
+        self._require_nonreentrant_checkpointing()
+
+    def _require_nonreentrant_checkpointing(self) -> None:
+        """The gradient share (``_diagnose``, the omega_share calibration) takes
+        ``torch.autograd.grad`` of the loss terms, which reentrant activation
+        checkpointing refuses: ``use_reentrant`` is set to False when unset, and
+        an explicit True is an error. Exempt: DeepSpeed ZeRO-3 and FSDP, where
+        TRL forces reentrant checkpointing for PEFT and the share is not measured."""
+        args = self.args
+        if not _checkpointing(args) or self.is_fsdp_enabled or _zero3(args):
+            return
+        kwargs = _checkpointing_kwargs(args)
+        if kwargs.get("use_reentrant") is None:
+            kwargs["use_reentrant"] = False
+            for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):  # transformers 5: the first, the second its alias
+                if hasattr(args, name):
+                    setattr(args, name, kwargs)
+        elif kwargs["use_reentrant"]:
+            raise ValueError("DeftDPOTrainer: gradient checkpointing with use_reentrant=True cannot give the gradient of "
+                             "R_dis separately from L_m's (rdis_grad_share, omega_share use torch.autograd.grad, which "
+                             "reentrant checkpointing refuses); set gradient_checkpointing_kwargs={'use_reentrant': False} "
+                             "or leave use_reentrant unset")
 
     # ----- the loss
 
@@ -290,7 +335,7 @@ class DeftDPOTrainer(DPOTrainer):
         if mode == "train" and torch.is_grad_enabled() and self._diagnose_due():
             self._diagnose(lm, r_dis)
         loss = deft_loss(lm, r_dis, self.omega)
-        gather = self.accelerator.gather_for_metrics
+        gather = self.accelerator.gather  # per-process scalars: gather_for_metrics would trim them on a last uneven batch
         self._metrics[mode]["R_dis"].append(gather(r_dis.detach()).mean().item())
         self._metrics[mode]["L_m"].append(gather(lm.detach()).mean().item())
         self._metrics[mode]["omega"].append(self.omega)
@@ -319,7 +364,7 @@ class DeftDPOTrainer(DPOTrainer):
         row = share_metrics(grad_terms(lm, r_dis, params, retain_graph=True), self.omega)
         dev = self.accelerator.device
         for k, v in row.items():
-            self._metrics["train"][k].append(self.accelerator.gather_for_metrics(torch.tensor([v], dtype=torch.float64, device=dev)).mean().item())
+            self._metrics["train"][k].append(self.accelerator.gather(torch.tensor([v], dtype=torch.float64, device=dev)).mean().item())
         if self.state.global_step == 0 and row["rdis_grad_share"] < LOW_SHARE:
             logger.warning(f"DeftDPOTrainer: rdis_grad_share {row['rdis_grad_share']:.3g} at step 0 (omega {self.omega:.4g}): "
                            "R_dis cannot change the model at this omega; omega_share sets it from a target share")
@@ -365,12 +410,14 @@ class DeftDPOTrainer(DPOTrainer):
         devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
         ratios: List[float] = []
         try:
-            with torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=devices), self._training_checkpointing():
                 for batch in self.get_train_dataloader():
                     if len(ratios) == self.calibration_batches:
                         break
                     inputs = self._prepare_inputs(batch)
-                    with self.compute_loss_context_manager():
+                    # the model is not prepared yet, so its forward does not autocast: as in training (bf16/fp16),
+                    # the forward runs under the accelerator's autocast; the backward outside it, as torch advises
+                    with self.accelerator.autocast(), self.compute_loss_context_manager():
                         lm, r_dis, _ = self._terms(model, inputs)
                     ratios.append(grad_ratio(grad_terms(lm, r_dis, params)))
         finally:
@@ -382,9 +429,33 @@ class DeftDPOTrainer(DPOTrainer):
                 return self.accelerator.gather(torch.tensor([rho], device=self.accelerator.device)).mean().item()
         return omega_for_share(self.omega_share, ratios, reduce, key="omega_share", instead="omega")
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        if self.args.should_save and folder.is_dir():
-            write_json_atomic(folder / OMEGA_FILE, {**self.omega_info, "value": self.omega, "omega_share": self.omega_share,
-                                                     "qdiff": self.qdiff_source})
+    @contextlib.contextmanager
+    def _training_checkpointing(self):
+        """Activation checkpointing on for the block when the arguments ask for it, as ``Trainer.train`` turns it
+        on only after the calibration; the model's state before is restored after."""
+        causal = self._causal
+        on = getattr(causal, "is_activation_checkpointing", None)  # transformers >= 5.25; before: is_gradient_checkpointing
+        if not _checkpointing(self.args) or (on if on is not None else getattr(causal, "is_gradient_checkpointing", True)):
+            yield
+            return
+        kwargs = dict(_checkpointing_kwargs(self.args))
+        every, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
+        if hasattr(causal, "activation_checkpointing_enable"):  # transformers >= 5.25
+            causal.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None, every_n_layers=every, offload=offload)
+            disable = getattr(causal, "activation_checkpointing_disable", causal.gradient_checkpointing_disable)
+        else:
+            causal.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+            disable = causal.gradient_checkpointing_disable
+        try:
+            yield
+        finally:
+            disable()
+
+    def _save(self, output_dir: Optional[str] = None, state_dict: Any = None) -> None:
+        """Every model save (a checkpoint's, ``save_model``'s) keeps omega in ``deft_omega.json`` beside the
+        weights: written here, inside the save, so a checkpoint has it before its trainer_state.json and before
+        a push to the Hub."""
+        super()._save(output_dir, state_dict=state_dict)
+        if self.args.should_save and self.omega is not None:
+            write_json_atomic(Path(output_dir or self.args.output_dir) / OMEGA_FILE,
+                              {**self.omega_info, "value": self.omega, "omega_share": self.omega_share, "qdiff": self.qdiff_source})
