@@ -100,7 +100,7 @@ from safetensors.torch import load_file, save_file
 # transformers and tensorboard; importing deft stays fast.
 from deft._hf import ADAPTER_BASE, is_oom, load_causal_lm, load_tokenizer, weights_fingerprint
 from deft._util import chars_per_token, tokenize_clipped
-from deft.config import REFERENCE_FREE, load_config, sft_weight
+from deft.config import PAIRED, REFERENCE_FREE, load_config, method_fingerprint, sft_weight
 from deft.distribution import hf_policy_tokenizer, load_distribution
 from deft.errors import CheckpointError
 from deft.grade import read_graded
@@ -121,8 +121,6 @@ from deft.reporting import Reporter, plot_curves, read_metrics, requested_backen
 __all__ = ["Example", "encode_examples", "select_responses", "prepare_data", "train", "TrainResult"]
 
 PAIRWISE = ("dpo", "ipo")
-#: Methods trained on the (best, worst) pair of each prompt.
-PAIRED = PAIRWISE + REFERENCE_FREE + ("kto",)
 #: Methods whose loss reads reference log-probs (computed once and cached); the others compute none.
 WITH_REFERENCE = PAIRWISE + ("kto",)
 #: Below this R_dis gradient share at step 0, the trainer warns that R_dis cannot change the model.
@@ -1416,6 +1414,11 @@ def _resume(job: Job, eng: Engine) -> TrainState:
     if was_grouped != job.cfg["train"]["group_by_length"]:  # another order of the samples: the rest of the epoch would repeat some
         raise ValueError(f"cannot resume from {ck}: it was trained with train.group_by_length {str(was_grouped).lower()}, "
                          f"this run has {str(job.cfg['train']['group_by_length']).lower()} (another order of the samples)")
+    if "method" in state:  # the loss (checkpoints from before this record resume unchecked): the same data, another objective
+        was, now = state["method"] or {}, method_fingerprint(job.cfg["method"])
+        diff = [f"method.{k} {json.dumps(was.get(k))} -> {json.dumps(now.get(k))}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+        if diff:
+            raise ValueError(f"cannot resume from {ck}: it was trained with another loss ({', '.join(diff)})")
     if eng.ds is not None:
         path, _ = _load_checkpoint_file(ck / "ds", lambda f: eng.ds.load_checkpoint(
             str(ck), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True,
@@ -1658,6 +1661,7 @@ def _save_checkpoint(job: Job, eng: Engine, state: TrainState) -> Path:
             "global_step": state.global_step, "epoch": state.epoch, "data_hash": job.prep.data_hash, "model_fingerprint": job.model_fp,
             "world_size": d.world, "micro_batch_size": cfg["train"]["micro_batch_size"],
             "gradient_accumulation_steps": cfg["train"]["gradient_accumulation_steps"], "config": cfg,
+            "method": method_fingerprint(cfg["method"]),  # what _resume compares: the loss
             "omega": dict(state.omega) if state.omega else None,
         }
         if eng.adapter is not None:
