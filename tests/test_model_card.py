@@ -407,6 +407,8 @@ def test_a_card_failure_is_a_warning_not_a_failed_run(assets, tmp_path, monkeypa
     res = train_mod.run(None, train_overrides(assets, tmp_path / "run", **{"train.max_steps": 1, "train.gradient_accumulation_steps": 1}))
     assert res.global_step == 1 and (tmp_path / "run" / "model" / "model.safetensors").exists()
     assert not (tmp_path / "run" / "model" / "README.md").exists() and (tmp_path / "run" / "manifest.json").exists()
+    outputs = json.loads((tmp_path / "run" / "manifest.json").read_text())["outputs"]
+    assert "card" not in outputs and outputs["model"] == str(tmp_path / "run" / "model")  # only what was written
     assert f"warning: model card {tmp_path / 'run' / 'model' / 'README.md'} not written: RuntimeError: boom" in capsys.readouterr().err
 
 

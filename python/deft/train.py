@@ -968,6 +968,7 @@ class Job:
     eval_ref: Optional[Any] = None  # (E, 2) reference log-probs of the eval pairs
     kl_examples: Optional[List[Example]] = None  # KTO: the mismatched pairs of each example (kto_kl_examples)
     kl_ref: Optional[Any] = None  # KTO: (N, 2) their reference log-probs
+    kl_ref_path: Optional[Path] = None  # KTO: their cache file
     eval_info: Optional[Dict[str, Any]] = None  # the eval split, for the manifest
     reporting: Dict[str, Any] = field(default_factory=dict)  # where the metrics were reported (deft.reporting.Reporter.record)
     diagnose: bool = False  # measure the R_dis gradient share (deft.diagnose_every)
@@ -1049,6 +1050,12 @@ def _train(cfg: Dict[str, Any], resume: bool, d: Dist, use_ds: bool, cuda: bool)
     _seed_all(t["seed"])
     prep = prepare_data(cfg)
     sched = Schedule.of(t, len(prep.examples), d.world)
+    kl_examples = None
+    if method == "kto":  # its mismatched pairs (at least 2 samples) before the model is loaded and the reference pass
+        if t["micro_batch_size"] < 2:
+            _log("warning: kto estimates its reference point per micro-batch, from its prompts paired with other samples' "
+                 "completions: with train.micro_batch_size 1 that is 2 pairs (TRL refuses a batch of 1); the kto configs use 4")
+        kl_examples = kto_kl_examples(prep.examples, cfg["data"]["max_length"])
     _log(f"{sched.n} samples (levels {','.join(cfg['data']['levels'])}), method {method}, DEFT {'on' if prep.q_diff is not None else 'off'}, "
          f"template {prep.template}; {sched.steps_per_epoch} steps/epoch, {sched.total_steps} steps, world {d.world}")
     model_fp = _model_fingerprint(cfg)
@@ -1066,11 +1073,8 @@ def _train(cfg: Dict[str, Any], resume: bool, d: Dist, use_ds: bool, cuda: bool)
     if method in WITH_REFERENCE:
         job.ref_all, ref_path, ref_hit = _reference_logps(job, eng, bf16)
     if method == "kto":
-        if t["micro_batch_size"] < 2:
-            _log("warning: kto estimates its reference point per micro-batch, from its prompts paired with other samples' "
-                 "completions: with train.micro_batch_size 1 that is 2 pairs (TRL refuses a batch of 1); the kto configs use 4")
-        job.kl_examples = kto_kl_examples(prep.examples, cfg["data"]["max_length"])
-        job.kl_ref = _kto_kl_reference_logps(job, eng, bf16)
+        job.kl_examples = kl_examples
+        job.kl_ref, job.kl_ref_path = _kto_kl_reference_logps(job, eng, bf16)
     if prep.eval_examples:  # the eval pairs under the initial policy (every method: the reference of the implicit reward)
         job.eval_ref, eval_ref_path = _eval_reference_logps(job, eng, bf16)
         job.eval_info = {"data": t["eval_data"], "holdout": t["eval_holdout"], "pairs": len(prep.eval_examples),
@@ -1700,6 +1704,8 @@ def _save_final(job: Job, eng: Engine, state: TrainState, ref_path: Optional[Pat
         if model_dir.exists():
             shutil.rmtree(model_dir)
         os.replace(tmp, model_dir)
+        if not (model_dir / CARD_NAME).exists():  # writing it failed (a warning): not an output
+            manifest["outputs"].pop("card", None)
         if merged_dir is not None:  # last: merging changes the module's weights in place
             tmp = out_dir / ".tmp-merged"
             if tmp.exists():
@@ -1737,6 +1743,7 @@ def _final_manifest(job: Job, eng: Engine, state: TrainState, ref_path: Optional
         "tokenizer": {"source": prep.policy_tokenizer.source, "sha256": prep.policy_tokenizer.sha256,
                       "vocab_hash": prep.policy_tokenizer.vocab_hash, "eos_token_id": prep.eos_token_id},
         "reference_cache": str(ref_path) if ref_path else None,
+        "kto_reference_cache": str(job.kl_ref_path) if job.kl_ref_path else None,  # KTO: the mismatched pairs' reference
         "eval": job.eval_info,
         "reporting": job.reporting or None,
         "peft": eng.adapter,
@@ -1812,13 +1819,14 @@ def _reference_logps(job: Job, eng: Engine, bf16: bool):
 
 def _kto_kl_reference_logps(job: Job, eng: Engine, bf16: bool):
     """``(N, 2)`` float32 reference log-probs of KTO's mismatched pairs
-    (:attr:`Job.kl_examples`), cached like the training reference's."""
+    (:attr:`Job.kl_examples`), cached like the training reference's, and
+    the cache file."""
     cfg, t = job.cfg, job.cfg["train"]
     kl_hash = data_hash(job.kl_examples)
     key = {"model": job.model_fp, "data": kl_hash, "bf16": bf16, "max_length": cfg["data"]["max_length"]}
-    ref, _, _ = _cached_pair_logps(job, eng, job.kl_examples, t["ref_batch_size"] or t["micro_batch_size"], key, "ref-kto-kl",
-                                   kl_hash, bf16, "KTO reference-point log-probs", "samples")
-    return ref
+    ref, path, _ = _cached_pair_logps(job, eng, job.kl_examples, t["ref_batch_size"] or t["micro_batch_size"], key, "ref-kto-kl",
+                                      kl_hash, bf16, "KTO reference-point log-probs", "samples")
+    return ref, path
 
 
 def _kto_reference_point(job: Job, eng: Engine, model, batch, ref):
