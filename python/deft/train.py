@@ -1420,7 +1420,8 @@ def _resume(job: Job, eng: Engine) -> TrainState:
                          f"this run has {str(job.cfg['train']['group_by_length']).lower()} (another order of the samples)")
     if "method" in state:  # the loss (checkpoints from before this record resume unchecked): the same data, another objective
         was, now = state["method"] or {}, method_fingerprint(job.cfg["method"])
-        diff = [f"method.{k} {json.dumps(was.get(k))} -> {json.dumps(now.get(k))}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+        diff = [f"method.{k} {json.dumps(was.get(k))} -> {json.dumps(now.get(k))}"
+                for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
         if diff:
             raise ValueError(f"cannot resume from {ck}: it was trained with another loss ({', '.join(diff)})")
     if eng.ds is not None:
