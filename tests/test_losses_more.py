@@ -158,6 +158,19 @@ def test_orpo_empty_response_adds_nothing_and_keeps_gradients_finite():
     assert torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all() and pc.grad[1] == 0 and pr.grad[1] == 0
 
 
+
+def test_simpo_empty_response_adds_nothing_and_keeps_gradients_finite():
+    """An empty response has no average log-prob; 0 (the best possible) must not score it."""
+    pc = torch.tensor([-5.0, 0.0, -3.0, -4.0], dtype=torch.float64, requires_grad=True)
+    pr = torch.tensor([-9.0, -4.0, -6.0, 0.0], dtype=torch.float64, requires_grad=True)
+    nc, nr = torch.tensor([5, 0, 3, 2]), torch.tensor([3, 2, 4, 0])
+    o = simpo_loss(pc, pr, nc, nr, beta=2.0, gamma=0.5)
+    assert o.losses[1] == 0 and o.losses[3] == 0 and o.losses[0] > 0 and o.losses[2] > 0
+    assert float(o.loss) == pytest.approx(float(o.losses.sum()) / 4)  # still counted in the mean
+    o.loss.backward()
+    assert torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all()
+    assert pc.grad[1] == 0 and pr.grad[1] == 0 and pc.grad[3] == 0 and pr.grad[3] == 0 and pc.grad[0] != 0
+
 # --------------------------------------------------------------------------- KTO: TRL's formula, transcribed
 
 

@@ -238,6 +238,31 @@ def test_render_card_from_a_fixed_manifest():
     assert "beta" not in text.split("## Data")[0]  # PRO has no beta
 
 
+def test_render_card_of_the_newer_methods(tmp_path):
+    """KTO / SimPO / ORPO cards: their proper names, their own settings, the (best, worst) pair, their logged metrics."""
+    from deft.model_card import render_card
+
+    m = copy.deepcopy(FIXED)
+    m["method"], m["config"]["method"] = "kto", {"name": "kto", "beta": 0.1, "sft_weight": 0.0, "desirable_weight": 1.0,
+                                                  "undesirable_weight": 1.33, "label_smoothing": 0.0, "variant": "default"}
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps({"step": i, "loss": 0.5 - 0.1 * i, "L_m": 0.5 - 0.1 * i, "kl": 0.25 * i}) for i in (1, 2)) + "\n")
+    text = render_card(m, metrics, None)
+    for line in ("# DEFT-KTO fine-tune of", "`L_m` is the KTO loss", "| beta | 0.1 |", "| desirable weight | 1 |",
+                 "| undesirable weight | 1.33 |", "each trained on a (best, worst) pair.", "| kl | 0.25 | 0.5 | 0.375 |"):
+        assert line in text, line
+    assert "| variant |" not in text and "label smoothing" not in text and "| gamma" not in text
+    m["method"], m["config"]["method"] = "simpo", {"name": "simpo", "beta": 2.0, "gamma": 0.5, "label_smoothing": 0.1}
+    text = render_card(m, None, None)
+    for line in ("`L_m` is the SimPO loss", "| beta | 2 |", "| gamma (target reward margin) | 0.5 |", "| label smoothing | 0.1 |",
+                 "each trained on a (best, worst) pair."):
+        assert line in text, line
+    m["method"], m["config"]["method"] = "orpo", {"name": "orpo", "beta": 0.1, "label_smoothing": 0.0}
+    assert "| beta (ORPO's lambda) | 0.1 |" in render_card(m, None, None)
+    m["method"], m["config"]["method"] = "pro", {"name": "pro", "sft_weight": 0.05, "variant": "official"}
+    text = render_card(m, None, None)
+    assert "| variant | official (the reference implementation's loss) |" in text and "its ranked responses" in text
+
 def read_card_text(text: str) -> dict:
     import tempfile
 
@@ -382,6 +407,8 @@ def test_a_card_failure_is_a_warning_not_a_failed_run(assets, tmp_path, monkeypa
     res = train_mod.run(None, train_overrides(assets, tmp_path / "run", **{"train.max_steps": 1, "train.gradient_accumulation_steps": 1}))
     assert res.global_step == 1 and (tmp_path / "run" / "model" / "model.safetensors").exists()
     assert not (tmp_path / "run" / "model" / "README.md").exists() and (tmp_path / "run" / "manifest.json").exists()
+    outputs = json.loads((tmp_path / "run" / "manifest.json").read_text())["outputs"]
+    assert "card" not in outputs and outputs["model"] == str(tmp_path / "run" / "model")  # only what was written
     assert f"warning: model card {tmp_path / 'run' / 'model' / 'README.md'} not written: RuntimeError: boom" in capsys.readouterr().err
 
 

@@ -415,15 +415,26 @@ def train_assets(tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["pro", "rrhf"])
 def test_deft_train_official_variant_runs_a_step(tmp_path, train_assets, method):
+    """`deft train` computes the official loss: step 1 (the same initial model, data and batch, the same
+    sft_weight) gives another L_m than the default variant. RRHF: rank / sft_weight + SFT against
+    rank + sft_weight * SFT. PRO: the reference's log(1e-10 + sum exp) is above logsumexp by about
+    1e-10 / sum exp, small for these rounds of the tiny random model but far above float32 rounding."""
     from deft.train import run
 
-    assets = train_assets
-    out = tmp_path / "out"
-    run(None, train_overrides(assets, out, **{"method.name": method, "method.variant": "official", "train.max_steps": 1,
-                                              "data.max_samples": 4}))
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    step = [r for r in rows if "L_m" in r]
-    assert step and all(math.isfinite(r["L_m"]) and math.isfinite(r["rank_loss"]) for r in step)
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["config"]["method"]["variant"] == "official"
-    assert manifest["config"]["method"]["sft_weight"] == (0.01 if method == "rrhf" else 0.05)
+    def step_one(variant):
+        out = tmp_path / variant
+        run(None, train_overrides(train_assets, out, **{"method.name": method, "method.variant": variant, "method.sft_weight": 0.05,
+                                                        "train.max_steps": 1, "data.max_samples": 4}))
+        rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+        step = [r for r in rows if "L_m" in r]
+        assert len(step) == 1 and all(math.isfinite(step[0][k]) for k in ("L_m", "rank_loss", "sft_term"))
+        return step[0], json.loads((out / "manifest.json").read_text())
+
+    default, _ = step_one("default")
+    official, manifest = step_one("official")
+    assert manifest["config"]["method"]["variant"] == "official" and manifest["config"]["method"]["sft_weight"] == 0.05
+    if method == "rrhf":  # (the reference's SFT term is its own too: not comparable)
+        assert abs(official["L_m"] - default["L_m"]) > 0.1 * abs(default["L_m"]), (official, default)
+    else:  # the same SFT term; eps only raises a round's loss: here by ~1e-5 (the rounds' sum exp ~1e-5), far above float32 rounding (~1e-7)
+        assert official["sft_term"] == default["sft_term"]
+        assert official["rank_loss"] - default["rank_loss"] > 2e-6 and official["L_m"] - default["L_m"] > 2e-6, (official, default)

@@ -417,6 +417,29 @@ def test_resume_before_the_first_checkpoint_starts_metrics_over(assets, tmp_path
     assert steps == [json.loads(l)["step"] for l in (full.output_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
+def test_resume_with_another_loss_is_refused(assets, tmp_path):
+    """The paired methods share the tokenised data (and its hash): a resume after changing the method or a
+    loss setting would go on with another objective, so it is refused in one line naming the keys; a
+    checkpoint from before the method record resumes unchecked."""
+    from deft.train import list_checkpoints, run
+
+    out = tmp_path / "run"
+    extra = {"method.name": "simpo", "method.beta": 2.0, "method.gamma": 0.5, "train.max_steps": 2, "train.save_steps": 1}
+    run(None, overrides(assets, out, **extra))
+    with pytest.raises(ValueError, match=r"cannot resume from .*checkpoint.*: it was trained with another loss \(method.gamma 0.5 -> 1.0\)$"):
+        run(None, overrides(assets, out, **{**extra, "method.gamma": 1.0, "train.max_steps": 3}), resume=True)
+    with pytest.raises(ValueError, match=r"another loss \(method.beta 2.0 -> 0.1, method.gamma 0.5 -> null, method.name \"simpo\" -> \"cpo\", method.sft_weight 0.0 -> 1.0\)$"):
+        run(None, overrides(assets, out, **{**extra, "method.name": "cpo", "method.beta": 0.1, "train.max_steps": 3}), resume=True)
+    res = run(None, overrides(assets, out, **{**extra, "train.max_steps": 3}), resume=True)  # the same loss resumes
+    assert res.resumed_from == 1 and res.global_step == 3
+    step, ck = list_checkpoints(out)[-1]
+    state = json.loads((ck / "trainer_state.json").read_text())
+    assert step == 2 and state["method"] == {"name": "simpo", "beta": 2.0, "gamma": 0.5, "label_smoothing": 0.0, "sft_weight": 0.0}
+    del state["method"]  # as written before the record existed
+    (ck / "trainer_state.json").write_text(json.dumps(state))
+    res = run(None, overrides(assets, out, **{**extra, "method.gamma": 1.0, "train.max_steps": 4}), resume=True)
+    assert res.resumed_from == 2 and res.global_step == 4
+
 class _RunsCode:
     """Unpickling this runs ``touch PATH`` (what weights_only=True must refuse)."""
 

@@ -50,6 +50,9 @@ def test_two_deft_steps(assets, tmp_path, method):
     if method == "kto":  # the reference log-probs of the pairs and of the mismatched pairs, cached
         assert res.ref_cache is not None and res.ref_cache.exists()
         assert sorted(p.name.split("-")[:-1] == ["ref", "kto", "kl"] for p in cache.iterdir()) == [False, True]
+        man = json.loads((out / "manifest.json").read_text())  # both caches recorded
+        assert man["reference_cache"] == str(res.ref_cache) and Path(man["kto_reference_cache"]).name.startswith("ref-kto-kl-")
+        assert Path(man["kto_reference_cache"]).exists()
         # at step 1 the policy is the reference: reference point 0 and every loss term 1 - sigmoid(0) = 0.5
         assert abs(rows[0]["kl"]) < 1e-4 and rows[0]["L_m"] == pytest.approx(0.5, abs=1e-4)
         assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
@@ -70,8 +73,10 @@ def test_kto_reference_point_moves_and_refuses_one_sample(assets, tmp_path, caps
     capsys.readouterr()
     with pytest.raises(ValueError, match="kto needs at least 2 samples"):
         run(None, train_overrides(assets, tmp_path / "one", **{"method.name": "kto", "data.max_samples": 1, "train.max_steps": 1,
-                                                                "train.micro_batch_size": 1}))
-    assert "with train.micro_batch_size 1 that is 2 pairs" in capsys.readouterr().err
+                                                                "train.micro_batch_size": 1, "train.ref_cache_dir": str(tmp_path / "rc1")}))
+    err = capsys.readouterr().err
+    assert "with train.micro_batch_size 1 that is 2 pairs" in err
+    assert not (tmp_path / "rc1").exists() and "reference log-probs" not in err  # refused before the reference pass
 
 
 def test_kto_kl_examples_pair_each_prompt_with_the_previous_completions():

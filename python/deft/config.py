@@ -22,11 +22,13 @@ import yaml
 from deft.errors import DeftError
 from deft.render import POLICY_TEMPLATES
 
-__all__ = ["SCHEMA", "METHODS", "REFERENCE_FREE", "DEFAULT_SFT_WEIGHT", "sft_weight", "ConfigError", "load_config", "apply_override", "defaults", "validate"]
+__all__ = ["SCHEMA", "METHODS", "REFERENCE_FREE", "PAIRED", "DEFAULT_SFT_WEIGHT", "sft_weight", "method_fingerprint", "ConfigError", "load_config", "apply_override", "defaults", "validate"]
 
 METHODS = ("sft", "dpo", "ipo", "pro", "rrhf", "simpo", "cpo", "orpo", "kto")
 #: Methods whose loss needs no reference model: no reference log-probs are computed or cached for them.
 REFERENCE_FREE = ("simpo", "cpo", "orpo")
+#: Methods trained on the (best, worst) pair of each prompt (the others: the best response, or all ranked responses).
+PAIRED = ("dpo", "ipo") + REFERENCE_FREE + ("kto",)
 #: Methods with a label-smoothing variant (``method.label_smoothing``).
 LABEL_SMOOTHING = ("dpo", "simpo", "cpo")
 #: ``method.variant``: ``official`` exists for :data:`OFFICIAL_METHODS` only.
@@ -305,6 +307,27 @@ def sft_weight(method_cfg: Mapping[str, Any]) -> float:
     if w is None and method_cfg["name"] == "rrhf" and method_cfg.get("variant") == "official":
         return OFFICIAL_RRHF_SFT_WEIGHT
     return float(DEFAULT_SFT_WEIGHT[method_cfg["name"]] if w is None else w)
+
+
+#: ``method`` keys added with the losses that read them: left out of other methods' fingerprints.
+METHOD_ONLY_KEYS = {"gamma": ("simpo",), "desirable_weight": ("kto",), "undesirable_weight": ("kto",)}
+
+
+def method_fingerprint(method_cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """The ``method`` section as far as it sets the loss: ``sft_weight`` the
+    effective weight (:func:`sft_weight`), the keys of
+    :data:`METHOD_ONLY_KEYS` left out while the method does not read them and
+    ``variant`` while default (runs from before they existed keep their
+    fingerprints). The training fingerprint's ``method`` and what a
+    checkpoint records to refuse a resume with another objective."""
+    m = copy.deepcopy(dict(method_cfg))
+    m["sft_weight"] = sft_weight(m)
+    for k, users in METHOD_ONLY_KEYS.items():
+        if m["name"] not in users:
+            m.pop(k, None)
+    if m.get("variant") == "default":
+        m.pop("variant")
+    return m
 
 
 def validate(cfg: Mapping[str, Any]) -> None:

@@ -387,9 +387,8 @@ def simpo_loss(
     log-probs with a target reward margin ``gamma``.
 
     Pass summed log-probs with their ``chosen_lengths`` / ``rejected_lengths``
-    (averaged here, an empty response counting 0 as in
-    :func:`length_normalized_scores`) or already-averaged log-probs and no
-    lengths. With the averages ``a_w``, ``a_l``::
+    (averaged here) or already-averaged log-probs and no lengths. With the
+    averages ``a_w``, ``a_l``::
 
         loss_b = -log sigmoid(beta * (a_w - a_l) - gamma)        (label smoothing eps: as in dpo_loss)
         loss   = mean_b loss_b
@@ -398,14 +397,22 @@ def simpo_loss(
     (``simpo_gamma`` = ``gamma``), whose log-probs are token averages; the
     rewards are ``beta * a``. CPO-SimPO adds the NLL term (the trainer's
     ``method.sft_weight``, TRL's ``cpo_alpha``).
+
+    With lengths, a pair with an empty response (length 0: no average; 0,
+    the best possible, would reward it) adds 0 and no gradient and still
+    counts in the mean, as in :func:`orpo_loss`.
     """
     _check_beta_smoothing(beta, label_smoothing)
     if (chosen_lengths is None) != (rejected_lengths is None):
         raise ValueError("give both chosen_lengths and rejected_lengths, or neither")
+    ok = None
     if chosen_lengths is not None:
-        policy_chosen, _ = length_normalized_scores(policy_chosen, chosen_lengths)
-        policy_rejected, _ = length_normalized_scores(policy_rejected, rejected_lengths)
+        policy_chosen, ok_w = length_normalized_scores(policy_chosen, chosen_lengths)
+        policy_rejected, ok_l = length_normalized_scores(policy_rejected, rejected_lengths)
+        ok = ok_w & ok_l
     losses = _smoothed_sigmoid_loss(beta * (policy_chosen - policy_rejected) - gamma, label_smoothing)
+    if ok is not None:
+        losses = torch.where(ok, losses, torch.zeros_like(losses))
     zero = torch.zeros_like(policy_chosen)
     return _pairwise_output(losses, beta, policy_chosen, policy_rejected, zero, zero)
 

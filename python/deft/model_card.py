@@ -42,6 +42,7 @@ import yaml
 
 from deft._hf import is_adapter
 from deft._util import md_table
+from deft.config import LABEL_SMOOTHING, PAIRED
 from deft.distribution import PolicyTokenizer, load_distribution, resolve_tokenizer, top_tokens
 from deft.io import sha256_file, write_text_atomic
 
@@ -59,12 +60,13 @@ MARKER = "<!-- deft model card: written by `deft train`; `deft eval` of this fol
 EVAL_BEGIN = "<!-- deft:eval:begin -->"
 EVAL_END = "<!-- deft:eval:end -->"
 
-METHOD_NAMES = {"sft": "SFT", "dpo": "DPO", "ipo": "IPO", "pro": "PRO", "rrhf": "RRHF"}
+METHOD_NAMES = {"sft": "SFT", "dpo": "DPO", "ipo": "IPO", "pro": "PRO", "rrhf": "RRHF", "simpo": "SimPO", "cpo": "CPO",
+                "orpo": "ORPO", "kto": "KTO"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _HF_CACHE = re.compile(r"models--([A-Za-z0-9][A-Za-z0-9._-]*)--([A-Za-z0-9][A-Za-z0-9._-]*)")
 #: metrics.jsonl keys summarised in the training table, in this order (those a run logged).
-TRAIN_KEYS = ("loss", "L_m", "R_dis", "pair_loss", "sft_term", "rewards/accuracy", "rewards/margins", "rewards/chosen",
-              "rewards/rejected", "rdis_grad_share", "rdis_grad_cosine", "grad_norm", "lr")
+TRAIN_KEYS = ("loss", "L_m", "R_dis", "pair_loss", "rank_loss", "sft_term", "rewards/accuracy", "rewards/margins", "rewards/chosen",
+              "rewards/rejected", "kl", "log_odds_ratio", "log_odds_chosen", "rdis_grad_share", "rdis_grad_cosine", "grad_norm", "lr")
 EVAL_KEYS = ("eval/accuracy", "eval/margin", "eval/chosen_reward", "eval/rejected_reward", "eval/nll", "eval/loss")
 
 
@@ -354,8 +356,17 @@ def _method_section(manifest: Mapping[str, Any]) -> List[str]:
     method = str(manifest.get("method") or method_cfg.get("name") or "?")
     lines = ["## Method", ""]
     rows: List[List[str]] = [["method", method]]
-    if method in ("dpo", "ipo"):
-        rows += [["beta", _num(method_cfg.get("beta"))], ["label smoothing", _num(method_cfg.get("label_smoothing"))]]
+    if method_cfg.get("variant") == "official":
+        rows.append(["variant", "official (the reference implementation's loss)"])
+    if method in PAIRED:
+        rows.append(["beta (ORPO's lambda)" if method == "orpo" else "beta", _num(method_cfg.get("beta"))])
+    if method == "simpo":
+        rows.append(["gamma (target reward margin)", _num(method_cfg.get("gamma"))])
+    if method == "kto":
+        rows += [["desirable weight", _num(method_cfg.get("desirable_weight"))],
+                 ["undesirable weight", _num(method_cfg.get("undesirable_weight"))]]
+    if method in LABEL_SMOOTHING:
+        rows.append(["label smoothing", _num(method_cfg.get("label_smoothing"))])
     if method_cfg.get("sft_weight") is not None:
         rows.append(["SFT weight (NLL of the best response)", _num(method_cfg.get("sft_weight"))])
     if manifest.get("deft"):
@@ -385,8 +396,12 @@ def _data_section(manifest: Mapping[str, Any]) -> List[str]:
     method = str(manifest.get("method") or "")
     graded = manifest.get("graded") or {}
     levels = [str(x) for x in data_cfg.get("levels") or []]
-    unit = {"sft": "the best response", "dpo": "a (best, worst) pair", "ipo": "a (best, worst) pair"}.get(
-        method, "its ranked responses" + (f" (at most {data_cfg['max_responses']})" if data_cfg.get("max_responses") else ""))
+    if method == "sft":
+        unit = "the best response"
+    elif method in PAIRED:
+        unit = "a (best, worst) pair"
+    else:
+        unit = "its ranked responses" + (f" (at most {data_cfg['max_responses']})" if data_cfg.get("max_responses") else "")
     lines = ["## Data", "", f"{_num(manifest.get('samples'))} samples (prompts) of level{'s' if len(levels) != 1 else ''} "
              f"{', '.join(levels) or '?'} of `{Path(str(graded.get('path') or '?')).name}`, each trained on {unit}"
              + (f" (`data.max_samples` {data_cfg['max_samples']})" if data_cfg.get("max_samples") else "") + ".", ""]

@@ -58,7 +58,7 @@ import yaml
 # Imported inside the functions that use them, on purpose: deft.train (it imports torch) and matplotlib;
 # importing deft stays fast.
 from deft._util import md_table
-from deft.config import ConfigError, Field, read_config, sft_weight
+from deft.config import ConfigError, Field, method_fingerprint, read_config
 from deft.config import SCHEMA as TRAIN_SCHEMA
 from deft.config import validate as validate_train
 from deft.distribution import distribution_files
@@ -287,17 +287,8 @@ def train_fingerprint_config(tcfg: Mapping[str, Any]) -> Dict[str, Any]:
     if t["deft"].get("omega_share") is None:
         t["deft"].pop("omega_share", None)
         t["deft"].pop("calibration_batches", None)
-    t["method"]["sft_weight"] = sft_weight(t["method"])
-    for k, users in _METHOD_KEYS.items():  # a method key only its own methods read: out while unused (older runs keep theirs)
-        if t["method"]["name"] not in users:
-            t["method"].pop(k, None)
-    if t["method"].get("variant") == "default":  # left out while default, as omega_share
-        t["method"].pop("variant")
+    t["method"] = method_fingerprint(t["method"])  # effective sft_weight; unused method keys and a default variant left out
     return t
-
-
-#: ``method`` keys added with the losses that read them: left out of other methods' fingerprints.
-_METHOD_KEYS = {"gamma": ("simpo",), "desirable_weight": ("kto",), "undesirable_weight": ("kto",)}
 
 
 def _tokenizer_spec(cfg: Mapping[str, Any]) -> str:

@@ -100,7 +100,7 @@ from safetensors.torch import load_file, save_file
 # transformers and tensorboard; importing deft stays fast.
 from deft._hf import ADAPTER_BASE, is_oom, load_causal_lm, load_tokenizer, weights_fingerprint
 from deft._util import chars_per_token, tokenize_clipped
-from deft.config import REFERENCE_FREE, load_config, sft_weight
+from deft.config import PAIRED, REFERENCE_FREE, load_config, method_fingerprint, sft_weight
 from deft.distribution import hf_policy_tokenizer, load_distribution
 from deft.errors import CheckpointError
 from deft.grade import read_graded
@@ -121,8 +121,6 @@ from deft.reporting import Reporter, plot_curves, read_metrics, requested_backen
 __all__ = ["Example", "encode_examples", "select_responses", "prepare_data", "train", "TrainResult"]
 
 PAIRWISE = ("dpo", "ipo")
-#: Methods trained on the (best, worst) pair of each prompt.
-PAIRED = PAIRWISE + REFERENCE_FREE + ("kto",)
 #: Methods whose loss reads reference log-probs (computed once and cached); the others compute none.
 WITH_REFERENCE = PAIRWISE + ("kto",)
 #: Below this R_dis gradient share at step 0, the trainer warns that R_dis cannot change the model.
@@ -970,6 +968,7 @@ class Job:
     eval_ref: Optional[Any] = None  # (E, 2) reference log-probs of the eval pairs
     kl_examples: Optional[List[Example]] = None  # KTO: the mismatched pairs of each example (kto_kl_examples)
     kl_ref: Optional[Any] = None  # KTO: (N, 2) their reference log-probs
+    kl_ref_path: Optional[Path] = None  # KTO: their cache file
     eval_info: Optional[Dict[str, Any]] = None  # the eval split, for the manifest
     reporting: Dict[str, Any] = field(default_factory=dict)  # where the metrics were reported (deft.reporting.Reporter.record)
     diagnose: bool = False  # measure the R_dis gradient share (deft.diagnose_every)
@@ -1051,6 +1050,12 @@ def _train(cfg: Dict[str, Any], resume: bool, d: Dist, use_ds: bool, cuda: bool)
     _seed_all(t["seed"])
     prep = prepare_data(cfg)
     sched = Schedule.of(t, len(prep.examples), d.world)
+    kl_examples = None
+    if method == "kto":  # its mismatched pairs (at least 2 samples) before the model is loaded and the reference pass
+        if t["micro_batch_size"] < 2:
+            _log("warning: kto estimates its reference point per micro-batch, from its prompts paired with other samples' "
+                 "completions: with train.micro_batch_size 1 that is 2 pairs (TRL refuses a batch of 1); the kto configs use 4")
+        kl_examples = kto_kl_examples(prep.examples, cfg["data"]["max_length"])
     _log(f"{sched.n} samples (levels {','.join(cfg['data']['levels'])}), method {method}, DEFT {'on' if prep.q_diff is not None else 'off'}, "
          f"template {prep.template}; {sched.steps_per_epoch} steps/epoch, {sched.total_steps} steps, world {d.world}")
     model_fp = _model_fingerprint(cfg)
@@ -1068,11 +1073,8 @@ def _train(cfg: Dict[str, Any], resume: bool, d: Dist, use_ds: bool, cuda: bool)
     if method in WITH_REFERENCE:
         job.ref_all, ref_path, ref_hit = _reference_logps(job, eng, bf16)
     if method == "kto":
-        if t["micro_batch_size"] < 2:
-            _log("warning: kto estimates its reference point per micro-batch, from its prompts paired with other samples' "
-                 "completions: with train.micro_batch_size 1 that is 2 pairs (TRL refuses a batch of 1); the kto configs use 4")
-        job.kl_examples = kto_kl_examples(prep.examples, cfg["data"]["max_length"])
-        job.kl_ref = _kto_kl_reference_logps(job, eng, bf16)
+        job.kl_examples = kl_examples
+        job.kl_ref, job.kl_ref_path = _kto_kl_reference_logps(job, eng, bf16)
     if prep.eval_examples:  # the eval pairs under the initial policy (every method: the reference of the implicit reward)
         job.eval_ref, eval_ref_path = _eval_reference_logps(job, eng, bf16)
         job.eval_info = {"data": t["eval_data"], "holdout": t["eval_holdout"], "pairs": len(prep.eval_examples),
@@ -1416,6 +1418,12 @@ def _resume(job: Job, eng: Engine) -> TrainState:
     if was_grouped != job.cfg["train"]["group_by_length"]:  # another order of the samples: the rest of the epoch would repeat some
         raise ValueError(f"cannot resume from {ck}: it was trained with train.group_by_length {str(was_grouped).lower()}, "
                          f"this run has {str(job.cfg['train']['group_by_length']).lower()} (another order of the samples)")
+    if "method" in state:  # the loss (checkpoints from before this record resume unchecked): the same data, another objective
+        was, now = state["method"] or {}, method_fingerprint(job.cfg["method"])
+        diff = [f"method.{k} {json.dumps(was.get(k))} -> {json.dumps(now.get(k))}"
+                for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+        if diff:
+            raise ValueError(f"cannot resume from {ck}: it was trained with another loss ({', '.join(diff)})")
     if eng.ds is not None:
         path, _ = _load_checkpoint_file(ck / "ds", lambda f: eng.ds.load_checkpoint(
             str(ck), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True,
@@ -1658,6 +1666,7 @@ def _save_checkpoint(job: Job, eng: Engine, state: TrainState) -> Path:
             "global_step": state.global_step, "epoch": state.epoch, "data_hash": job.prep.data_hash, "model_fingerprint": job.model_fp,
             "world_size": d.world, "micro_batch_size": cfg["train"]["micro_batch_size"],
             "gradient_accumulation_steps": cfg["train"]["gradient_accumulation_steps"], "config": cfg,
+            "method": method_fingerprint(cfg["method"]),  # what _resume compares: the loss
             "omega": dict(state.omega) if state.omega else None,
         }
         if eng.adapter is not None:
@@ -1696,6 +1705,8 @@ def _save_final(job: Job, eng: Engine, state: TrainState, ref_path: Optional[Pat
         if model_dir.exists():
             shutil.rmtree(model_dir)
         os.replace(tmp, model_dir)
+        if not (model_dir / CARD_NAME).exists():  # writing it failed (a warning): not an output
+            manifest["outputs"].pop("card", None)
         if merged_dir is not None:  # last: merging changes the module's weights in place
             tmp = out_dir / ".tmp-merged"
             if tmp.exists():
@@ -1733,6 +1744,7 @@ def _final_manifest(job: Job, eng: Engine, state: TrainState, ref_path: Optional
         "tokenizer": {"source": prep.policy_tokenizer.source, "sha256": prep.policy_tokenizer.sha256,
                       "vocab_hash": prep.policy_tokenizer.vocab_hash, "eos_token_id": prep.eos_token_id},
         "reference_cache": str(ref_path) if ref_path else None,
+        "kto_reference_cache": str(job.kl_ref_path) if job.kl_ref_path else None,  # KTO: the mismatched pairs' reference
         "eval": job.eval_info,
         "reporting": job.reporting or None,
         "peft": eng.adapter,
@@ -1808,13 +1820,14 @@ def _reference_logps(job: Job, eng: Engine, bf16: bool):
 
 def _kto_kl_reference_logps(job: Job, eng: Engine, bf16: bool):
     """``(N, 2)`` float32 reference log-probs of KTO's mismatched pairs
-    (:attr:`Job.kl_examples`), cached like the training reference's."""
+    (:attr:`Job.kl_examples`), cached like the training reference's, and
+    the cache file."""
     cfg, t = job.cfg, job.cfg["train"]
     kl_hash = data_hash(job.kl_examples)
     key = {"model": job.model_fp, "data": kl_hash, "bf16": bf16, "max_length": cfg["data"]["max_length"]}
-    ref, _, _ = _cached_pair_logps(job, eng, job.kl_examples, t["ref_batch_size"] or t["micro_batch_size"], key, "ref-kto-kl",
-                                   kl_hash, bf16, "KTO reference-point log-probs", "samples")
-    return ref
+    ref, path, _ = _cached_pair_logps(job, eng, job.kl_examples, t["ref_batch_size"] or t["micro_batch_size"], key, "ref-kto-kl",
+                                      kl_hash, bf16, "KTO reference-point log-probs", "samples")
+    return ref, path
 
 
 def _kto_reference_point(job: Job, eng: Engine, model, batch, ref):
