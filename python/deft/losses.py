@@ -276,14 +276,9 @@ def dpo_loss(
     ``eps = 0`` gives the plain ``-log sigmoid(beta * h)``. The rewards in the
     result are ``beta * (p - r)``; see :class:`PreferenceLossOutput`.
     """
-    if beta <= 0:
-        raise ValueError(f"beta must be positive, got {beta}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    _check_beta_smoothing(beta, label_smoothing)
     logits = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
-    losses = -F.logsigmoid(logits)
-    if label_smoothing:
-        losses = (1.0 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-logits)
+    losses = _smoothed_sigmoid_loss(logits, label_smoothing)
     return _pairwise_output(losses, beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected)
 
 
@@ -374,6 +369,19 @@ def _smoothed_sigmoid_loss(logits: torch.Tensor, label_smoothing: float) -> torc
     return losses
 
 
+def _pair_averages(pc: torch.Tensor, pr: torch.Tensor, nc: Optional[torch.Tensor], nr: Optional[torch.Tensor]):
+    """``(a_w, a_l, ok)``: the average log-probs of a pair from summed ones and
+    their lengths, ``ok`` false where either response is empty; without
+    lengths ``pc``, ``pr`` are the averages already and ``ok`` is None."""
+    if (nc is None) != (nr is None):
+        raise ValueError("give both chosen_lengths and rejected_lengths, or neither")
+    if nc is None:
+        return pc, pr, None
+    a_w, ok_w = length_normalized_scores(pc, nc)
+    a_l, ok_l = length_normalized_scores(pr, nr)
+    return a_w, a_l, ok_w & ok_l
+
+
 def simpo_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
@@ -403,13 +411,7 @@ def simpo_loss(
     counts in the mean, as in :func:`orpo_loss`.
     """
     _check_beta_smoothing(beta, label_smoothing)
-    if (chosen_lengths is None) != (rejected_lengths is None):
-        raise ValueError("give both chosen_lengths and rejected_lengths, or neither")
-    ok = None
-    if chosen_lengths is not None:
-        policy_chosen, ok_w = length_normalized_scores(policy_chosen, chosen_lengths)
-        policy_rejected, ok_l = length_normalized_scores(policy_rejected, rejected_lengths)
-        ok = ok_w & ok_l
+    policy_chosen, policy_rejected, ok = _pair_averages(policy_chosen, policy_rejected, chosen_lengths, rejected_lengths)
     losses = _smoothed_sigmoid_loss(beta * (policy_chosen - policy_rejected) - gamma, label_smoothing)
     if ok is not None:
         losses = torch.where(ok, losses, torch.zeros_like(losses))
@@ -471,14 +473,8 @@ def orpo_loss(
     directly, an average of 0 is treated the same way.
     """
     _check_beta_smoothing(beta)
-    if (chosen_lengths is None) != (rejected_lengths is None):
-        raise ValueError("give both chosen_lengths and rejected_lengths, or neither")
-    if chosen_lengths is not None:
-        a_w, ok_w = length_normalized_scores(policy_chosen, chosen_lengths)
-        a_l, ok_l = length_normalized_scores(policy_rejected, rejected_lengths)
-        ok = ok_w & ok_l
-    else:
-        a_w, a_l = policy_chosen, policy_rejected
+    a_w, a_l, ok = _pair_averages(policy_chosen, policy_rejected, chosen_lengths, rejected_lengths)
+    if ok is None:  # averages given: an average of 0 is an empty response (or p = 1)
         ok = (a_w < 0) & (a_l < 0)
     a_w = a_w if a_w.dtype == torch.float64 else a_w.float()
     a_l = a_l if a_l.dtype == torch.float64 else a_l.float()
