@@ -175,6 +175,16 @@ def float64_policy_and_reference(tok, shift: float = 0.05):
     return policy, ref
 
 
+def backward_grads(loss, model) -> dict:
+    """Backpropagate ``loss`` into ``model`` from cleared gradients and return
+    them by parameter name (cloned), leaving ``model``'s ``.grad`` cleared."""
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
 def tiny_train_assets(root: Path, *, lm_head_scale: float = 1.0, adjust=None) -> dict:
     """What the trainer tests train on, under ``root``: :func:`tiny_llama` with
     the SmolLM2 tokenizer (``tiny-llama/``; its lm_head multiplied by

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import float64_policy_and_reference, pro_hh_pairs, shared_file, trl_pairs
+from conftest import backward_grads, float64_policy_and_reference, pro_hh_pairs, shared_file, trl_pairs
 
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
@@ -76,14 +76,9 @@ def _batch(trainer, rows):
 
 
 def _loss_and_grads(trainer, inputs):
-    model = trainer.model
-    model.train()
-    model.zero_grad(set_to_none=True)
+    model = trainer.model.train()
     loss = trainer.compute_loss(model, inputs)
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return float(loss.detach()), grads
+    return float(loss.detach()), backward_grads(loss, model)
 
 
 def _reference_rdis(model, inputs, q, best_only: bool):
@@ -173,10 +168,8 @@ def test_lora_policy_hidden_states_are_the_adapters(tok, rows, qdiff, tmp_path):
     assert set(g_trl) == set(g_deft) and g_trl and all("lora_" in n for n in g_trl)
 
     model = deft_tr.model.train()  # the adapted policy (not a deepcopy: TRL's patched forward stays bound to the original)
-    model.zero_grad(set_to_none=True)
     r = _reference_rdis(model, inputs, _dist_q(qdiff), False)
-    r.backward()
-    g_r = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    g_r = backward_grads(r, model)
     assert set(g_r) == set(g_trl)
     with model.disable_adapter(), torch.no_grad():
         r_base = _reference_rdis(model, inputs, _dist_q(qdiff), False).item()

@@ -50,6 +50,16 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL) -> None:
     assert float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max())), (a, b)
 
 
+def _same_as_trl(ours, ours_grads, losses, chosen_rewards, rejected_rewards, trl_grads) -> None:
+    """deft's loss output and gradients equal TRL's ``cpo_loss`` results on the same inputs."""
+    _close(ours.losses.detach(), losses.detach())
+    _close(ours.chosen_rewards, chosen_rewards)
+    _close(ours.rejected_rewards, rejected_rewards)
+    assert len(ours_grads) == len(trl_grads)
+    for x, y in zip(ours_grads, trl_grads):
+        _close(x, y)
+
+
 # --------------------------------------------------------------------------- CPO and SimPO vs TRL's CPOTrainer.cpo_loss
 
 
@@ -64,11 +74,7 @@ def test_cpo_equals_trl_cpo_loss_sigmoid(beta, ls):
     a2, b2 = _leaf(pc, pr)
     losses, cr, rr = CPOTrainer.cpo_loss(_cpo_stub("sigmoid", beta, ls), a2, b2)
     gt = torch.autograd.grad(losses.mean(), (a2, b2))
-    _close(ours.losses.detach(), losses.detach())
-    _close(ours.chosen_rewards, cr)
-    _close(ours.rejected_rewards, rr)
-    for x, y in zip(ga, gt):
-        _close(x, y)
+    _same_as_trl(ours, ga, losses, cr, rr, gt)
     assert float(ours.loss.detach()) > 0.1  # not a degenerate point
 
 
@@ -84,11 +90,7 @@ def test_simpo_equals_trl_cpo_loss_simpo_on_average_logps(beta, gamma, ls):
     a2, b2 = _leaf(pc, pr)
     losses, cr, rr = CPOTrainer.cpo_loss(_cpo_stub("simpo", beta, ls, gamma), a2 / nc, b2 / nr)
     gt = torch.autograd.grad(losses.mean(), (a2, b2))
-    _close(ours.losses.detach(), losses.detach())
-    _close(ours.chosen_rewards, cr)
-    _close(ours.rejected_rewards, rr)
-    for x, y in zip(ga, gt):
-        _close(x, y)
+    _same_as_trl(ours, ga, losses, cr, rr, gt)
     # the margin matters: gamma 0 is another loss
     assert abs(float(simpo_loss(pc, pr, nc, nr, beta=beta, gamma=0.0).loss) - float(ours.loss)) > 1e-3
     # already-averaged log-probs without lengths give the same

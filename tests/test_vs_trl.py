@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import float64_policy_and_reference, pro_hh_pairs, shared_file, trl_pairs
+from conftest import backward_grads, float64_policy_and_reference, pro_hh_pairs, shared_file, trl_pairs
 
 pytest.importorskip("trl")
 pytest.importorskip("transformers")
@@ -53,13 +53,8 @@ def _trl_loss_and_grads(loss_type: str, beta: float, tok, policy, ref, rows, tmp
     feats = [trainer.train_dataset[i] for i in range(len(rows))]
     ids = [(list(f["prompt_ids"]), list(f["chosen_ids"]), list(f["rejected_ids"])) for f in feats]
     inputs = trainer.data_collator([{k: f[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for f in feats])
-    trainer.model.train()
-    trainer.model.zero_grad(set_to_none=True)
-    loss = trainer.compute_loss(trainer.model, inputs)
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-    trainer.model.zero_grad(set_to_none=True)
-    return float(loss.detach()), grads, ids
+    loss = trainer.compute_loss(trainer.model.train(), inputs)
+    return float(loss.detach()), backward_grads(loss, trainer.model), ids
 
 
 def _deft_loss_and_grads(method: str, beta: float, tok, policy, ref, rows):
@@ -86,15 +81,10 @@ def _deft_loss_and_grads(method: str, beta: float, tok, policy, ref, rows):
     with torch.no_grad():
         r_out = _forward(ref, batch, dev, None, need_hidden=False)
         ref_logp = to_slots(_seq_logps(r_out, batch, dev, ref)[0], batch)
-    policy.train()
-    policy.zero_grad(set_to_none=True)
-    out = _forward(policy, batch, dev, None, need_hidden=False)
+    out = _forward(policy.train(), batch, dev, None, need_hidden=False)
     lm, r_dis, _ = loss_terms(cfg, method, policy, out, batch, dev, None, ref_logp)
     assert r_dis is None
-    lm.backward()
-    grads = {n: p.grad.detach().clone() for n, p in policy.named_parameters() if p.grad is not None}
-    policy.zero_grad(set_to_none=True)
-    return float(lm.detach()), grads, ids
+    return float(lm.detach()), backward_grads(lm, policy), ids
 
 
 @pytest.mark.parametrize("method,trl_loss,beta", [("dpo", "sigmoid", 0.1), ("dpo", "sigmoid", 0.5), ("ipo", "ipo", 0.1)])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import shared_file
+from conftest import backward_grads, shared_file
 from test_vs_trl import TOL, models, rows  # noqa: F401 - fixtures
 
 pytest.importorskip("trl")
@@ -41,13 +41,8 @@ def _trl_kto(beta, tok, policy, ref, rows, tmp_path, undesirable_weight=1.0):  #
     ids = [(list(feats[i]["prompt_ids"]), list(feats[i]["completion_ids"]), list(feats[n + i]["completion_ids"])) for i in range(n)]
     kl_ids = sorted((tuple(f["prompt_ids"]), tuple(f["KL_completion_ids"])) for f in feats)
     inputs = trainer.data_collator([{k: f[k] for k in ("prompt_ids", "completion_ids", "KL_completion_ids", "label")} for f in feats])
-    trainer.model.train()
-    trainer.model.zero_grad(set_to_none=True)
-    loss = trainer.compute_loss(trainer.model, inputs)
-    loss.backward()
-    grads = {k: p.grad.detach().clone() for k, p in trainer.model.named_parameters() if p.grad is not None}
-    trainer.model.zero_grad(set_to_none=True)
-    return float(loss.detach()), grads, ids, kl_ids, trainer._metrics["train"]["kl"][-1]
+    loss = trainer.compute_loss(trainer.model.train(), inputs)
+    return float(loss.detach()), backward_grads(loss, trainer.model), ids, kl_ids, trainer._metrics["train"]["kl"][-1]
 
 
 def _deft_kto(beta, tok, policy, ref, rows, undesirable_weight=1.0):  # noqa: F811
@@ -80,14 +75,10 @@ def _deft_kto(beta, tok, policy, ref, rows, undesirable_weight=1.0):  # noqa: F8
         policy.train()
         pol_kl = logps(policy, kl_batch)
     batch["kto_kl"] = kto_reference_point(pol_kl, ref_kl)
-    policy.zero_grad(set_to_none=True)
     out = _forward(policy, batch, dev, None, need_hidden=False)
     lm, r_dis, metrics = loss_terms(cfg, "kto", policy, out, batch, dev, None, ref_logp)
     assert r_dis is None
-    lm.backward()
-    grads = {k: p.grad.detach().clone() for k, p in policy.named_parameters() if p.grad is not None}
-    policy.zero_grad(set_to_none=True)
-    return float(lm.detach()), grads, ids, kl_ids, metrics["kl"]
+    return float(lm.detach()), backward_grads(lm, policy), ids, kl_ids, metrics["kl"]
 
 
 @pytest.mark.parametrize("beta,uw", [(0.1, 1.0), (0.5, 1.33)])

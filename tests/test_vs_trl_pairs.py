@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import shared_file
+from conftest import backward_grads, shared_file
 from test_vs_trl import models, rows  # noqa: F401 - fixtures
 
 pytest.importorskip("trl")
@@ -66,14 +66,6 @@ def _stub(trainer_cls, methods, **attrs):
     return s
 
 
-def _grads(loss, model):
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    g = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return g
-
-
 def _deft(method, sets, tok, policy, exs):
     from deft.config import load_config
     from deft.train import _forward, collate, loss_terms
@@ -108,11 +100,11 @@ def test_cpo_and_simpo_equal_trl_cpo_trainer(models, rows, method, loss_type, se
     tok, policy, _ = models
     exs = _examples(tok, rows)
     lm, metrics = _deft(method, sets, tok, policy, exs)
-    g_ours = _grads(lm, policy)
+    g_ours = backward_grads(lm, policy)
     stub = _stub(CPOTrainer, ("concatenated_forward", "cpo_loss", "get_batch_loss_metrics"), loss_type=loss_type,
                  pad_token_id=tok.pad_token_id, **attrs)
     loss, trl_metrics = stub.get_batch_loss_metrics(policy, _trl_batch(exs, tok.pad_token_id))
-    _compare(lm, loss, g_ours, _grads(loss, policy))
+    _compare(lm, loss, g_ours, backward_grads(loss, policy))
     for k in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert metrics[k] == pytest.approx(trl_metrics[k], rel=1e-9, abs=1e-12), k
     assert metrics["rewards/accuracy"] == pytest.approx(trl_metrics["rewards/accuracies"], rel=1e-6)  # TRL: a float32 mean
@@ -129,13 +121,13 @@ def test_orpo_odds_ratio_term_equals_trl_orpo_trainer(models, rows, beta):  # no
     stub = _stub(ORPOTrainer, ("concatenated_forward", "odds_ratio_loss"), beta=beta, padding_value=tok.pad_token_id)
     # the odds-ratio term alone (sft_weight 0): TRL's loss = nll - losses.mean()
     lm, metrics = _deft("orpo", [f"method.beta={beta}", "method.sft_weight=0"], tok, policy, exs)
-    g_ours = _grads(lm, policy)
+    g_ours = backward_grads(lm, policy)
     pc, pr, _, _, trl_nll = stub.concatenated_forward(policy, _trl_batch(exs, tok.pad_token_id))
     losses, cr, rr, mean_ratio, mean_log_odds = stub.odds_ratio_loss(pc, pr)
     or_term = -losses.mean()
     # TRL casts the average log-probs to float32 inside odds_ratio_loss, so this part agrees to float32's precision
     assert abs(float(lm) - float(or_term)) <= 1e-6 * max(1.0, abs(float(or_term)))
-    g_theirs = _grads(or_term, policy)
+    g_theirs = backward_grads(or_term, policy)
     num = sum(float((g_ours[n] - g_theirs[n]).pow(2).sum()) for n in g_theirs) ** 0.5
     den = sum(float(g_theirs[n].pow(2).sum()) for n in g_theirs) ** 0.5
     assert den > 0 and num <= 1e-5 * den, num / den
